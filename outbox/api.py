@@ -1,0 +1,376 @@
+"""HTTP routes of `outbox serve`: send, batch, inspect, cancel, health."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import uuid_utils.compat as uuid7
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from outbox import db, models
+from outbox.auth import AuthError, Principal, TokenVerifier, bearer_token
+from outbox.errors import (
+    EXCEPTION_HANDLERS,
+    ApiError,
+    error_response,
+    is_malformed_json,
+    unauthorized,
+    unavailable,
+    validation_fields,
+)
+from outbox.log import get_logger
+from outbox.settings import Settings
+from outbox.store import Conflict, NewMessage, Store
+
+log = get_logger("outbox.api")
+
+BATCH_BODY_FACTOR = 16
+LIST_LIMIT_MAX = 500
+LIST_LIMIT_DEFAULT = 50
+STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    store: Store
+    verifier: TokenVerifier
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _authenticate(request: Request) -> Principal:
+    try:
+        principal = _services(request).verifier.authenticate(
+            bearer_token(request.headers.get("authorization"))
+        )
+    except AuthError as exc:
+        raise unauthorized(str(exc)) from exc
+    request.state.user_id = principal.user_id
+    return principal
+
+
+async def _read_json_body(request: Request, limit: int) -> bytes:
+    content_type = request.headers.get("content-type", "application/json")
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, f"expected Content-Type application/json, got {media_type!r}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted while reading, never buffered past the limit
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _new_message(message: models.AnyMessage) -> NewMessage:
+    return NewMessage(
+        id=uuid7.uuid7(),
+        client_message_id=message.client_message_id,
+        to=message.to,
+        type=message.type,
+        payload=message.content(),
+        request_hash=models.request_hash(message),
+        send_at=message.send_at,
+        expires_at=message.expires_at,
+    )
+
+
+def _accepted(task_id: uuid.UUID, message: NewMessage) -> dict[str, Any]:
+    return {
+        "message": models.ACCEPTED_MESSAGE,
+        "task_id": str(task_id),
+        "to": message.to,
+        "client_message_id": message.client_message_id,
+        "status": "queued",
+    }
+
+
+def _conflict(client_message_id: str | None, index: int | None = None) -> ApiError:
+    where = f"item {index}: " if index is not None else ""
+    return ApiError(
+        409,
+        f"{where}client_message_id {client_message_id!r} already names a different message",
+        extra={"index": index} if index is not None else None,
+    )
+
+
+async def send(request: Request) -> Response:
+    principal = _authenticate(request)
+    services = _services(request)
+    body = await _read_json_body(request, services.settings.max_body_bytes)
+    try:
+        message = models.SEND_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        if is_malformed_json(exc):
+            raise ApiError(400, "body is not valid JSON") from exc
+        raise ApiError(422, "invalid message", fields=validation_fields(exc)) from exc
+    new = _new_message(message)
+    try:
+        inserted = await services.store.insert_message(
+            principal.user_id, new, services.settings.max_attempts
+        )
+    except Conflict as exc:
+        raise _conflict(new.client_message_id) from exc
+    request.state.message_id = str(inserted.id)
+    headers = {"Idempotent-Replayed": "true"} if inserted.replayed else None
+    return JSONResponse(_accepted(inserted.id, new), status_code=202, headers=headers)
+
+
+async def send_batch(request: Request) -> Response:
+    principal = _authenticate(request)
+    services = _services(request)
+    body = await _read_json_body(request, services.settings.max_body_bytes * BATCH_BODY_FACTOR)
+    try:
+        batch = models.BATCH_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        if is_malformed_json(exc):
+            raise ApiError(400, "body is not valid JSON") from exc
+        raise ApiError(422, "invalid batch", fields=validation_fields(exc, batch=True)) from exc
+    first_seen: dict[str, int] = {}
+    repeated = []
+    for index, item in enumerate(batch.messages):
+        if item.client_message_id is None:
+            continue
+        if item.client_message_id in first_seen:
+            repeated.append(
+                {
+                    "index": index,
+                    "path": "client_message_id",
+                    "message": "repeats the client_message_id of item "
+                    f"{first_seen[item.client_message_id]}",
+                }
+            )
+        else:
+            first_seen[item.client_message_id] = index
+    if repeated:
+        raise ApiError(422, "invalid batch", fields=repeated)
+    news = [_new_message(item) for item in batch.messages]
+    try:
+        results = await services.store.insert_messages(
+            principal.user_id, news, services.settings.max_attempts
+        )
+    except Conflict as exc:
+        raise _conflict(news[exc.index].client_message_id, exc.index) from exc
+    items = []
+    for new, inserted in zip(news, results, strict=True):
+        accepted = _accepted(inserted.id, new)
+        if inserted.replayed:
+            accepted["replayed"] = True
+        items.append(accepted)
+    return JSONResponse({"messages": items}, status_code=202)
+
+
+def _parse_task_id(request: Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.path_params["task_id"])
+    except ValueError as exc:
+        raise ApiError(404, "no such message") from exc
+
+
+def _iso_from_json(value: str | None) -> str | None:
+    return models.iso_utc(datetime.fromisoformat(value)) if value else None
+
+
+def message_view(row: dict[str, Any]) -> dict[str, Any]:
+    live = row["status"] in ("pending", "in_flight")
+    return {
+        "task_id": str(row["id"]),
+        "status": row["status"],
+        "to": row["to"],
+        "type": row["type"],
+        "client_message_id": row["client_message_id"],
+        "attempts": row["attempts"],
+        "max_attempts": row["max_attempts"],
+        "next_attempt_at": models.iso_utc(row["next_attempt_at"]) if live else None,
+        "send_at": models.iso_utc(row["send_at"]),
+        "expires_at": models.iso_utc(row["expires_at"]),
+        "last_error": row["last_error"],
+        "provider_message_id": row["provider_message_id"],
+        "created_at": models.iso_utc(row["created_at"]),
+        "updated_at": models.iso_utc(row["updated_at"]),
+        "finished_at": models.iso_utc(row["finished_at"]),
+        "history": [
+            {
+                "attempt": attempt["attempt"],
+                "started_at": _iso_from_json(attempt["started_at"]),
+                "finished_at": _iso_from_json(attempt["finished_at"]),
+                "outcome": attempt["outcome"],
+                "error": attempt["error"],
+            }
+            for attempt in row["history"]
+        ],
+    }
+
+
+def _owner_filter(principal: Principal) -> str | None:
+    return None if principal.is_admin else principal.user_id
+
+
+async def get_message(request: Request) -> Response:
+    principal = _authenticate(request)
+    task_id = _parse_task_id(request)
+    request.state.message_id = str(task_id)
+    row = await _services(request).store.get_message(task_id, _owner_filter(principal))
+    if row is None:
+        raise ApiError(404, "no such message")
+    return JSONResponse(message_view(row))
+
+
+async def cancel_message(request: Request) -> Response:
+    principal = _authenticate(request)
+    task_id = _parse_task_id(request)
+    request.state.message_id = str(task_id)
+    store = _services(request).store
+    owner = _owner_filter(principal)
+    await store.cancel_message(task_id, owner)
+    row = await store.get_message(task_id, owner)
+    if row is None:
+        raise ApiError(404, "no such message")
+    if row["status"] != "cancelled":
+        raise ApiError(409, f"message is {row['status']}: only a pending message can be cancelled")
+    return JSONResponse(message_view(row))
+
+
+def _query_error(path: str, message: str) -> ApiError:
+    return ApiError(422, "invalid query", fields=[{"path": path, "message": message}])
+
+
+async def list_messages(request: Request) -> Response:
+    principal = _authenticate(request)
+    params = request.query_params
+    status = params.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise _query_error("status", "must be one of " + ", ".join(STATUSES))
+    raw_limit = params.get("limit") or str(LIST_LIMIT_DEFAULT)
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+        raise _query_error("limit", f"must be an integer from 1 to {LIST_LIMIT_MAX}")
+    after = None
+    if params.get("after"):
+        try:
+            after = uuid.UUID(params["after"])
+        except ValueError as exc:
+            raise _query_error("after", "must be a task_id") from exc
+    limit = int(raw_limit)
+    rows = await _services(request).store.list_messages(
+        _owner_filter(principal),
+        status=status,
+        client_message_id=params.get("client_message_id") or None,
+        after=after,
+        limit=limit,
+    )
+    views = [message_view(row) for row in rows]
+    next_after = views[-1]["task_id"] if len(views) == limit else None
+    return JSONResponse({"messages": views, "next_after": next_after})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    expected = db.latest_version()
+    try:
+        version = await _services(request).store.schema_version()
+    except Exception as exc:  # the table may not exist yet, or the database is down
+        log.warning("not ready", error=str(exc).splitlines()[0:1])
+        return error_response(unavailable("database unreachable or not migrated"))
+    if version != expected:
+        return error_response(
+            unavailable(
+                f"schema at version {version}, this code needs {expected}: run outbox migrate"
+            )
+        )
+    return JSONResponse({"status": "ready", "schema_version": version})
+
+
+async def openapi(request: Request) -> Response:
+    from outbox.openapi import openapi_document
+
+    return JSONResponse(openapi_document())
+
+
+ROUTES = [
+    Route("/api/v1/whatsapp/send/", send, methods=["POST"]),
+    Route("/api/v1/whatsapp/send", send, methods=["POST"]),
+    Route("/api/v1/whatsapp/send/batch", send_batch, methods=["POST"]),
+    Route("/api/v1/whatsapp/send/batch/", send_batch, methods=["POST"]),
+    Route("/api/v1/whatsapp/messages", list_messages, methods=["GET"]),
+    Route("/api/v1/whatsapp/messages/", list_messages, methods=["GET"]),
+    Route("/api/v1/whatsapp/messages/{task_id}", get_message, methods=["GET"]),
+    Route("/api/v1/whatsapp/messages/{task_id}", cancel_message, methods=["DELETE"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]
+
+
+class RequestLog:
+    """One log line per request: method, path, status, duration, message and user ids."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            state = scope.get("state", {})
+            log.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                message_id=state.get("message_id"),
+                user_id=state.get("user_id"),
+            )
+
+
+def create_app(settings: Settings) -> Starlette:
+    verifier = TokenVerifier(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = db.create_pool(settings)
+        # Not waiting: the API starts while the database is away and answers 503.
+        await pool.open(wait=False)
+        app.state.services = Services(settings=settings, store=Store(pool), verifier=verifier)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.add_middleware(RequestLog)
+    return app

@@ -1,0 +1,81 @@
+"""Connections: the async pool, and the migration runner."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from outbox.settings import SQL_DIR, Settings
+
+# Every process that migrates takes this transaction-scoped advisory lock first,
+# so two `outbox migrate` at once apply each file exactly once.
+MIGRATION_LOCK_KEY = 0x6F7574626F78  # "outbox"
+
+_MIGRATION_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+
+def find_migrations(directory: Path = SQL_DIR / "migrations") -> list[Migration]:
+    found = []
+    for path in directory.iterdir():
+        match = _MIGRATION_NAME.match(path.name)
+        if match:
+            found.append(Migration(int(match.group(1)), path.stem, path))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migration files share a version number in {directory}")
+    return found
+
+
+def latest_version() -> int:
+    return find_migrations()[-1].version
+
+
+def migrate(conninfo: str) -> list[str]:
+    """Apply the missing migrations in order, in one transaction; return their names."""
+    applied_now: list[str] = []
+    with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_KEY])
+        conn.execute("CREATE SCHEMA IF NOT EXISTS outbox")
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS outbox.schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        rows = conn.execute("SELECT version FROM outbox.schema_migrations").fetchall()
+        applied = {row[0] for row in rows}
+        for migration in find_migrations():
+            if migration.version in applied:
+                continue
+            conn.execute(migration.path.read_text())
+            conn.execute(
+                "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, %s)",
+                [migration.version, migration.name],
+            )
+            applied_now.append(migration.name)
+    return applied_now
+
+
+def create_pool(settings: Settings, *, min_size: int = 1) -> AsyncConnectionPool:
+    """An autocommit pool, opened by the caller (`await pool.open()`)."""
+    return AsyncConnectionPool(
+        settings.database_url,
+        min_size=min(min_size, settings.db_pool_size),
+        max_size=settings.db_pool_size,
+        timeout=settings.db_pool_timeout,
+        kwargs={"autocommit": True},
+        open=False,
+        name="outbox",
+    )

@@ -1,0 +1,96 @@
+"""`outbox dev`: every role in one process, on an embedded PostgreSQL unless a database is given."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shlex
+from collections.abc import Iterator
+
+from outbox import db
+from outbox.auth import mint_token
+from outbox.log import configure_logging, get_logger
+from outbox.settings import DEV_DATA_DIR, Settings
+
+log = get_logger("outbox.dev")
+
+
+def dev_jwt_secret(*, create: bool = True) -> str:
+    """The dev signing secret, kept beside the embedded data so tokens survive restarts."""
+    path = DEV_DATA_DIR / "jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    if not create:
+        return ""
+    DEV_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(secrets.token_urlsafe(32))
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@contextlib.contextmanager
+def embedded_postgres() -> Iterator[str]:
+    """Start (or join) the embedded server under .outbox-data/pg; stop it on exit."""
+    from pgserver import get_server
+
+    DEV_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    server = get_server(DEV_DATA_DIR / "pg", cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        print("outbox dev: embedded PostgreSQL stopped", flush=True)
+
+
+def _banner(settings: Settings, token: str) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    body = '{"to": "5511999999999", "type": "text", "text": "Hello from outbox"}'
+    curl = (
+        f"curl -sS -X POST {base}/api/v1/whatsapp/send/ -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Bearer {token}' -d {shlex.quote(body)}"
+    )
+    return "\n".join(
+        [
+            "",
+            f"outbox dev is serving on {base}  (Ctrl-C stops everything)",
+            f"database: {settings.database_url}",
+            "",
+            "dev token (user dev-user, admin, 24 h):",
+            f"  {token}",
+            "",
+            "send a message:",
+            f"  {curl}",
+            "",
+        ]
+    )
+
+
+async def _serve_all(settings: Settings) -> None:
+    from outbox.api import create_app
+    from outbox.cli import uvicorn_server
+
+    server = uvicorn_server(create_app(settings), settings)
+    await server.serve()
+
+
+def run_dev(settings: Settings) -> None:
+    configure_logging(settings)
+    with contextlib.ExitStack() as stack:
+        if not settings.database_url:
+            settings.database_url = stack.enter_context(embedded_postgres())
+            settings.listen_database_url = settings.database_url
+        if not settings.jwt_secret and not settings.jwt_public_key:
+            settings.jwt_secret = dev_jwt_secret()
+        db.migrate(settings.database_url)
+        if settings.jwt_secret:
+            token = mint_token(
+                settings.jwt_secret,
+                "dev-user",
+                admin=True,
+                ttl=86400,
+                role_claim=settings.jwt_admin_claim,
+            )
+            print(_banner(settings, token), flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve_all(settings))

@@ -1,0 +1,238 @@
+"""Pydantic models of the API: request bodies, responses, and their normal form."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    model_validator,
+)
+
+MAX_SCHEDULE_AHEAD = timedelta(days=30)
+MAX_BATCH = 1000
+ACCEPTED_MESSAGE = "Mensagem enfileirada para envio"
+
+
+def _normalise_phone(value: str) -> str:
+    digits = value[1:] if value.startswith("+") else value
+    if not (digits.isascii() and digits.isdigit() and 8 <= len(digits) <= 15):
+        raise ValueError("must be 8 to 15 digits, optionally after a leading '+'")
+    return digits
+
+
+Phone = Annotated[str, AfterValidator(_normalise_phone)]
+Link = Annotated[str, Field(pattern=r"^https?://\S+$", max_length=2048)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class Language(_Strict):
+    code: str = Field(min_length=2, max_length=15)
+    policy: Literal["deterministic"] | None = None
+
+
+class Template(_Strict):
+    name: str = Field(min_length=1, max_length=512)
+    language: Language
+    components: list[dict[str, Any]] | None = None  # passed through as the Cloud API defines
+
+
+class CaptionedMedia(_Strict):
+    link: Link
+    caption: str | None = Field(default=None, max_length=1024)
+
+
+class Document(CaptionedMedia):
+    filename: str | None = Field(default=None, min_length=1, max_length=240)
+
+
+class Audio(_Strict):
+    link: Link
+
+
+class _Common(_Strict):
+    to: Phone
+    client_message_id: str | None = Field(default=None, min_length=1, max_length=128)
+    send_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _check_times(self) -> _Common:
+        now = datetime.now(UTC)
+        if self.send_at is not None and self.send_at - now > MAX_SCHEDULE_AHEAD:
+            raise ValueError("send_at must be at most 30 days ahead")
+        if self.expires_at is not None:
+            start = max(now, self.send_at) if self.send_at else now
+            if self.expires_at <= start:
+                raise ValueError("expires_at must be later than send_at and than now")
+        return self
+
+    def content(self) -> dict[str, Any]:
+        """The content of this message's type, as stored in `payload`."""
+        raise NotImplementedError
+
+
+class TextMessage(_Common):
+    type: Literal["text"]
+    text: str = Field(min_length=1, max_length=4096)
+    preview_url: bool = False
+
+    def content(self) -> dict[str, Any]:
+        return {"body": self.text, "preview_url": self.preview_url}
+
+
+class TemplateMessage(_Common):
+    type: Literal["template"]
+    template: Template
+
+    def content(self) -> dict[str, Any]:
+        return self.template.model_dump(exclude_none=True)
+
+
+class ImageMessage(_Common):
+    type: Literal["image"]
+    image: CaptionedMedia
+
+    def content(self) -> dict[str, Any]:
+        return self.image.model_dump(exclude_none=True)
+
+
+class VideoMessage(_Common):
+    type: Literal["video"]
+    video: CaptionedMedia
+
+    def content(self) -> dict[str, Any]:
+        return self.video.model_dump(exclude_none=True)
+
+
+class DocumentMessage(_Common):
+    type: Literal["document"]
+    document: Document
+
+    def content(self) -> dict[str, Any]:
+        return self.document.model_dump(exclude_none=True)
+
+
+class AudioMessage(_Common):
+    type: Literal["audio"]
+    audio: Audio
+
+    def content(self) -> dict[str, Any]:
+        return self.audio.model_dump(exclude_none=True)
+
+
+AnyMessage = (
+    TextMessage | TemplateMessage | ImageMessage | VideoMessage | DocumentMessage | AudioMessage
+)
+SendRequest = Annotated[AnyMessage, Field(discriminator="type")]
+
+
+class BatchRequest(_Strict):
+    messages: list[SendRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+SEND_REQUEST = TypeAdapter[SendRequest](SendRequest)
+BATCH_REQUEST = TypeAdapter(BatchRequest)
+
+
+def request_hash(message: AnyMessage) -> bytes:
+    """A digest of the normalised request: equal for a faithful resend."""
+    normal = {
+        "to": message.to,
+        "type": message.type,
+        "content": message.content(),
+        "send_at": message.send_at.astimezone(UTC).isoformat() if message.send_at else None,
+        "expires_at": message.expires_at.astimezone(UTC).isoformat()
+        if message.expires_at
+        else None,
+    }
+    encoded = json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(encoded.encode()).digest()
+
+
+# Responses --------------------------------------------------------------------------
+
+
+class SendResponse(BaseModel):
+    message: str = ACCEPTED_MESSAGE
+    task_id: str
+    to: str
+    client_message_id: str | None
+    status: Literal["queued"] = "queued"
+    replayed: bool | None = Field(default=None, description="Set on batch items that replayed")
+
+
+class BatchResponse(BaseModel):
+    messages: list[SendResponse]
+
+
+Status = Literal["pending", "in_flight", "sent", "error", "cancelled"]
+
+
+class AttemptView(BaseModel):
+    attempt: int
+    started_at: str
+    finished_at: str | None
+    outcome: str
+    error: str | None
+
+
+class MessageView(BaseModel):
+    task_id: str
+    status: Status
+    to: str
+    type: str
+    client_message_id: str | None
+    attempts: int
+    max_attempts: int
+    next_attempt_at: str | None
+    send_at: str | None
+    expires_at: str | None
+    last_error: str | None
+    provider_message_id: str | None
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+    history: list[AttemptView] = Field(default_factory=list)
+
+
+class MessageList(BaseModel):
+    messages: list[MessageView]
+    next_after: str | None = Field(description="Pass as `after` for the next page; null at the end")
+
+
+class ErrorField(BaseModel):
+    path: str
+    message: str
+    index: int | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    fields: list[ErrorField] | None = None
+    index: int | None = Field(default=None, description="The batch item a 409 is about")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def iso_utc(value: datetime | None) -> str | None:
+    """UTC, ISO 8601 with milliseconds and `Z`: the one timestamp format on the wire."""
+    if value is None:
+        return None
+    return (
+        value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    )

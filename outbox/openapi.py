@@ -1,0 +1,172 @@
+"""OpenAPI 3.1 document, generated from the pydantic models of models.py."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import models_json_schema
+
+from outbox import models
+
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed JSON",
+        401: "Missing, invalid or expired token",
+        403: "Admin only",
+        404: "Not found",
+        409: "Conflict",
+        413: "Body too large",
+        415: "Not JSON",
+        422: "Validation error",
+        503: "Database unavailable",
+    }
+    return {str(status): _json(_ref("ErrorResponse"), text[status]) for status in statuses}
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    response_models: list[type[BaseModel]] = [
+        models.SendResponse,
+        models.BatchResponse,
+        models.MessageView,
+        models.MessageList,
+        models.ErrorResponse,
+        models.BatchRequest,
+    ]
+    _, defs = models_json_schema(
+        [(model, "serialization") for model in response_models], ref_template=_REF
+    )
+    schemas: dict[str, Any] = dict(defs.get("$defs", {}))
+    send_schema = TypeAdapter(models.SendRequest).json_schema(ref_template=_REF)
+    schemas.update(send_schema.pop("$defs", {}))
+    schemas["SendRequest"] = send_schema
+
+    task_id = {
+        "name": "task_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "format": "uuid"},
+    }
+    message_path = {
+        "get": {
+            "summary": "A message, its status and its attempts",
+            "parameters": [task_id],
+            "responses": {
+                "200": _json(_ref("MessageView"), "The message"),
+                **_errors(401, 404, 503),
+            },
+        },
+        "delete": {
+            "summary": "Cancel a pending message",
+            "parameters": [task_id],
+            "responses": {
+                "200": _json(_ref("MessageView"), "Cancelled (or already cancelled)"),
+                **_errors(401, 404, 409, 503),
+            },
+        },
+    }
+    send_op = {
+        "post": {
+            "summary": "Queue one WhatsApp message",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("SendRequest")}},
+            },
+            "responses": {
+                "202": _json(_ref("SendResponse"), "Committed to the outbox"),
+                **_errors(400, 401, 409, 413, 415, 422, 503),
+            },
+        }
+    }
+    batch_op = {
+        "post": {
+            "summary": "Queue 1 to 1,000 messages, all or nothing",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("BatchRequest")}},
+            },
+            "responses": {
+                "202": _json(_ref("BatchResponse"), "All committed to the outbox"),
+                **_errors(400, 401, 409, 413, 415, 422, 503),
+            },
+        }
+    }
+    list_op = {
+        "get": {
+            "summary": "The caller's messages (an admin's: everyone's), newest first",
+            "parameters": [
+                {
+                    "name": "status",
+                    "in": "query",
+                    "schema": {
+                        "type": "string",
+                        "enum": ["pending", "in_flight", "sent", "error", "cancelled"],
+                    },
+                },
+                {"name": "client_message_id", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                },
+                {"name": "after", "in": "query", "schema": {"type": "string", "format": "uuid"}},
+            ],
+            "responses": {
+                "200": _json(_ref("MessageList"), "A page of messages"),
+                **_errors(401, 422, 503),
+            },
+        }
+    }
+    plain_ok = {
+        "200": {
+            "description": "OK",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    }
+    paths: dict[str, Any] = {
+        "/api/v1/whatsapp/send/": send_op,
+        "/api/v1/whatsapp/send": send_op,
+        "/api/v1/whatsapp/send/batch": batch_op,
+        "/api/v1/whatsapp/messages": list_op,
+        "/api/v1/whatsapp/messages/{task_id}": message_path,
+        "/healthz": {"get": {"summary": "Process alive", "security": [], "responses": plain_ok}},
+        "/readyz": {
+            "get": {
+                "summary": "Database reachable and migrations current",
+                "security": [],
+                "responses": {**plain_ok, **_errors(503)},
+            }
+        },
+        "/openapi.json": {
+            "get": {"summary": "This document", "security": [], "responses": plain_ok}
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "outbox",
+            "version": "1",
+            "description": "Reliable WhatsApp sending through a PostgreSQL outbox",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+        "security": [{"bearer": []}],
+    }

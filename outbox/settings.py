@@ -1,0 +1,91 @@
+"""Settings from `OUTBOX_*` environment variables, built once and passed in."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """`1.5`, `500ms`, `30s`, `10m`, `12h`, `7d` → seconds as a float."""
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("expected seconds or a number with ms, s, m, h or d (e.g. 30s, 7d)")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+SQL_DIR = PROJECT_DIR / "sql"
+DEV_DATA_DIR = PROJECT_DIR / ".outbox-data"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="ignore")
+
+    # Database
+    database_url: str = ""
+    listen_database_url: str = ""  # direct connection for LISTEN behind a pooler
+    db_pool_size: int = Field(default=10, ge=1)
+    db_pool_timeout: Seconds = 10.0
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(default=8001, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    # JWT
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_algorithms: CommaList = Field(default_factory=lambda: ["HS256"])
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_require_exp: bool = True
+    jwt_admin_claim: str = "role"
+    jwt_leeway: Seconds = 0.0
+
+    # Queue
+    max_attempts: int = Field(default=4, ge=1, le=100)
+
+    # Logs
+    log_format: Literal["json", "console", ""] = ""  # "" = console on a TTY, else JSON
+    log_level: Literal["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"] = (
+        "info"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.listen_database_url:
+            self.listen_database_url = self.database_url
+        if any(alg.lower() == "none" for alg in self.jwt_algorithms):
+            raise ValueError("OUTBOX_JWT_ALGORITHMS must not include 'none'")
+        return self
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming the offending variable(s), for a clean exit at start."""
+    parts = []
+    for item in error.errors():
+        loc = item.get("loc") or ()
+        name = "OUTBOX_" + str(loc[0]).upper() if loc else "settings"
+        parts.append(f"{name}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid setting " + "; ".join(parts)

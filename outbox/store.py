@@ -1,0 +1,166 @@
+"""The only module that runs SQL: named queries from sql/queries.sql → typed functions."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, LiteralString, cast
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from outbox.settings import SQL_DIR
+
+_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, LiteralString]:
+    parts = _HEADER.split(path.read_text())
+    return {
+        name: cast(LiteralString, body.strip())
+        for name, body in zip(parts[1::2], parts[2::2], strict=True)
+    }
+
+
+QUERIES = load_queries()
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    id: uuid.UUID
+    client_message_id: str | None
+    to: str
+    type: str
+    payload: dict[str, Any]
+    request_hash: bytes
+    send_at: datetime | None
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """The id the message has in the database; `replayed` when it existed already."""
+
+    id: uuid.UUID
+    replayed: bool
+
+
+class Conflict(Exception):
+    """A client_message_id already names a different message of this user."""
+
+    def __init__(self, index: int = 0) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+class Store:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def insert_message(
+        self, user_id: str, message: NewMessage, max_attempts: int
+    ) -> Inserted:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                QUERIES["insert_message"],
+                {
+                    "id": message.id,
+                    "user_id": user_id,
+                    "client_message_id": message.client_message_id,
+                    "to": message.to,
+                    "type": message.type,
+                    "payload": Jsonb(message.payload),
+                    "request_hash": message.request_hash,
+                    "max_attempts": max_attempts,
+                    "send_at": message.send_at,
+                    "expires_at": message.expires_at,
+                },
+            )
+            row = await cursor.fetchone()
+        if row is None:
+            raise Conflict()
+        return Inserted(id=row[0], replayed=row[0] != message.id)
+
+    async def insert_messages(
+        self, user_id: str, messages: list[NewMessage], max_attempts: int
+    ) -> list[Inserted]:
+        """All or nothing, in one transaction; raises Conflict naming the first bad index."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                QUERIES["insert_messages"],
+                {
+                    "user_id": user_id,
+                    "max_attempts": max_attempts,
+                    "ids": [m.id for m in messages],
+                    "client_message_ids": [m.client_message_id for m in messages],
+                    "tos": [m.to for m in messages],
+                    "types": [m.type for m in messages],
+                    "payloads": [json.dumps(m.payload) for m in messages],
+                    "request_hashes": [m.request_hash for m in messages],
+                    "send_ats": [m.send_at for m in messages],
+                    "expires_ats": [m.expires_at for m in messages],
+                },
+            )
+            rows = await cursor.fetchall()
+            returned_ids = {row[0] for row in rows}
+            by_client_id = {row[1]: row[0] for row in rows if row[1] is not None}
+            results = []
+            for index, message in enumerate(messages):
+                if message.id in returned_ids:
+                    results.append(Inserted(message.id, replayed=False))
+                elif message.client_message_id in by_client_id:
+                    results.append(Inserted(by_client_id[message.client_message_id], replayed=True))
+                else:
+                    raise Conflict(index)  # leaving the block rolls the batch back
+        return results
+
+    async def get_message(
+        self, message_id: uuid.UUID, user_id: str | None
+    ) -> dict[str, Any] | None:
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(QUERIES["get_message"], {"id": message_id, "user_id": user_id})
+            return await cursor.fetchone()
+
+    async def list_messages(
+        self,
+        user_id: str | None,
+        *,
+        status: str | None,
+        client_message_id: str | None,
+        after: uuid.UUID | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                QUERIES["list_messages"],
+                {
+                    "user_id": user_id,
+                    "status": status,
+                    "client_message_id": client_message_id,
+                    "after": after,
+                    "limit": limit,
+                },
+                prepare=False,
+            )
+            return await cursor.fetchall()
+
+    async def cancel_message(self, message_id: uuid.UUID, user_id: str | None) -> bool:
+        """True when this call moved the message from pending to cancelled."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                QUERIES["cancel_message"], {"id": message_id, "user_id": user_id}
+            )
+            return await cursor.fetchone() is not None
+
+    async def schema_version(self) -> int:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(QUERIES["schema_version"])
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
