@@ -31,7 +31,16 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+def _parse_jitter(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "full":
+        return "full"
+    return value
+
+
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+Jitter = Annotated[
+    Literal["full"] | Annotated[float, Field(ge=0, le=1)], BeforeValidator(_parse_jitter)
+]
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -63,8 +72,31 @@ class Settings(BaseSettings):
     jwt_admin_claim: str = "role"
     jwt_leeway: Seconds = 0.0
 
-    # Queue
+    # Queue and retries
     max_attempts: int = Field(default=4, ge=1, le=100)
+    retry_base_delay: Seconds = 60.0
+    retry_max_delay: Seconds = 600.0
+    retry_jitter: Jitter = 0.2  # ±20 %; "full" = uniform in [0, delay]; 0 = none
+
+    # Dispatcher
+    dispatcher_id: str = ""  # default: <hostname>-<pid>
+    dispatch_concurrency: int = Field(default=64, ge=1, le=10_000)
+    poll_interval: Seconds = 1.0
+    lease_seconds: Seconds = 60.0
+    sender_pause: Seconds = 60.0
+    shutdown_grace: Seconds = 30.0
+
+    # Providers
+    provider: Literal["fake", "http", "cloud"] = "fake"
+    provider_timeout: Seconds = 10.0
+    provider_url: str = ""
+    provider_secret: str = ""
+    fake_latency_ms: float = Field(default=0.0, ge=0)
+    fake_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    cloud_base_url: str = "https://graph.facebook.com"
+    cloud_api_version: str = "v21.0"
+    cloud_phone_number_id: str = ""
+    cloud_token: str = ""
 
     # Logs
     log_format: Literal["json", "console", ""] = ""  # "" = console on a TTY, else JSON
@@ -76,6 +108,10 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if not self.listen_database_url:
             self.listen_database_url = self.database_url
+        if self.lease_seconds <= self.provider_timeout:
+            raise ValueError("OUTBOX_LEASE_SECONDS must be longer than OUTBOX_PROVIDER_TIMEOUT")
+        if self.provider == "http" and not self.provider_url:
+            raise ValueError("OUTBOX_PROVIDER_URL is required with OUTBOX_PROVIDER=http")
         if any(alg.lower() == "none" for alg in self.jwt_algorithms):
             raise ValueError("OUTBOX_JWT_ALGORITHMS must not include 'none'")
         return self
@@ -83,9 +119,10 @@ class Settings(BaseSettings):
 
 def describe_error(error: ValidationError) -> str:
     """One line naming the offending variable(s), for a clean exit at start."""
-    parts = []
-    for item in error.errors():
+    parts: dict[str, str] = {}
+    for item in error.errors(include_url=False):
         loc = item.get("loc") or ()
         name = "OUTBOX_" + str(loc[0]).upper() if loc else "settings"
-        parts.append(f"{name}: {item['msg']} (got {item.get('input')!r})")
-    return "invalid setting " + "; ".join(parts)
+        got = f" (got {item['input']!r})" if loc else ""
+        parts.setdefault(name, f"{name}: {item['msg'].removeprefix('Value error, ')}{got}")
+    return "invalid setting " + "; ".join(parts.values())
