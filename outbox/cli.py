@@ -75,7 +75,7 @@ def cmd_token(args: argparse.Namespace) -> None:
     from outbox.dev import dev_jwt_secret
 
     settings = _settings()
-    secret = settings.jwt_secret or dev_jwt_secret(create=False)
+    secret = settings.jwt_secret or dev_jwt_secret(settings.dev_data_dir, create=False)
     if not secret:
         raise UsageError(
             "OUTBOX_JWT_SECRET is not set and no dev secret exists yet (run `make run`)"

@@ -7,35 +7,36 @@ import contextlib
 import secrets
 import shlex
 from collections.abc import Iterator
+from pathlib import Path
 
 from outbox import db
 from outbox.auth import mint_token
 from outbox.log import configure_logging, get_logger
-from outbox.settings import DEV_DATA_DIR, Settings
+from outbox.settings import Settings
 
 log = get_logger("outbox.dev")
 
 
-def dev_jwt_secret(*, create: bool = True) -> str:
+def dev_jwt_secret(data_dir: Path, *, create: bool = True) -> str:
     """The dev signing secret, kept beside the embedded data so tokens survive restarts."""
-    path = DEV_DATA_DIR / "jwt-secret"
+    path = data_dir / "jwt-secret"
     if path.exists():
         return path.read_text().strip()
     if not create:
         return ""
-    DEV_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(secrets.token_urlsafe(32))
     path.chmod(0o600)
     return path.read_text().strip()
 
 
 @contextlib.contextmanager
-def embedded_postgres() -> Iterator[str]:
-    """Start (or join) the embedded server under .outbox-data/pg; stop it on exit."""
+def embedded_postgres(data_dir: Path) -> Iterator[str]:
+    """Start (or join) the embedded server under <data_dir>/pg; stop it on exit."""
     from pgserver import get_server
 
-    DEV_DATA_DIR.mkdir(parents=True, exist_ok=True)
-    server = get_server(DEV_DATA_DIR / "pg", cleanup_mode="stop")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = get_server(data_dir / "pg", cleanup_mode="stop")
     try:
         yield server.get_uri()
     finally:
@@ -78,10 +79,10 @@ def run_dev(settings: Settings) -> None:
     configure_logging(settings)
     with contextlib.ExitStack() as stack:
         if not settings.database_url:
-            settings.database_url = stack.enter_context(embedded_postgres())
+            settings.database_url = stack.enter_context(embedded_postgres(settings.dev_data_dir))
             settings.listen_database_url = settings.database_url
         if not settings.jwt_secret and not settings.jwt_public_key:
-            settings.jwt_secret = dev_jwt_secret()
+            settings.jwt_secret = dev_jwt_secret(settings.dev_data_dir)
         db.migrate(settings.database_url)
         if settings.jwt_secret:
             token = mint_token(

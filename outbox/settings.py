@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     cloud_phone_number_id: str = ""
     cloud_token: str = ""
 
+    # `outbox dev`: where the embedded PostgreSQL and the dev JWT secret live
+    dev_data_dir: Path = DEV_DATA_DIR
+
     # Logs
     log_format: Literal["json", "console", ""] = ""  # "" = console on a TTY, else JSON
     log_level: Literal["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"] = (
