@@ -7,7 +7,6 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-import uvicorn
 from pydantic import ValidationError
 
 from outbox import db
@@ -32,21 +31,9 @@ def _require_database(settings: Settings) -> None:
         raise UsageError("OUTBOX_DATABASE_URL is required (or use `outbox dev`)")
 
 
-def uvicorn_server(app: object, settings: Settings) -> uvicorn.Server:
-    config = uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,  # RequestLog writes one structured line per request
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-    )
-    return uvicorn.Server(config)
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
-    from outbox.api import create_app
+    from outbox import process
+    from outbox.auth import TokenVerifier
 
     settings = _settings()
     if args.host:
@@ -56,10 +43,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _require_database(settings)
     configure_logging(settings)
     try:
-        app = create_app(settings)
+        TokenVerifier(settings)  # refuse to start without a usable key
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    asyncio.run(uvicorn_server(app, settings).serve())
+    asyncio.run(process.serve(settings))
+
+
+def cmd_dispatch(args: argparse.Namespace) -> None:
+    from outbox import process
+
+    settings = _settings()
+    _require_database(settings)
+    configure_logging(settings)
+    try:
+        asyncio.run(process.dispatch(settings))
+    except ValueError as exc:  # provider settings that can never work
+        raise UsageError(str(exc)) from exc
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -110,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default OUTBOX_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default OUTBOX_PORT, 8001)")
     serve.set_defaults(func=cmd_serve)
+
+    dispatch = sub.add_parser(
+        "dispatch",
+        help="deliver queued messages (run any number)",
+        description="Claim due messages, call the provider, record outcomes; SIGTERM drains.",
+    )
+    dispatch.set_defaults(func=cmd_dispatch)
 
     migrate = sub.add_parser(
         "migrate",

@@ -9,7 +9,7 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
-from outbox import db
+from outbox import db, process
 from outbox.auth import mint_token
 from outbox.log import configure_logging, get_logger
 from outbox.settings import Settings
@@ -67,14 +67,6 @@ def _banner(settings: Settings, token: str) -> str:
     )
 
 
-async def _serve_all(settings: Settings) -> None:
-    from outbox.api import create_app
-    from outbox.cli import uvicorn_server
-
-    server = uvicorn_server(create_app(settings), settings)
-    await server.serve()
-
-
 def run_dev(settings: Settings) -> None:
     configure_logging(settings)
     with contextlib.ExitStack() as stack:
@@ -93,5 +85,4 @@ def run_dev(settings: Settings) -> None:
                 role_claim=settings.jwt_admin_claim,
             )
             print(_banner(settings, token), flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve_all(settings))
+        asyncio.run(process.serve(settings, with_dispatcher=True))

@@ -50,6 +50,38 @@ class Inserted:
     replayed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A message claimed for one attempt (`attempt` counts this one)."""
+
+    id: uuid.UUID
+    user_id: str
+    to: str
+    type: str
+    payload: dict[str, Any]
+    client_message_id: str | None
+    attempt: int
+    max_attempts: int
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The outcome of one attempt, as the completer writes it."""
+
+    id: uuid.UUID
+    attempt: int
+    status: str  # the message's new status: sent | pending | error
+    outcome: str  # sent | transient | permanent | sender | expired | interrupted
+    started_at: datetime
+    finished_at: datetime
+    latency_ms: float | None = None
+    error: str | None = None
+    provider_message_id: str | None = None
+    next_attempt_at: datetime | None = None
+    refund: bool = False  # the attempt was not spent (sender-level error, expiry)
+
+
 class Conflict(Exception):
     """A client_message_id already names a different message of this user."""
 
@@ -164,3 +196,48 @@ class Store:
             cursor = await conn.execute(QUERIES["schema_version"])
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
+
+    # Dispatcher ---------------------------------------------------------------------
+
+    async def claim(self, dispatcher: str, limit: int, lease_seconds: float) -> list[Claimed]:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                QUERIES["claim_messages"],
+                {"dispatcher": dispatcher, "limit": limit, "lease_seconds": lease_seconds},
+            )
+            rows = await cursor.fetchall()
+        return [Claimed(*row) for row in rows]
+
+    async def next_due_at(self) -> datetime | None:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(QUERIES["next_due_at"])
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def complete(self, dispatcher: str, completions: list[Completion]) -> set[uuid.UUID]:
+        """Write many outcomes in one statement; return the ids it applied to."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                QUERIES["complete_attempts"],
+                {
+                    "dispatcher": dispatcher,
+                    "ids": [c.id for c in completions],
+                    "attempts": [c.attempt for c in completions],
+                    "statuses": [c.status for c in completions],
+                    "next_attempt_ats": [c.next_attempt_at for c in completions],
+                    "errors": [c.error for c in completions],
+                    "provider_message_ids": [c.provider_message_id for c in completions],
+                    "refunds": [int(c.refund) for c in completions],
+                    "outcomes": [c.outcome for c in completions],
+                    "started_ats": [c.started_at for c in completions],
+                    "finished_ats": [c.finished_at for c in completions],
+                    "latencies_ms": [c.latency_ms for c in completions],
+                },
+            )
+            rows = await cursor.fetchall()
+        return {row[0] for row in rows}
+
+    async def reap_expired_leases(self, limit: int = 1000) -> int:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(QUERIES["reap_expired_leases"], {"limit": limit})
+            return len(await cursor.fetchall())

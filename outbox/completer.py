@@ -1,0 +1,78 @@
+"""Batched completion: outcomes that finish close together are written in one statement."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+
+from outbox.log import get_logger
+from outbox.store import Completion, Store
+
+log = get_logger("outbox.completer")
+
+MAX_BATCH = 1000
+RETRY_MIN = 0.05
+RETRY_MAX = 5.0
+
+
+class Completer:
+    """Collects outcomes from the attempt tasks and writes them in batches.
+
+    A write that fails (database away) keeps its outcomes and retries with
+    backoff: an outcome is only dropped once PostgreSQL has it.
+    """
+
+    def __init__(self, store: Store, dispatcher_id: str) -> None:
+        self._store = store
+        self._dispatcher_id = dispatcher_id
+        self._queue: asyncio.Queue[Completion] = asyncio.Queue()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.lost_leases = 0
+
+    def put(self, completion: Completion) -> None:
+        self._idle.clear()
+        self._queue.put_nowait(completion)
+
+    async def wait_idle(self) -> None:
+        """Until every outcome handed in so far is written."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            # Let the outcomes that finish in this same moment join the batch.
+            await asyncio.sleep(0)
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._write(batch)
+            if self._queue.empty():
+                self._idle.set()
+
+    async def _write(self, batch: list[Completion]) -> None:
+        delay = RETRY_MIN
+        while True:
+            try:
+                applied = await self._store.complete(self._dispatcher_id, batch)
+                break
+            except psycopg.OperationalError as exc:
+                log.warning(
+                    "could not record outcomes, retrying",
+                    count=len(batch),
+                    error=str(exc).strip(),
+                    retry_in=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+        lost = [c for c in batch if c.id not in applied]
+        if lost:
+            # The lease expired and the row was reclaimed: a newer attempt owns it now.
+            self.lost_leases += len(lost)
+            for completion in lost:
+                log.warning(
+                    "outcome dropped: lease lost",
+                    message_id=str(completion.id),
+                    attempt=completion.attempt,
+                    outcome=completion.outcome,
+                )

@@ -1,0 +1,352 @@
+"""`outbox dispatch`: claim due messages in batches, call the provider, record outcomes.
+
+Roles, after River: this module is the producer (wake-ups, slots, claims) and
+runs each attempt; the completer writes outcomes in batches; the notifier
+listens for new messages; a reaper returns rows whose lease expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+
+from outbox.completer import Completer
+from outbox.log import get_logger
+from outbox.notifier import listen
+from outbox.providers import create_provider
+from outbox.providers.base import OutgoingMessage, Provider, ProviderError
+from outbox.retry import ErrorKind, retry_delay
+from outbox.settings import Settings
+from outbox.store import Claimed, Completion, Store
+
+log = get_logger("outbox.dispatcher")
+
+NEW_MESSAGE_CHANNEL = "outbox_new"
+ERROR_BACKOFF_MAX = 5.0
+
+
+def default_dispatcher_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Dispatcher:
+    """One class with `run()` and `stop()`; `run()` returns after a clean shutdown."""
+
+    def __init__(self, settings: Settings, store: Store, provider: Provider) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = provider
+        self.id = settings.dispatcher_id or default_dispatcher_id()
+        self.completer = Completer(store, self.id)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+        self._paused_until = 0.0  # monotonic time; sender-level errors pause all sending
+        self._ready_logged = False
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        side_tasks = [
+            asyncio.create_task(self.completer.run(), name="completer"),
+            asyncio.create_task(
+                listen(
+                    self.settings.listen_database_url,
+                    NEW_MESSAGE_CHANNEL,
+                    lambda _payload: self.wake(),
+                    on_connect=self.wake,  # notifications missed while away: look now
+                ),
+                name="notifier",
+            ),
+            asyncio.create_task(self._reap_forever(), name="reaper"),
+        ]
+        try:
+            await self._produce()
+            await self._drain()
+        finally:
+            for task in side_tasks:
+                task.cancel()
+            await asyncio.gather(*side_tasks, return_exceptions=True)
+        log.info("stopped", dispatcher=self.id)
+
+    # Producer ---------------------------------------------------------------------
+
+    async def _produce(self) -> None:
+        concurrency = self.settings.dispatch_concurrency
+        error_delay = 0.1
+        while not self._stopping.is_set():
+            timeout = self._poll_interval()
+            free = concurrency - len(self._running)
+            paused_for = self._paused_until - time.monotonic()
+            if paused_for > 0:
+                timeout = min(timeout, paused_for)
+            elif free > 0:
+                try:
+                    claimed = await self._claim(free)
+                    error_delay = 0.1
+                except psycopg.OperationalError as exc:
+                    log.warning(
+                        "claim failed, retrying", error=str(exc).strip(), retry_in=error_delay
+                    )
+                    timeout, error_delay = error_delay, min(error_delay * 2, ERROR_BACKOFF_MAX)
+                    claimed = None
+                if claimed is not None:
+                    if len(claimed) == free:
+                        # Maybe more is due: claim again as soon as a slot frees.
+                        self._slot_freed.clear()
+                        await self._wait_for(self._slot_freed, timeout)
+                        continue
+                    next_due = await self._next_due_in()
+                    if next_due is not None:
+                        timeout = min(timeout, next_due)
+            else:
+                self._slot_freed.clear()
+                await self._wait_for(self._slot_freed, timeout)
+                continue
+            self._wake.clear()
+            await self._wait_for(self._wake, timeout)
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        if not self._ready_logged:
+            log.info(
+                "ready",
+                dispatcher=self.id,
+                provider=self.provider.name,
+                concurrency=self.settings.dispatch_concurrency,
+            )
+            self._ready_logged = True
+        claimed = await self.store.claim(self.id, limit, self.settings.lease_seconds)
+        for message in claimed:
+            task = asyncio.create_task(self._attempt(message))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+        return claimed
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slot_freed.set()
+
+    async def _next_due_in(self) -> float | None:
+        try:
+            due = await self.store.next_due_at()
+        except psycopg.OperationalError:
+            return None
+        if due is None:
+            return None
+        return max(0.0, (due - datetime.now(UTC)).total_seconds())
+
+    def _poll_interval(self) -> float:
+        # Jittered so that many dispatchers do not poll in step.
+        return self.settings.poll_interval * random.uniform(0.8, 1.2)
+
+    async def _wait_for(self, event: asyncio.Event, seconds: float) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        other = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({stop, other}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            other.cancel()
+
+    # One attempt ------------------------------------------------------------------
+
+    async def _attempt(self, message: Claimed) -> None:
+        started_at = datetime.now(UTC)
+        attempt_label = f"{message.attempt}/{message.max_attempts}"
+        bound = log.bind(
+            message_id=str(message.id),
+            user_id=message.user_id,
+            to=message.to,
+            attempt=attempt_label,
+        )
+        if message.expires_at is not None and message.expires_at <= started_at:
+            bound.warning("expired before sending", outcome="expired")
+            self.completer.put(
+                Completion(
+                    id=message.id,
+                    attempt=message.attempt,
+                    status="error",
+                    outcome="expired",
+                    started_at=started_at,
+                    finished_at=started_at,
+                    error="expired",
+                    refund=True,
+                )
+            )
+            return
+        bound.info("attempt started")
+        clock = time.perf_counter()
+        try:
+            provider_id = await self.provider.send(
+                OutgoingMessage(
+                    id=message.id,
+                    user_id=message.user_id,
+                    to=message.to,
+                    type=message.type,
+                    payload=message.payload,
+                    client_message_id=message.client_message_id,
+                    attempt=message.attempt,
+                )
+            )
+            failure = None
+        except ProviderError as exc:
+            provider_id, failure = None, exc
+        except asyncio.CancelledError:
+            # Shutdown grace ran out: hand the row back rather than leave it in flight.
+            self.completer.put(self._interrupted(message, started_at))
+            raise
+        except Exception as exc:  # a provider bug must not kill the dispatcher
+            bound.exception("provider raised unexpectedly")
+            provider_id = None
+            failure = ProviderError(ErrorKind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}")
+        latency_ms = (time.perf_counter() - clock) * 1000
+        finished_at = datetime.now(UTC)
+        bound = bound.bind(duration_ms=round(latency_ms, 2))
+        if failure is None:
+            bound.info("sent", outcome="sent", provider_message_id=provider_id)
+            self.completer.put(
+                Completion(
+                    id=message.id,
+                    attempt=message.attempt,
+                    status="sent",
+                    outcome="sent",
+                    started_at=started_at,
+                    finished_at=finished_at,
+                    latency_ms=latency_ms,
+                    provider_message_id=provider_id,
+                )
+            )
+            return
+        self.completer.put(
+            self._failed(message, failure, started_at, finished_at, latency_ms, bound)
+        )
+
+    def _failed(
+        self,
+        message: Claimed,
+        failure: ProviderError,
+        started_at: datetime,
+        finished_at: datetime,
+        latency_ms: float,
+        logger: Any,  # the structlog logger bound to this message's context
+    ) -> Completion:
+        final = Completion(
+            id=message.id,
+            attempt=message.attempt,
+            status="error",
+            outcome=failure.kind.value,
+            started_at=started_at,
+            finished_at=finished_at,
+            latency_ms=latency_ms,
+            error=failure.reason,
+        )
+        settings = self.settings
+        if failure.kind is ErrorKind.SENDER:
+            self._paused_until = time.monotonic() + settings.sender_pause
+            logger.error(
+                "sender cannot send: pausing all sending",
+                outcome="sender",
+                error=failure.reason,
+                pause_seconds=settings.sender_pause,
+            )
+            resume = finished_at + timedelta(seconds=settings.sender_pause)
+            return replace(final, status="pending", next_attempt_at=resume, refund=True)
+        if failure.kind is ErrorKind.TRANSIENT and message.attempt < message.max_attempts:
+            delay = retry_delay(
+                message.attempt,
+                base=settings.retry_base_delay,
+                cap=settings.retry_max_delay,
+                jitter=settings.retry_jitter,
+                retry_after=failure.retry_after,
+            )
+            logger.info(
+                "attempt failed, will retry",
+                outcome="transient",
+                error=failure.reason,
+                retry_in=round(delay, 3),
+            )
+            return replace(
+                final, status="pending", next_attempt_at=finished_at + timedelta(seconds=delay)
+            )
+        logger.error(
+            f"failed after {message.attempt} attempts",
+            outcome=failure.kind.value,
+            error=failure.reason,
+        )
+        return final
+
+    def _interrupted(self, message: Claimed, started_at: datetime) -> Completion:
+        now = datetime.now(UTC)
+        return Completion(
+            id=message.id,
+            attempt=message.attempt,
+            status="pending",
+            outcome="interrupted",
+            started_at=started_at,
+            finished_at=now,
+            error="interrupted by dispatcher shutdown",
+            next_attempt_at=now,
+        )
+
+    # Shutdown and maintenance -----------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Let in-flight calls finish within the grace period, then write every outcome."""
+        if self._running:
+            log.info("draining", in_flight=len(self._running), grace=self.settings.shutdown_grace)
+            _, late = await asyncio.wait(self._running, timeout=self.settings.shutdown_grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self.completer.wait_idle()
+
+    async def _reap_forever(self) -> None:
+        interval = max(0.05, min(self.settings.lease_seconds / 4, 30.0))
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            try:
+                reaped = await self.store.reap_expired_leases()
+            except psycopg.OperationalError as exc:
+                log.warning("lease reaper failed", error=str(exc).strip())
+                continue
+            if reaped:
+                log.warning("returned rows whose lease expired", count=reaped)
+                self.wake()
+
+
+def provider_client(settings: Settings) -> httpx.AsyncClient:
+    """One client per process, its keep-alive pool sized to the concurrency."""
+    return httpx.AsyncClient(
+        timeout=settings.provider_timeout,
+        limits=httpx.Limits(
+            max_connections=settings.dispatch_concurrency,
+            max_keepalive_connections=settings.dispatch_concurrency,
+        ),
+    )
+
+
+async def run_dispatcher(settings: Settings, store: Store, stop: asyncio.Event) -> None:
+    """Run a dispatcher until `stop` is set; used by `outbox dispatch` and `outbox dev`."""
+    async with provider_client(settings) as client:
+        dispatcher = Dispatcher(settings, store, create_provider(settings, client))
+        run = asyncio.create_task(dispatcher.run())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        dispatcher.stop()
+        stopper.cancel()
+        await run

@@ -1,0 +1,78 @@
+"""Running the roles as a process: signals, the uvicorn server, the dispatcher, together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Generator
+from typing import Any
+
+import uvicorn
+
+from outbox import db
+from outbox.api import create_app
+from outbox.dispatcher import run_dispatcher
+from outbox.settings import Settings
+from outbox.store import Store
+
+
+class Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: the process installs one set for all roles."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def uvicorn_server(app: Any, settings: Settings) -> Server:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,  # RequestLog writes one structured line per request
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    return Server(config)
+
+
+def _on_stop_signals(callback: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, callback)
+
+
+async def _dispatch_until(settings: Settings, stop: asyncio.Event) -> None:
+    pool = db.create_pool(settings)
+    await pool.open(wait=False)
+    try:
+        await run_dispatcher(settings, Store(pool), stop)
+    finally:
+        await pool.close()
+
+
+async def serve(settings: Settings, *, with_dispatcher: bool = False) -> None:
+    """The HTTP API (and, for `outbox dev`, a dispatcher) until SIGINT or SIGTERM."""
+    server = uvicorn_server(create_app(settings), settings)
+    stop = asyncio.Event()
+
+    def request_stop() -> None:
+        if stop.is_set():
+            server.force_exit = True  # a second Ctrl-C: do not wait for open connections
+        stop.set()
+        server.should_exit = True
+
+    _on_stop_signals(request_stop)
+    tasks = [asyncio.create_task(server.serve())]
+    if with_dispatcher:
+        tasks.append(asyncio.create_task(_dispatch_until(settings, stop)))
+    await asyncio.gather(*tasks)
+
+
+async def dispatch(settings: Settings) -> None:
+    """A dispatcher until SIGINT or SIGTERM, then a graceful drain."""
+    stop = asyncio.Event()
+    _on_stop_signals(stop.set)
+    await _dispatch_until(settings, stop)
