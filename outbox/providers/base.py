@@ -1,0 +1,120 @@
+"""The provider interface: send one message, get its provider id or a classified error."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import httpx
+
+from outbox.retry import ErrorKind
+
+_MAX_REASON = 300  # `last_error` is for people: keep it to one readable line
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    id: uuid.UUID  # the task id, also the idempotency key
+    user_id: str
+    to: str
+    type: str
+    payload: dict[str, Any]  # the content of `type`, as in models.*.content()
+    client_message_id: str | None
+    attempt: int  # 1-based number of this attempt
+
+
+class ProviderError(Exception):
+    """A failed send, already classified; `reason` is short and human."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        code: int | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        reason = " ".join(reason.split())
+        if len(reason) > _MAX_REASON:
+            reason = reason[: _MAX_REASON - 1] + "…"
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.retry_after = retry_after
+        self.code = code
+        self.http_status = http_status
+
+    def __repr__(self) -> str:
+        return f"ProviderError({self.kind.value!r}, {self.reason!r})"
+
+
+class Provider(Protocol):
+    name: str
+
+    async def send(self, message: OutgoingMessage) -> str | None:
+        """Deliver `message`; return the provider's message id, or raise ProviderError."""
+        ...
+
+
+def transport_error(name: str, exc: httpx.HTTPError, timeout: float | None) -> ProviderError:
+    """No usable response: always transient (the request may or may not have arrived)."""
+    if isinstance(exc, httpx.TimeoutException):
+        after = f" after {timeout:g}s" if timeout is not None else ""
+        reason = f"{name}: timeout{after} ({type(exc).__name__})"
+    else:
+        detail = f": {exc}" if str(exc) else ""
+        reason = f"{name}: {type(exc).__name__}{detail}"
+    return ProviderError(ErrorKind.TRANSIENT, reason)
+
+
+def check_url(url: str, setting: str) -> None:
+    """Fail at start on a URL that could never work, rather than retrying it forever."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{setting} is not a valid URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{setting} must be an http:// or https:// URL (got {url!r})")
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds or an HTTP-date; None if absent/bad."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """The response body as a JSON object, or {} when it is empty or anything else."""
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def int_code(value: Any) -> int | None:
+    """An error code as an int; JSON booleans and floats are not codes."""
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
