@@ -263,6 +263,9 @@ async def list_messages(request: Request) -> Response:
     raw_limit = params.get("limit") or str(LIST_LIMIT_DEFAULT)
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
         raise _query_error("limit", f"must be an integer from 1 to {LIST_LIMIT_MAX}")
+    client_message_id = params.get("client_message_id") or None
+    if client_message_id is not None and "\x00" in client_message_id:
+        raise _query_error("client_message_id", "must not contain the NUL character")
     after = None
     if params.get("after"):
         try:
@@ -273,7 +276,7 @@ async def list_messages(request: Request) -> Response:
     rows = await _services(request).store.list_messages(
         _owner_filter(principal),
         status=status,
-        client_message_id=params.get("client_message_id") or None,
+        client_message_id=client_message_id,
         after=after,
         limit=limit,
     )

@@ -86,7 +86,12 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise AuthError(f"token invalid: {exc}") from exc
         subject = claims.get("sub")
-        if isinstance(subject, bool) or not isinstance(subject, str | int) or subject == "":
+        if (
+            isinstance(subject, bool)
+            or not isinstance(subject, str | int)
+            or subject == ""
+            or (isinstance(subject, str) and "\x00" in subject)
+        ):
             raise AuthError("token lacks a 'sub' claim (a string or a number)")
         exp = claims.get("exp")
         return Principal(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -14,7 +15,8 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
-    model_validator,
+    ValidationInfo,
+    field_validator,
 )
 
 MAX_SCHEDULE_AHEAD = timedelta(days=30)
@@ -29,8 +31,32 @@ def _normalise_phone(value: str) -> str:
     return digits
 
 
+def _no_nul(value: str) -> str:
+    # PostgreSQL text and jsonb cannot hold U+0000: refuse it here, not with a 500 there.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
+def _storable_json(value: Any) -> Any:
+    """Free-form JSON (template components) that jsonb can store: no NUL, no NaN/Infinity."""
+    if isinstance(value, str):
+        _no_nul(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite (no NaN or Infinity)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable_json(key)
+            _storable_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            _storable_json(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
 Phone = Annotated[str, AfterValidator(_normalise_phone)]
-Link = Annotated[str, Field(pattern=r"^https?://\S+$", max_length=2048)]
+Link = Annotated[Text, Field(pattern=r"^https?://\S+$", max_length=2048)]
 
 
 class _Strict(BaseModel):
@@ -38,23 +64,24 @@ class _Strict(BaseModel):
 
 
 class Language(_Strict):
-    code: str = Field(min_length=2, max_length=15)
+    code: Text = Field(min_length=2, max_length=15)
     policy: Literal["deterministic"] | None = None
 
 
 class Template(_Strict):
-    name: str = Field(min_length=1, max_length=512)
+    name: Text = Field(min_length=1, max_length=512)
     language: Language
-    components: list[dict[str, Any]] | None = None  # passed through as the Cloud API defines
+    # Passed through as the Cloud API defines them.
+    components: Annotated[list[dict[str, Any]] | None, AfterValidator(_storable_json)] = None
 
 
 class CaptionedMedia(_Strict):
     link: Link
-    caption: str | None = Field(default=None, max_length=1024)
+    caption: Text | None = Field(default=None, max_length=1024)
 
 
 class Document(CaptionedMedia):
-    filename: str | None = Field(default=None, min_length=1, max_length=240)
+    filename: Text | None = Field(default=None, min_length=1, max_length=240)
 
 
 class Audio(_Strict):
@@ -63,20 +90,29 @@ class Audio(_Strict):
 
 class _Common(_Strict):
     to: Phone
-    client_message_id: str | None = Field(default=None, min_length=1, max_length=128)
+    client_message_id: Text | None = Field(default=None, min_length=1, max_length=128)
     send_at: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
 
-    @model_validator(mode="after")
-    def _check_times(self) -> _Common:
-        now = datetime.now(UTC)
-        if self.send_at is not None and self.send_at - now > MAX_SCHEDULE_AHEAD:
-            raise ValueError("send_at must be at most 30 days ahead")
-        if self.expires_at is not None:
-            start = max(now, self.send_at) if self.send_at else now
-            if self.expires_at <= start:
-                raise ValueError("expires_at must be later than send_at and than now")
-        return self
+    # Field validators (not a model validator) so that a 422 names the field.
+    @field_validator("send_at")
+    @classmethod
+    def _check_send_at(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value - datetime.now(UTC) > MAX_SCHEDULE_AHEAD:
+            raise ValueError("must be at most 30 days ahead")
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _check_expires_at(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        if value is None:
+            return value
+        send_at = info.data.get("send_at")
+        if send_at is not None and value <= send_at:
+            raise ValueError("must be later than send_at")
+        if value <= datetime.now(UTC):
+            raise ValueError("must be in the future")
+        return value
 
     def content(self) -> dict[str, Any]:
         """The content of this message's type, as stored in `payload`."""
@@ -85,7 +121,7 @@ class _Common(_Strict):
 
 class TextMessage(_Common):
     type: Literal["text"]
-    text: str = Field(min_length=1, max_length=4096)
+    text: Text = Field(min_length=1, max_length=4096)
     preview_url: bool = False
 
     def content(self) -> dict[str, Any]:

@@ -1,0 +1,31 @@
+"""Fixtures for API tests that need a server with settings of their own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from outbox.api import create_app
+from outbox.settings import Settings
+from tests.support import ServerThread
+
+ClientFactory = Callable[..., AbstractContextManager[httpx.Client]]
+
+
+@pytest.fixture
+def client_with(settings: Settings) -> Iterator[ClientFactory]:
+    """`with client_with(max_body_bytes=2048) as http:` — a server on altered settings."""
+    with ExitStack() as stack:
+
+        @contextmanager
+        def make(**overrides: Any) -> Iterator[httpx.Client]:
+            changed = Settings(**{**settings.model_dump(), **overrides})
+            server = stack.enter_context(ServerThread(create_app(changed)))
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                yield http
+
+        yield make
