@@ -60,10 +60,14 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def unauthorized(reason: str) -> ApiError:
+    # A header value is latin-1 and this one is a quoted string: keep printable ASCII only.
+    description = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in reason)
     return ApiError(
         401,
         reason,
-        headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{reason}"'},
+        headers={
+            "WWW-Authenticate": f'Bearer error="invalid_token", error_description="{description}"'
+        },
     )
 
 
