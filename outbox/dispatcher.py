@@ -192,20 +192,29 @@ class Dispatcher:
         bound.info("attempt started")
         clock = time.perf_counter()
         try:
-            provider_id = await self.provider.send(
-                OutgoingMessage(
-                    id=message.id,
-                    user_id=message.user_id,
-                    to=message.to,
-                    type=message.type,
-                    payload=message.payload,
-                    client_message_id=message.client_message_id,
-                    attempt=message.attempt,
+            # One deadline for the whole call (httpx times each phase on its own), so
+            # that the lease, longer than this, really bounds an attempt.
+            async with asyncio.timeout(self.settings.provider_timeout):
+                provider_id = await self.provider.send(
+                    OutgoingMessage(
+                        id=message.id,
+                        user_id=message.user_id,
+                        to=message.to,
+                        type=message.type,
+                        payload=message.payload,
+                        client_message_id=message.client_message_id,
+                        attempt=message.attempt,
+                    )
                 )
-            )
             failure = None
         except ProviderError as exc:
             provider_id, failure = None, exc
+        except TimeoutError:
+            provider_id = None
+            failure = ProviderError(
+                ErrorKind.TRANSIENT,
+                f"{self.provider.name}: no answer within {self.settings.provider_timeout:g}s",
+            )
         except asyncio.CancelledError:
             # Shutdown grace ran out: hand the row back rather than leave it in flight.
             self.completer.put(self._interrupted(message, started_at))

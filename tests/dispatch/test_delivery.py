@@ -1,0 +1,287 @@
+"""Delivery through real `outbox dispatch` processes and a scripted local provider."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+
+from tests.dispatch.conftest import (
+    PROVIDER_SECRET,
+    DispatcherProcess,
+    Reply,
+    ScriptedProvider,
+    insert_messages,
+    statuses,
+    wait_all,
+)
+from tests.support import wait_for
+
+Provider = tuple[ScriptedProvider, str]
+Start = Callable[..., DispatcherProcess]
+
+
+def attempts_of(conn: psycopg.Connection, task_id: str) -> list[tuple]:
+    return conn.execute(
+        """SELECT attempt, outcome, started_at, finished_at, error, dispatcher
+           FROM outbox.attempts WHERE message_id = %s ORDER BY id""",
+        [task_id],
+    ).fetchall()
+
+
+def message(conn: psycopg.Connection, task_id: str) -> dict:
+    row = conn.execute(
+        """SELECT status, attempts, last_error, provider_message_id, locked_by, finished_at
+           FROM outbox.messages WHERE id = %s""",
+        [task_id],
+    ).fetchone()
+    assert row is not None
+    keys = ("status", "attempts", "last_error", "provider_message_id", "locked_by", "finished_at")
+    return dict(zip(keys, row, strict=True))
+
+
+def test_success_records_the_provider_id_and_signs_the_call(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    start_dispatcher()
+    [task_id] = insert_messages(sql_conn, 1)
+    wait_all(sql_conn, "sent", 1)
+    row = message(sql_conn, task_id)
+    assert row["provider_message_id"] == f"prov-{task_id}"
+    assert row["attempts"] == 1 and row["locked_by"] is None and row["finished_at"] is not None
+    [call] = scripted.calls_for(task_id)
+    assert call.idempotency_key == task_id
+    expected = hmac.new(PROVIDER_SECRET.encode(), call.body, hashlib.sha256).hexdigest()
+    assert call.signature == f"sha256={expected}"
+    [(attempt, outcome, *_rest, dispatcher)] = attempts_of(sql_conn, task_id)
+    assert (attempt, outcome, dispatcher) == (1, "sent", "d1")
+
+
+def test_fails_twice_then_succeeds(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(status=503) if n < 2 else Reply(body={"id": "ok"})
+    start_dispatcher()
+    [task_id] = insert_messages(sql_conn, 1)
+    wait_all(sql_conn, "sent", 1)
+    assert [a[1] for a in attempts_of(sql_conn, task_id)] == ["transient", "transient", "sent"]
+    assert message(sql_conn, task_id)["attempts"] == 3
+    assert [c.attempt for c in scripted.calls_for(task_id)] == [1, 2, 3]
+
+
+def test_always_transient_ends_in_error_after_four_attempts_with_backoff(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(status=500)
+    process = start_dispatcher(retry_base_delay="200ms", retry_max_delay="500ms")
+    [task_id] = insert_messages(sql_conn, 1)
+    wait_all(sql_conn, "error", 1)
+    history = attempts_of(sql_conn, task_id)
+    assert [a[0] for a in history] == [1, 2, 3, 4]
+    assert all(a[1] == "transient" for a in history)
+    # Gaps follow min(cap, base·2^(n−1)) with no jitter: 0.2 s, 0.4 s, then capped at 0.5 s.
+    gaps = [(b[2] - a[3]).total_seconds() for a, b in itertools.pairwise(history)]
+    for gap, expected in zip(gaps, [0.2, 0.4, 0.5], strict=True):
+        assert expected - 0.01 <= gap < expected + 0.6, gaps
+    row = message(sql_conn, task_id)
+    assert row["attempts"] == 4 and "500" in row["last_error"]
+    assert len(scripted.calls_for(task_id)) == 4
+    wait_for(lambda: "failed after 4 attempts" in process.log(), what="final failure log line")
+
+
+def test_permanent_error_is_final_at_once(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(
+        status=400, body={"error": {"code": 131026, "message": "Message undeliverable"}}
+    )
+    start_dispatcher()
+    [task_id] = insert_messages(sql_conn, 1)
+    wait_all(sql_conn, "error", 1)
+    assert [a[1] for a in attempts_of(sql_conn, task_id)] == ["permanent"]
+    assert len(scripted.calls_for(task_id)) == 1
+
+
+def test_retry_after_is_honoured(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: (
+        Reply(status=429, headers={"Retry-After": "1"}) if n == 0 else Reply(body={"id": "x"})
+    )
+    start_dispatcher(retry_base_delay="10ms")
+    [task_id] = insert_messages(sql_conn, 1)
+    wait_all(sql_conn, "sent", 1)
+    first, second = scripted.calls_for(task_id)
+    assert second.at - first.at >= 1.0
+
+
+def test_send_at_is_respected(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    start_dispatcher()
+    send_at = datetime.now(UTC) + timedelta(seconds=1.5)
+    [task_id] = insert_messages(sql_conn, 1, send_at=send_at.isoformat())
+    wait_all(sql_conn, "sent", 1)
+    [call] = scripted.calls_for(task_id)
+    assert call.at >= send_at.timestamp()
+
+
+def test_expired_message_is_not_attempted(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    [task_id] = insert_messages(sql_conn, 1, expires_at=past)
+    start_dispatcher()
+    wait_all(sql_conn, "error", 1)
+    assert message(sql_conn, task_id)["last_error"] == "expired"
+    assert scripted.calls_for(task_id) == []
+
+
+def test_cancelled_message_is_never_sent(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    [cancelled] = insert_messages(sql_conn, 1)
+    sql_conn.execute("UPDATE outbox.messages SET status = 'cancelled' WHERE id = %s", [cancelled])
+    start_dispatcher()
+    [marker] = insert_messages(sql_conn, 1)
+    wait_for(lambda: message(sql_conn, marker)["status"] == "sent", what="marker sent")
+    assert scripted.calls_for(cancelled) == []
+    assert message(sql_conn, cancelled)["status"] == "cancelled"
+
+
+def test_sender_error_spends_no_attempt_and_pauses(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(
+        status=401, body={"error": {"code": 190, "message": "token expired"}}
+    )
+    process = start_dispatcher(sender_pause="30s")
+    ids = insert_messages(sql_conn, 3)
+    wait_for(lambda: len(scripted.calls) >= 1, what="first call")
+    wait_for(
+        lambda: (
+            sql_conn.execute(
+                "SELECT count(*) FROM outbox.attempts WHERE outcome = 'sender'"
+            ).fetchone()[0]
+            >= 1
+        ),
+        what="sender outcome recorded",
+    )
+    wait_for(lambda: "pausing all sending" in process.log(), what="pause log line")
+    rows = [message(sql_conn, task_id) for task_id in ids]
+    assert all(row["status"] in ("pending", "in_flight") for row in rows), rows
+    assert all(row["attempts"] <= 1 for row in rows)
+    assert [r["attempts"] for r in rows if r["status"] == "pending"] == [0] * sum(
+        1 for r in rows if r["status"] == "pending"
+    )
+    # Paused: no further claims for the pause (at most the first claimed batch was called).
+    first_batch = len(scripted.calls)
+    [late] = insert_messages(sql_conn, 1)
+    wait_for(lambda: "pausing all sending" in process.log(), what="pause")
+    assert len(scripted.calls_for(late)) == 0
+    assert len(scripted.calls) == first_batch
+
+
+def test_two_dispatchers_deliver_each_message_exactly_once(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    ids = insert_messages(sql_conn, 5000)
+    # The provider here is a Python server sharing 2 cores with everything else: a
+    # generous timeout keeps slow answers from turning into retries (and duplicates).
+    patient = {"provider_timeout": "20s", "lease_seconds": "60s", "dispatch_concurrency": "16"}
+    start_dispatcher(ready=False, **patient)
+    start_dispatcher(ready=False, **patient)
+    wait_all(sql_conn, "sent", 5000, timeout=90)
+    keys = scripted.keys()
+    assert len(keys) == 5000 and set(keys) == set(ids)
+    by_dispatcher = dict(
+        sql_conn.execute("SELECT dispatcher, count(*) FROM outbox.attempts GROUP BY 1").fetchall()
+    )
+    assert sum(by_dispatcher.values()) == 5000 and set(by_dispatcher) == {"d1", "d2"}
+
+
+def test_kill_9_mid_batch_loses_nothing(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(body={"id": "x"}, delay=0.05)
+    ids = insert_messages(sql_conn, 400)
+    # Few slots and a generous timeout: no attempt may time out on this busy
+    # 2-core machine, so that every duplicate comes from the kill.
+    slow = {"lease_seconds": "3s", "provider_timeout": "2s", "dispatch_concurrency": "8"}
+    first = start_dispatcher(**slow)
+    wait_for(lambda: len(scripted.calls) >= 50, what="some calls")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    in_flight = {
+        str(row[0])
+        for row in sql_conn.execute(
+            "SELECT id FROM outbox.messages WHERE status = 'in_flight'"
+        ).fetchall()
+    }
+    assert in_flight, "the kill should leave rows in flight"
+    start_dispatcher(**slow)
+    wait_all(sql_conn, "sent", 400, timeout=60)
+    keys = scripted.keys()
+    assert set(keys) == set(ids)
+    # Rows the killed dispatcher held: those seen in flight just after the kill, plus
+    # any claim that was still committing then. Only they may have gone out twice.
+    held_at_kill = {
+        str(row[0])
+        for row in sql_conn.execute(
+            "SELECT message_id FROM outbox.attempts WHERE outcome = 'lease_expired'"
+        ).fetchall()
+    }
+    assert in_flight <= held_at_kill
+    duplicates = {key for key in keys if keys.count(key) > 1}
+    assert duplicates <= held_at_kill
+
+
+def test_database_connections_killed_mid_run_lose_nothing(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start, database_url: str
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(body={"id": "x"}, delay=0.01)
+    ids = insert_messages(sql_conn, 2000)
+    start_dispatcher()
+    wait_for(lambda: len(scripted.calls) >= 200, what="some calls")
+    dbname = sql_conn.info.dbname
+    for _ in range(3):
+        sql_conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            [dbname],
+        )
+    wait_all(sql_conn, "sent", 2000, timeout=90)
+    assert set(scripted.keys()) == set(ids)
+
+
+def test_sigterm_drains_and_exits_zero(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(body={"id": "x"}, delay=0.3)
+    insert_messages(sql_conn, 100)
+    process = start_dispatcher()
+    wait_for(lambda: len(scripted.calls) >= 10, what="calls in flight")
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0, process.log()
+    counts = statuses(sql_conn)
+    assert counts.get("in_flight", 0) == 0, counts
+    sent = counts.get("sent", 0)
+    assert sent == len(scripted.calls) and sent + counts.get("pending", 0) == 100
