@@ -131,6 +131,7 @@ async def send(request: Request) -> Response:
     except Conflict as exc:
         raise _conflict(new.client_message_id) from exc
     request.state.message_id = str(inserted.id)
+    request.state.to = new.to  # masked by the log processor
     headers = {"Idempotent-Replayed": "true"} if inserted.replayed else None
     return JSONResponse(_accepted(inserted.id, new), status_code=202, headers=headers)
 
@@ -170,6 +171,7 @@ async def send_batch(request: Request) -> Response:
         )
     except Conflict as exc:
         raise _conflict(news[exc.index].client_message_id, exc.index) from exc
+    request.state.batch_size = len(news)
     items = []
     for new, inserted in zip(news, results, strict=True):
         accepted = _accepted(inserted.id, new)
@@ -357,6 +359,7 @@ class RequestLog:
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
                 message_id=state.get("message_id"),
                 user_id=state.get("user_id"),
+                **{key: state[key] for key in ("to", "batch_size") if state.get(key)},
             )
 
 

@@ -67,6 +67,30 @@ def _banner(settings: Settings, token: str) -> str:
     )
 
 
+async def _listening(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def _serve_and_announce(settings: Settings, banner: str | None) -> None:
+    """Serve; print the banner once the port accepts connections, so its curl works."""
+    serving = asyncio.create_task(process.serve(settings, with_dispatcher=True))
+    if banner:
+        while True:
+            if serving.done() or await _listening(settings.host, settings.port):
+                break
+            await asyncio.sleep(0.05)
+        if not serving.done():
+            print(banner, flush=True)
+    await serving
+
+
 def run_dev(settings: Settings) -> None:
     configure_logging(settings)
     with contextlib.ExitStack() as stack:
@@ -76,6 +100,7 @@ def run_dev(settings: Settings) -> None:
         if not settings.jwt_secret and not settings.jwt_public_key:
             settings.jwt_secret = dev_jwt_secret(settings.dev_data_dir)
         db.migrate(settings.database_url)
+        banner = None
         if settings.jwt_secret:
             token = mint_token(
                 settings.jwt_secret,
@@ -84,5 +109,5 @@ def run_dev(settings: Settings) -> None:
                 ttl=86400,
                 role_claim=settings.jwt_admin_claim,
             )
-            print(_banner(settings, token), flush=True)
-        asyncio.run(process.serve(settings, with_dispatcher=True))
+            banner = _banner(settings, token)
+        asyncio.run(_serve_and_announce(settings, banner))
