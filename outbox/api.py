@@ -252,6 +252,12 @@ async def cancel_message(request: Request) -> Response:
     return JSONResponse(message_view(row))
 
 
+async def message(request: Request) -> Response:
+    if request.method == "DELETE":
+        return await cancel_message(request)
+    return await get_message(request)
+
+
 def _query_error(path: str, message: str) -> ApiError:
     return ApiError(422, "invalid query", fields=[{"path": path, "message": message}])
 
@@ -263,7 +269,11 @@ async def list_messages(request: Request) -> Response:
     if status is not None and status not in STATUSES:
         raise _query_error("status", "must be one of " + ", ".join(STATUSES))
     raw_limit = params.get("limit") or str(LIST_LIMIT_DEFAULT)
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+    # isascii: str.isdigit() also accepts '²', which int() refuses.
+    if (
+        not (raw_limit.isascii() and raw_limit.isdigit())
+        or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX
+    ):
         raise _query_error("limit", f"must be an integer from 1 to {LIST_LIMIT_MAX}")
     client_message_id = params.get("client_message_id") or None
     if client_message_id is not None and "\x00" in client_message_id:
@@ -320,8 +330,8 @@ ROUTES = [
     Route("/api/v1/whatsapp/send/batch/", send_batch, methods=["POST"]),
     Route("/api/v1/whatsapp/messages", list_messages, methods=["GET"]),
     Route("/api/v1/whatsapp/messages/", list_messages, methods=["GET"]),
-    Route("/api/v1/whatsapp/messages/{task_id}", get_message, methods=["GET"]),
-    Route("/api/v1/whatsapp/messages/{task_id}", cancel_message, methods=["DELETE"]),
+    # One route for both methods, so that a 405 names them both in `Allow`.
+    Route("/api/v1/whatsapp/messages/{task_id}", message, methods=["GET", "DELETE"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),

@@ -60,6 +60,13 @@ def test_wrong_method_is_405(client: httpx.Client, auth: Auth, method: str, path
     assert response.headers.get("allow")
 
 
+def test_405_allow_names_every_method_of_the_path(client: httpx.Client, auth: Auth) -> None:
+    response = client.put("/api/v1/whatsapp/messages/x", headers=auth())
+    assert_error(response, 405, "method_not_allowed")
+    allowed = {m.strip() for m in response.headers["allow"].split(",")}
+    assert {"GET", "DELETE"} <= allowed
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
 @pytest.mark.parametrize("path", [SEND, BATCH])
 def test_non_json_is_415(client: httpx.Client, auth: Auth, path: str, content_type: str) -> None:

@@ -204,6 +204,8 @@ def test_an_admin_lists_everyones_messages(client: httpx.Client, auth: Auth) -> 
         ({"limit": 0}, "limit"),
         ({"limit": "ten"}, "limit"),
         ({"limit": -1}, "limit"),
+        ({"limit": "\u00b2"}, "limit"),
+        ({"limit": "1e2"}, "limit"),
         ({"status": "done"}, "status"),
         ({"after": "not-a-uuid"}, "after"),
     ],
