@@ -26,11 +26,20 @@ class Principal:
 class TokenVerifier:
     def __init__(self, settings: Settings, *, cache_size: int = 4096) -> None:
         self._algorithms = list(settings.jwt_algorithms)
+        known = jwt.algorithms.get_default_algorithms()
+        unknown = [name for name in self._algorithms if name not in known or name == "none"]
+        if unknown or not self._algorithms:
+            raise ValueError(
+                f"OUTBOX_JWT_ALGORITHMS: unknown or refused algorithm(s) {', '.join(unknown)}"
+                f" (choose from {', '.join(sorted(set(known) - {'none'}))})"
+            )
         asymmetric = any(not alg.upper().startswith("HS") for alg in self._algorithms)
         if asymmetric and any(alg.upper().startswith("HS") for alg in self._algorithms):
             raise ValueError("OUTBOX_JWT_ALGORITHMS must not mix HS* with public-key algorithms")
         if asymmetric and settings.jwt_public_key:
-            self._key: str = settings.jwt_public_key
+            # A PEM in an environment variable often arrives with literal "\n" escapes.
+            self._key: str = settings.jwt_public_key.replace("\\n", "\n").strip()
+            self._check_public_key()
         elif settings.jwt_secret and not asymmetric:
             self._key = settings.jwt_secret
         else:
@@ -47,6 +56,25 @@ class TokenVerifier:
         # Signature checks are a large share of a request's CPU: remember the
         # tokens that passed, and re-check only their expiry on a hit.
         self._verify_cached = functools.lru_cache(maxsize=cache_size)(self._verify)
+
+    def _check_public_key(self) -> None:
+        """Refuse to start with a key that no configured algorithm can use."""
+        known = jwt.algorithms.get_default_algorithms()
+        problems = []
+        for name in self._algorithms:
+            try:
+                known[name].prepare_key(self._key)
+            except (jwt.PyJWTError, ValueError, TypeError) as exc:
+                problems.append(f"{name}: {exc}")
+            else:
+                return
+        raise ValueError(
+            "OUTBOX_JWT_PUBLIC_KEY is not a public key for "
+            + ", ".join(self._algorithms)
+            + " ("
+            + "; ".join(problems)
+            + ")"
+        )
 
     def authenticate(self, token: str) -> Principal:
         principal = self._verify_cached(token)

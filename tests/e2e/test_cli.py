@@ -243,3 +243,35 @@ def test_dev_runs_on_an_embedded_postgres_and_keeps_messages(
         code = second.interrupt()
     assert code == 0, "\n".join(second.stdout + second.stderr)
     wait_for(lambda: not postgres_processes(data_dir), timeout=30, what="postgres to stop")
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"OUTBOX_JWT_SECRET": JWT_SECRET}, "OUTBOX_DATABASE_URL"),
+        ({"OUTBOX_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}, "OUTBOX_JWT_SECRET"),
+        (
+            {
+                "OUTBOX_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x",
+                "OUTBOX_JWT_ALGORITHMS": "RS256",
+                "OUTBOX_JWT_PUBLIC_KEY": "not a key",
+            },
+            "OUTBOX_JWT_PUBLIC_KEY",
+        ),
+        (
+            {
+                "OUTBOX_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x",
+                "OUTBOX_JWT_SECRET": JWT_SECRET,
+                "OUTBOX_JWT_ALGORITHMS": "HS257",
+            },
+            "OUTBOX_JWT_ALGORITHMS",
+        ),
+    ],
+    ids=["no-database", "no-key", "bad-public-key", "unknown-algorithm"],
+)
+def test_serve_refuses_to_start_without_what_it_needs(settings: dict[str, str], named: str) -> None:
+    result = run("serve", env=clean_env(**settings))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]

@@ -328,3 +328,14 @@ def test_a_hostile_token_header_does_not_break_the_challenge(client: httpx.Clien
     challenge = response.headers["www-authenticate"]
     assert challenge.count('"') == 4, challenge
     assert challenge.isascii()
+
+
+def test_a_public_key_with_escaped_newlines_is_accepted(
+    client_with: ClientFactory, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    # As it arrives from many secret stores: one line, with literal backslash-n.
+    one_line = public_pem(rsa_key).replace("\n", "\\n")
+    assert "\n" not in one_line
+    with client_with(jwt_public_key=one_line, jwt_algorithms=["RS256"], jwt_secret="") as http:
+        token = jwt.encode(claims(), rsa_key, algorithm="RS256")
+        assert http.post(SEND, json=TEXT, headers=bearer(token)).status_code == 202
