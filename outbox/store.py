@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import re
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, LiteralString, cast
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -241,3 +245,143 @@ class Store:
         async with self.pool.connection() as conn:
             cursor = await conn.execute(QUERIES["reap_expired_leases"], {"limit": limit})
             return len(await cursor.fetchall())
+
+    # Purge, schedule and inspection (issue 7) -------------------------------------------
+
+    async def purge_cutoffs(
+        self, error_seconds: float, sent_seconds: float, event_seconds: float
+    ) -> PurgeCutoffs:
+        """The cutoffs of one run from the database clock; a retention of 0 keeps (None)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                QUERIES["purge_cutoffs"],
+                {
+                    "error_seconds": error_seconds,
+                    "sent_seconds": sent_seconds,
+                    "event_seconds": event_seconds,
+                },
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return PurgeCutoffs(errored=row[0], done=row[1], events=row[2])
+
+    async def purge_counts(self, cutoffs: PurgeCutoffs) -> PurgeCounts:
+        """What a purge with these cutoffs would delete (a dry run)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                QUERIES["purge_counts"],
+                {"errored": cutoffs.errored, "done": cutoffs.done, "events": cutoffs.events},
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return PurgeCounts(errored=row[0], sent=row[1], events=row[2])
+
+    async def purge_batch(self, kind: str, cutoff: datetime, batch_size: int) -> int:
+        """Delete one batch (its own transaction) of `errored`, `done` or `events` rows."""
+        query = {
+            "errored": QUERIES["purge_errored_batch"],
+            "done": QUERIES["purge_done_batch"],
+            "events": QUERIES["purge_events_batch"],
+        }[kind]
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(query, {"cutoff": cutoff, "batch_size": batch_size})
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    @contextlib.asynccontextmanager
+    async def job_session(self, job: str) -> AsyncIterator[JobSession | None]:
+        """Hold the job's advisory lock on a connection of its own for the block, or
+        yield None at once when another process holds it. Closing the connection
+        releases the lock even if the block is cancelled half-way."""
+        conninfo: Any = self.pool.conninfo
+        if callable(conninfo):
+            conninfo = conninfo()
+        if inspect.isawaitable(conninfo):
+            conninfo = await conninfo
+        conn = await psycopg.AsyncConnection.connect(str(conninfo), autocommit=True)
+        try:
+            params = {"namespace": JOB_LOCK_NAMESPACE, "job": job}
+            cursor = await conn.execute(QUERIES["try_job_lock"], params)
+            row = await cursor.fetchone()
+            if not (row and row[0]):
+                yield None
+                return
+            yield JobSession(conn, job)
+            await conn.execute(QUERIES["job_unlock"], params)
+        finally:
+            await conn.close()
+
+    async def pg_cron_job(self, name: str) -> dict[str, Any] | None:
+        """The pg_cron job of that name in this database, if pg_cron is installed here."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(QUERIES["pg_cron_installed"])
+            row = await cursor.fetchone()
+            if not (row and row[0]):
+                return None
+            dict_cursor = conn.cursor(row_factory=dict_row)
+            await dict_cursor.execute(QUERIES["pg_cron_job"], {"name": name})
+            return await dict_cursor.fetchone()
+
+    async def queue_summary(self) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(QUERIES["queue_summary"])
+            return await cursor.fetchall()
+
+
+# Advisory-lock namespace (first key of the two-int form) of the scheduled jobs; the
+# second key is hashtext(job). Distinct from the migration lock.
+JOB_LOCK_NAMESPACE = 0x6F627831  # "obx1"
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeCutoffs:
+    errored: datetime
+    done: datetime | None  # sent and cancelled; None keeps them
+    events: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeCounts:
+    errored: int = 0
+    sent: int = 0  # sent and cancelled messages
+    events: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.errored + self.sent + self.events
+
+
+class JobSession:
+    """A connection holding a job's advisory lock: read and write its job_runs rows."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], job: str) -> None:
+        self.conn = conn
+        self.job = job
+
+    async def last_tick(self) -> datetime | None:
+        cursor = await self.conn.execute(QUERIES["last_job_tick"], {"job": self.job})
+        row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def begin(self, tick: datetime, runner: str, *, baseline: bool = False) -> bool:
+        """Insert the tick's row; False when it exists (someone ran it already).
+        A baseline row is finished at once: it marks a tick that is not run."""
+        cursor = await self.conn.execute(
+            QUERIES["insert_job_run"],
+            {
+                "job": self.job,
+                "tick": tick,
+                "runner": runner,
+                "finished_at": tick if baseline else None,
+                "rows": 0 if baseline else None,
+                "detail": Jsonb({"baseline": True}) if baseline else None,
+            },
+        )
+        return await cursor.fetchone() is not None
+
+    async def finish(self, tick: datetime, rows: int, detail: dict[str, Any]) -> None:
+        await self.conn.execute(
+            QUERIES["finish_job_run"],
+            {"job": self.job, "tick": tick, "rows": rows, "detail": Jsonb(detail)},
+        )

@@ -168,3 +168,59 @@ SELECT id, attempts, locked_by, claimed_at, now(), 'lease_expired',
        'lease expired: dispatcher ' || locked_by || ' did not report back'
 FROM reaped
 RETURNING message_id;
+
+-- Purge and schedule (issue 7) ------------------------------------------------------
+
+-- name: purge_cutoffs
+-- The cutoffs of one purge run, fixed once from the database clock; NULL keeps.
+SELECT now() - make_interval(secs => %(error_seconds)s) AS errored,
+       CASE WHEN %(sent_seconds)s::float8 > 0
+            THEN now() - make_interval(secs => %(sent_seconds)s) END AS done,
+       CASE WHEN %(event_seconds)s::float8 > 0
+            THEN now() - make_interval(secs => %(event_seconds)s) END AS events;
+
+-- name: purge_counts
+SELECT errored, done, events FROM outbox.purge_counts(%(errored)s, %(done)s, %(events)s);
+
+-- name: purge_errored_batch
+SELECT outbox.purge_errored_batch(%(cutoff)s, %(batch_size)s);
+
+-- name: purge_done_batch
+SELECT outbox.purge_done_batch(%(cutoff)s, %(batch_size)s);
+
+-- name: purge_events_batch
+SELECT outbox.purge_events_batch(%(cutoff)s, %(batch_size)s);
+
+-- name: try_job_lock
+-- Session-level: held for the whole run, released by job_unlock or the connection's end.
+SELECT pg_try_advisory_lock(%(namespace)s, hashtext(%(job)s));
+
+-- name: job_unlock
+SELECT pg_advisory_unlock(%(namespace)s, hashtext(%(job)s));
+
+-- name: last_job_tick
+SELECT max(tick) FROM outbox.job_runs WHERE job = %(job)s;
+
+-- name: insert_job_run
+-- Before the work: whoever inserts the row runs the tick, everyone else skips it.
+INSERT INTO outbox.job_runs (job, tick, runner, finished_at, rows, detail)
+VALUES (%(job)s, %(tick)s, %(runner)s, %(finished_at)s, %(rows)s, %(detail)s)
+ON CONFLICT (job, tick) DO NOTHING
+RETURNING tick;
+
+-- name: finish_job_run
+UPDATE outbox.job_runs
+SET finished_at = now(), rows = %(rows)s, detail = %(detail)s
+WHERE job = %(job)s AND tick = %(tick)s;
+
+-- name: pg_cron_installed
+SELECT to_regclass('cron.job') IS NOT NULL;
+
+-- name: pg_cron_job
+-- Our job in pg_cron, if it is registered for this database.
+SELECT jobid, schedule, command, active
+FROM cron.job
+WHERE jobname = %(name)s AND database = current_database();
+
+-- name: queue_summary
+SELECT status, count, oldest, due_now FROM outbox.queue_summary;
