@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -42,6 +42,34 @@ Jitter = Annotated[
     Literal["full"] | Annotated[float, Field(ge=0, le=1)], BeforeValidator(_parse_jitter)
 ]
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+
+
+def _check_cron(value: str) -> str:
+    """A five-field cron expression (as cronsim reads it), e.g. `0 3 * * *`."""
+    from datetime import UTC, datetime
+
+    from cronsim import CronSim, CronSimError
+
+    value = " ".join(value.split())
+    try:
+        CronSim(value, datetime.now(UTC))
+    except CronSimError as exc:
+        raise ValueError(f"not a cron expression: {exc}") from None
+    return value
+
+
+def _check_timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("not an IANA time zone name (e.g. UTC, America/Sao_Paulo)") from None
+    return value
+
+
+CronExpression = Annotated[str, AfterValidator(_check_cron)]
+TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SQL_DIR = PROJECT_DIR / "sql"
@@ -97,6 +125,14 @@ class Settings(BaseSettings):
     cloud_api_version: str = "v21.0"
     cloud_phone_number_id: str = ""
     cloud_token: str = ""
+
+    # Purge and retention (the scheduled job of the dispatchers, or pg_cron)
+    error_retention: Seconds = 7 * 86400.0  # errored messages, by finished_at; 0 keeps
+    sent_retention: Seconds = 30 * 86400.0  # sent and cancelled messages; 0 keeps them
+    event_retention: Seconds = 7 * 86400.0  # status events; 0 keeps them
+    purge_schedule: CronExpression = "0 3 * * *"
+    timezone: TimeZoneName = "UTC"
+    purge_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
 
     # `outbox dev`: where the embedded PostgreSQL and the dev JWT secret live
     dev_data_dir: Path = DEV_DATA_DIR

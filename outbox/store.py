@@ -336,7 +336,7 @@ JOB_LOCK_NAMESPACE = 0x6F627831  # "obx1"
 
 @dataclass(frozen=True, slots=True)
 class PurgeCutoffs:
-    errored: datetime
+    errored: datetime | None  # None keeps them
     done: datetime | None  # sent and cancelled; None keeps them
     events: datetime | None
 

@@ -173,7 +173,8 @@ RETURNING message_id;
 
 -- name: purge_cutoffs
 -- The cutoffs of one purge run, fixed once from the database clock; NULL keeps.
-SELECT now() - make_interval(secs => %(error_seconds)s) AS errored,
+SELECT CASE WHEN %(error_seconds)s::float8 > 0
+            THEN now() - make_interval(secs => %(error_seconds)s) END AS errored,
        CASE WHEN %(sent_seconds)s::float8 > 0
             THEN now() - make_interval(secs => %(sent_seconds)s) END AS done,
        CASE WHEN %(event_seconds)s::float8 > 0
