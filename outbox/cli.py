@@ -1,11 +1,16 @@
-"""The `outbox` command: serve, migrate, token, dev."""
+"""The `outbox` command: serve, dispatch, migrate, purge, status, token, dev."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
@@ -13,6 +18,7 @@ from outbox import db
 from outbox.auth import mint_token
 from outbox.log import configure_logging, get_logger
 from outbox.settings import Settings, describe_error, parse_duration
+from outbox.store import PurgeCounts
 
 
 class UsageError(Exception):
@@ -68,6 +74,160 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     applied = db.migrate(settings.database_url)
     log = get_logger("outbox.migrate")
     log.info("migrated", applied=applied, schema_version=db.latest_version())
+    if getattr(args, "pg_cron", False):
+        _register_pg_cron(settings)
+
+
+def _register_pg_cron(settings: Settings) -> None:
+    from outbox.schedule import PG_CRON_JOB_NAME, pg_cron_command
+
+    command = pg_cron_command(settings)
+    try:
+        job_id = db.register_pg_cron(
+            settings.database_url,
+            job_name=PG_CRON_JOB_NAME,
+            schedule=settings.purge_schedule,
+            command=command,
+        )
+    except db.PgCronUnavailable as exc:
+        raise UsageError(f"--pg-cron: {exc}") from exc
+    log = get_logger("outbox.migrate")
+    log.info(
+        "purge registered in pg_cron; the dispatchers leave it alone",
+        job=PG_CRON_JOB_NAME,
+        jobid=job_id,
+        schedule=settings.purge_schedule,
+        command=command,
+    )
+    if settings.timezone != "UTC":
+        log.warning(
+            "pg_cron reads schedules in its own cron.timezone (GMT unless set), "
+            "not OUTBOX_TIMEZONE",
+            timezone=settings.timezone,
+        )
+
+
+def _positive_duration(option: str, value: str) -> float:
+    try:
+        seconds = float(parse_duration(value))
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from exc
+    if seconds <= 0:
+        raise UsageError(f"{option}: must be longer than 0")
+    return seconds
+
+
+def cmd_purge(args: argparse.Namespace) -> None:
+    settings = _settings()
+    _require_database(settings)
+    configure_logging(settings)
+    older_than = _positive_duration("--older-than", args.older_than) if args.older_than else None
+    asyncio.run(_purge(settings, older_than, dry_run=args.dry_run))
+
+
+def _counts_line(counts: PurgeCounts) -> str:
+    return (
+        f"{counts.errored} errored messages, {counts.sent} sent/cancelled messages "
+        f"and {counts.events} events"
+    )
+
+
+async def _purge(settings: Settings, older_than: float | None, *, dry_run: bool) -> None:
+    from outbox import purge
+    from outbox.store import Store
+
+    pool = db.create_pool(settings)
+    await pool.open(wait=True)
+    try:
+        store = Store(pool)
+        if dry_run:
+            counts = await purge.dry_run(store, settings, older_than)
+            print(f"dry run: would delete {_counts_line(counts)} (nothing deleted)")
+        else:
+            started = time.monotonic()
+            counts = await purge.run_purge(store, settings, older_than=older_than)
+            elapsed = time.monotonic() - started
+            print(f"deleted {_counts_line(counts)} in {elapsed:.2f}s")
+    finally:
+        await pool.close()
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    settings = _settings()
+    _require_database(settings)
+    configure_logging(settings)
+    if args.watch is not None and args.watch <= 0:
+        raise UsageError("--watch: must be a positive number of seconds")
+    asyncio.run(_status(settings, as_json=args.json, watch=args.watch))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _ago(value: datetime | None, now: datetime) -> str:
+    if value is None:
+        return "-"
+    seconds = (now - value).total_seconds()
+    suffix = "ago" if seconds >= 0 else "from now"
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{value:%Y-%m-%d %H:%M:%S} ({seconds / size:.0f}{unit} {suffix})"
+    return f"{value:%Y-%m-%d %H:%M:%S} ({seconds:.0f}s {suffix})"
+
+
+def format_status_table(rows: list[dict[str, Any]], now: datetime) -> str:
+    header = ("STATUS", "COUNT", "DUE NOW", "OLDEST")
+    body = [
+        (row["status"], str(row["count"]), str(row["due_now"]), _ago(row["oldest"], now))
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(3)]
+    lines = [
+        f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:>{widths[2]}}  {line[3]}"
+        for line in [header, *body]
+    ]
+    return "\n".join(lines)
+
+
+def status_document(rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    return {
+        "at": now.isoformat(),
+        "statuses": {
+            row["status"]: {
+                "count": row["count"],
+                "due_now": row["due_now"],
+                "oldest": _iso(row["oldest"]),
+            }
+            for row in rows
+        },
+    }
+
+
+async def _status(settings: Settings, *, as_json: bool, watch: float | None) -> None:
+    from outbox.store import Store
+
+    pool = db.create_pool(settings)
+    await pool.open(wait=True)
+    try:
+        store = Store(pool)
+        while True:
+            rows = await store.queue_summary()
+            now = datetime.now(UTC)
+            if as_json:
+                print(json.dumps(status_document(rows, now)), flush=True)
+            else:
+                if watch is not None and sys.stdout.isatty():
+                    print("\x1b[H\x1b[2J", end="")
+                local = now.astimezone(ZoneInfo(settings.timezone))
+                print(f"outbox queue at {local:%Y-%m-%d %H:%M:%S %Z}")
+                print(format_status_table(rows, local), flush=True)
+            if watch is None:
+                return
+            await asyncio.sleep(watch)
+    finally:
+        await pool.close()
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -122,7 +282,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply the SQL migrations",
         description="Apply missing migrations from sql/migrations.",
     )
+    migrate.add_argument(
+        "--pg-cron",
+        action="store_true",
+        help="also register the purge job in pg_cron (the dispatchers then leave it alone)",
+    )
     migrate.set_defaults(func=cmd_migrate)
+
+    purge = sub.add_parser(
+        "purge",
+        help="delete old errored, sent and cancelled messages and old events now",
+        description=(
+            "Apply the retention settings now, in batches that each commit, and print the "
+            "counts: errored messages (OUTBOX_ERROR_RETENTION, 7d), sent and cancelled "
+            "messages (OUTBOX_SENT_RETENTION, 30d) and events (OUTBOX_EVENT_RETENTION, 7d)."
+        ),
+    )
+    purge.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        help="errored messages that failed longer ago than this, e.g. 7d, 36h "
+        "(default OUTBOX_ERROR_RETENTION)",
+    )
+    purge.add_argument(
+        "--dry-run", action="store_true", help="print what would be deleted, delete nothing"
+    )
+    purge.set_defaults(func=cmd_purge)
+
+    status = sub.add_parser(
+        "status",
+        help="print the queue summary (count, oldest, due now per status)",
+        description="Print outbox.queue_summary as a table.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON (one line per refresh)")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    status.set_defaults(func=cmd_status)
 
     token = sub.add_parser(
         "token",

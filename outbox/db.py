@@ -79,3 +79,38 @@ def create_pool(settings: Settings, *, min_size: int = 1) -> AsyncConnectionPool
         open=False,
         name="outbox",
     )
+
+
+class PgCronUnavailable(Exception):
+    """pg_cron is not installed, not preloaded, or not usable in this database."""
+
+
+def register_pg_cron(conninfo: str, *, job_name: str, schedule: str, command: str) -> int:
+    """Create the pg_cron extension if needed and (re)register the job; return its id.
+
+    pg_cron runs jobs in the database named by its `cron.database_name` setting, which
+    must be this one (that is where its `cron.job` table lives)."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'pg_cron'"
+        ).fetchone()
+        if row is None:
+            raise PgCronUnavailable(
+                "the pg_cron extension is not installed on the server "
+                "(e.g. the Debian package postgresql-15-cron)"
+            )
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+            job = conn.execute(
+                "SELECT cron.schedule(%s, %s, %s)", [job_name, schedule, command]
+            ).fetchone()
+        except psycopg.Error as exc:
+            message = (exc.diag.message_primary or str(exc)).strip()
+            hint = f" ({exc.diag.message_hint})" if exc.diag.message_hint else ""
+            raise PgCronUnavailable(
+                f"pg_cron cannot be used in this database: {message}{hint}; it needs "
+                "shared_preload_libraries = 'pg_cron' and cron.database_name set to "
+                "this database"
+            ) from exc
+    assert job is not None
+    return int(job[0])

@@ -13,6 +13,7 @@ import uvicorn
 from outbox import db
 from outbox.api import create_app
 from outbox.dispatcher import run_dispatcher
+from outbox.schedule import Scheduler
 from outbox.settings import Settings
 from outbox.store import Store
 
@@ -47,9 +48,16 @@ def _on_stop_signals(callback: Callable[[], None]) -> None:
 async def _dispatch_until(settings: Settings, stop: asyncio.Event) -> None:
     pool = db.create_pool(settings)
     await pool.open(wait=False)
+    store = Store(pool)
+    # The scheduled purge runs beside the dispatcher (once per tick across the cluster).
+    scheduler = asyncio.create_task(Scheduler(settings, store).run(stop), name="scheduler")
     try:
-        await run_dispatcher(settings, Store(pool), stop)
+        await run_dispatcher(settings, store, stop)
     finally:
+        if not scheduler.done():
+            scheduler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scheduler
         await pool.close()
 
 
