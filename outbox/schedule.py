@@ -61,7 +61,8 @@ def pg_cron_command(settings: Settings) -> str:
     """The SQL pg_cron runs: the same purge with the same retention settings."""
 
     def interval(seconds: float) -> str:
-        return f"interval '{seconds:g} seconds'"
+        text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+        return f"interval '{text} seconds'"
 
     return (
         f"CALL outbox.purge({interval(settings.error_retention)}, "

@@ -1,0 +1,157 @@
+"""`outbox migrate --pg-cron` on a throwaway cluster with pg_cron preloaded.
+
+The cluster is started from the local PostgreSQL binaries in a temporary directory on a
+free port (never the shared server); the job is registered, not waited for."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from outbox.schedule import PG_CRON_JOB_NAME, Scheduler
+from tests.e2e.conftest import OUTBOX, clean_env, free_port
+from tests.purge.conftest import make_settings, open_store
+
+PG_BIN = Path(os.environ.get("OUTBOX_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _pg_config(option: str) -> Path | None:
+    try:
+        out = subprocess.run(
+            [str(PG_BIN / "pg_config"), option], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return Path(out.stdout.strip())
+
+
+def _missing() -> str | None:
+    if not (PG_BIN / "initdb").exists():
+        return f"no PostgreSQL binaries in {PG_BIN} (set OUTBOX_TEST_PG_BIN)"
+    lib, share = _pg_config("--pkglibdir"), _pg_config("--sharedir")
+    if lib is None or share is None:
+        return "pg_config did not answer"
+    if not (lib / "pg_cron.so").exists() or not (share / "extension/pg_cron.control").exists():
+        return (
+            f"pg_cron is not installed for {PG_BIN} "
+            "(apt-get install postgresql-15-cron; .ci/run does it)"
+        )
+    return None
+
+
+def _as_cluster_owner() -> tuple[list[str], int | None, int | None]:
+    """initdb refuses root: run the binaries as `postgres` when we are root."""
+    if os.geteuid() != 0:
+        return [], None, None
+    try:
+        owner = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("running as root and there is no postgres user to own a cluster")
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        pytest.skip("running as root without runuser to start a cluster as postgres")
+    return [runuser, "-u", "postgres", "--"], owner.pw_uid, owner.pw_gid
+
+
+@pytest.fixture
+def pg_cron_url() -> Iterator[str]:
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    prefix, uid, gid = _as_cluster_owner()
+    base = Path(tempfile.mkdtemp(prefix="outbox-pgcron-"))
+    if uid is not None and gid is not None:
+        os.chown(base, uid, gid)
+    data, port = base / "data", free_port()
+
+    def run(*args: str) -> None:
+        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=120)
+
+    try:
+        run(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+        options = (
+            f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={base} "
+            "-c shared_preload_libraries=pg_cron -c cron.database_name=outbox_cron"
+        )
+        run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-o", options,
+            "-w", "start")  # fmt: skip
+        try:
+            admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute("CREATE DATABASE outbox_cron")
+            yield f"postgresql://postgres@127.0.0.1:{port}/outbox_cron"
+        finally:
+            run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _migrate(url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*OUTBOX, "migrate", "--pg-cron"],
+        env=clean_env(OUTBOX_DATABASE_URL=url, OUTBOX_LOG_FORMAT="json", **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_migrate_registers_the_purge_in_pg_cron(pg_cron_url: str) -> None:
+    result = _migrate(pg_cron_url)
+    assert result.returncode == 0, result.stderr
+
+    with psycopg.connect(pg_cron_url) as conn:
+        jobs = conn.execute(
+            "SELECT jobid, jobname, schedule, command, database, active FROM cron.job"
+        ).fetchall()
+    assert len(jobs) == 1
+    jobid, name, schedule, command, database, active = jobs[0]
+    assert (name, schedule, database, active) == (
+        PG_CRON_JOB_NAME,
+        "0 3 * * *",
+        "outbox_cron",
+        True,
+    )
+    assert command == (
+        "CALL outbox.purge(interval '604800 seconds', interval '2592000 seconds', "
+        "interval '604800 seconds', 5000)"
+    )
+    with psycopg.connect(pg_cron_url, autocommit=True) as conn:
+        conn.execute(command)  # what pg_cron will run, runs
+
+    # Again, with another schedule: the same job, updated.
+    result = _migrate(pg_cron_url, OUTBOX_PURGE_SCHEDULE="30 4 * * 1", OUTBOX_SENT_RETENTION="0")
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(pg_cron_url) as conn:
+        again = conn.execute("SELECT jobid, schedule, command FROM cron.job").fetchall()
+    assert again[0][:2] == (jobid, "30 4 * * 1") and len(again) == 1
+    assert "interval '0 seconds'" in again[0][2]
+
+    # The dispatchers see it and leave the job to pg_cron.
+    settings = make_settings(pg_cron_url)
+
+    async def owned() -> bool:
+        async with open_store(settings) as store:
+            return await Scheduler(settings, store).pg_cron_owns_job()
+
+    assert asyncio.run(owned()) is True
+
+
+def test_migrate_pg_cron_where_it_is_not_preloaded_is_one_line(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SHOW shared_preload_libraries").fetchone()
+    if row and "pg_cron" in row[0]:
+        pytest.skip("the test server preloads pg_cron: registering there is not for tests")
+    result = _migrate(database_url)
+    assert result.returncode == 2
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("outbox: --pg-cron:") and "shared_preload_libraries" in last
