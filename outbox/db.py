@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import orjson
 import psycopg
+from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from outbox.settings import SQL_DIR, Settings
@@ -76,9 +79,16 @@ def create_pool(settings: Settings, *, min_size: int = 1) -> AsyncConnectionPool
         max_size=settings.db_pool_size,
         timeout=settings.db_pool_timeout,
         kwargs={"autocommit": True},
+        configure=_configure_connection,
         open=False,
         name="outbox",
     )
+
+
+async def _configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    # orjson reads and writes json/jsonb several times faster than the json module.
+    set_json_loads(orjson.loads, conn)
+    set_json_dumps(orjson.dumps, conn)
 
 
 class PgCronUnavailable(Exception):

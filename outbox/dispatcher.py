@@ -185,7 +185,7 @@ class Dispatcher:
                     started_at=started_at,
                     finished_at=started_at,
                     error="expired",
-                    refund=True,
+                    refund=1,
                 )
             )
             return
@@ -274,7 +274,7 @@ class Dispatcher:
                 pause_seconds=settings.sender_pause,
             )
             resume = finished_at + timedelta(seconds=settings.sender_pause)
-            return replace(final, status="pending", next_attempt_at=resume, refund=True)
+            return replace(final, status="pending", next_attempt_at=resume, refund=1)
         if failure.kind is ErrorKind.TRANSIENT and message.attempt < message.max_attempts:
             delay = retry_delay(
                 message.attempt,

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, LiteralString, cast
 
+import orjson
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -83,7 +84,7 @@ class Completion:
     error: str | None = None
     provider_message_id: str | None = None
     next_attempt_at: datetime | None = None
-    refund: bool = False  # the attempt was not spent (sender-level error, expiry)
+    refund: int = 0  # 1 when the attempt was not spent (sender-level error, expiry)
 
 
 class Conflict(Exception):
@@ -223,20 +224,7 @@ class Store:
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 QUERIES["complete_attempts"],
-                {
-                    "dispatcher": dispatcher,
-                    "ids": [c.id for c in completions],
-                    "attempts": [c.attempt for c in completions],
-                    "statuses": [c.status for c in completions],
-                    "next_attempt_ats": [c.next_attempt_at for c in completions],
-                    "errors": [c.error for c in completions],
-                    "provider_message_ids": [c.provider_message_id for c in completions],
-                    "refunds": [int(c.refund) for c in completions],
-                    "outcomes": [c.outcome for c in completions],
-                    "started_ats": [c.started_at for c in completions],
-                    "finished_ats": [c.finished_at for c in completions],
-                    "latencies_ms": [c.latency_ms for c in completions],
-                },
+                {"dispatcher": dispatcher, "outcomes": orjson.dumps(completions).decode()},
             )
             rows = await cursor.fetchall()
         return {row[0] for row in rows}
