@@ -100,72 +100,11 @@ RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.att
 SELECT min(next_attempt_at) FROM outbox.messages WHERE status = 'pending';
 
 -- name: complete_attempts
--- Batched completion: many outcomes in one statement. A row is written only
--- while this dispatcher still holds it for this attempt, so a dispatcher whose
--- lease expired and whose row was reclaimed cannot undo a newer state.
--- The outcomes come as one JSON array (cheap to build, cheap for PostgreSQL to read).
-WITH outcome AS (
-    SELECT *
-    FROM json_to_recordset(%(outcomes)s::json)
-        AS o(id uuid, attempt int, status text, next_attempt_at timestamptz, error text,
-             provider_message_id text, refund int, outcome text, started_at timestamptz,
-             finished_at timestamptz, latency_ms float8)
-),
-updated AS (
-    UPDATE outbox.messages m
-    SET status = o.status,
-        attempts = m.attempts - o.refund,
-        next_attempt_at = COALESCE(o.next_attempt_at, m.next_attempt_at),
-        last_error = COALESCE(o.error, m.last_error),
-        provider_message_id = COALESCE(o.provider_message_id, m.provider_message_id),
-        locked_by = NULL,
-        locked_until = NULL,
-        updated_at = now(),
-        finished_at = CASE WHEN o.status IN ('sent', 'error') THEN now() END
-    FROM outcome o
-    WHERE m.id = o.id
-      AND m.status = 'in_flight'
-      AND m.locked_by = %(dispatcher)s
-      AND m.attempts = o.attempt
-    RETURNING m.id
-)
-INSERT INTO outbox.attempts
-    (message_id, attempt, dispatcher, started_at, finished_at, outcome, error, latency_ms)
-SELECT o.id, o.attempt, %(dispatcher)s, o.started_at, o.finished_at, o.outcome, o.error,
-       o.latency_ms
-FROM outcome o JOIN updated u ON u.id = o.id
-RETURNING message_id;
+-- Batched completion, with its events and one NOTIFY (sql/migrations/003_events.sql).
+SELECT outbox.complete_attempts(%(outcomes)s::json, %(dispatcher)s);
 
 -- name: reap_expired_leases
--- Rows whose dispatcher stopped answering: back to pending, or to error when
--- their attempts are spent. Each is recorded as a `lease_expired` attempt.
-WITH expired AS (
-    SELECT id, locked_by, updated_at AS claimed_at
-    FROM outbox.messages
-    WHERE status = 'in_flight' AND locked_until < now()
-    ORDER BY locked_until
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-),
-reaped AS (
-    UPDATE outbox.messages m
-    SET status = CASE WHEN m.attempts >= m.max_attempts THEN 'error' ELSE 'pending' END,
-        last_error = 'lease expired: dispatcher ' || e.locked_by || ' did not report back',
-        finished_at = CASE WHEN m.attempts >= m.max_attempts THEN now() END,
-        next_attempt_at = now(),
-        locked_by = NULL,
-        locked_until = NULL,
-        updated_at = now()
-    FROM expired e
-    WHERE m.id = e.id
-    RETURNING m.id, m.attempts, m.status, e.locked_by, e.claimed_at
-)
-INSERT INTO outbox.attempts
-    (message_id, attempt, dispatcher, started_at, finished_at, outcome, error)
-SELECT id, attempts, locked_by, claimed_at, now(), 'lease_expired',
-       'lease expired: dispatcher ' || locked_by || ' did not report back'
-FROM reaped
-RETURNING message_id;
+SELECT outbox.reap_expired_leases(%(limit)s);
 
 -- Purge and schedule (issue 7) ------------------------------------------------------
 
