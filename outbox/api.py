@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outbox import db, models
@@ -29,6 +29,7 @@ from outbox.errors import (
     unavailable,
     validation_fields,
 )
+from outbox.gateway import Gateway, websocket_endpoint
 from outbox.log import get_logger
 from outbox.settings import Settings
 from outbox.store import Conflict, NewMessage, Store
@@ -335,6 +336,9 @@ ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    # The live status feed (outbox/gateway.py); slashes are not redirected for WebSockets.
+    WebSocketRoute("/ws/whatsapp/", websocket_endpoint),
+    WebSocketRoute("/ws/whatsapp", websocket_endpoint),
 ]
 
 
@@ -381,10 +385,14 @@ def create_app(settings: Settings) -> Starlette:
         pool = db.create_pool(settings)
         # Not waiting: the API starts while the database is away and answers 503.
         await pool.open(wait=False)
-        app.state.services = Services(settings=settings, store=Store(pool), verifier=verifier)
+        store = Store(pool)
+        app.state.services = Services(settings=settings, store=store, verifier=verifier)
+        app.state.gateway = gateway = Gateway(settings, store, verifier)
+        gateway.start()
         try:
             yield
         finally:
+            await gateway.stop()
             await pool.close()
 
     app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

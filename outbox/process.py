@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -13,6 +14,7 @@ import uvicorn
 from outbox import db
 from outbox.api import create_app
 from outbox.dispatcher import run_dispatcher
+from outbox.gateway import going_away
 from outbox.schedule import Scheduler
 from outbox.settings import Settings
 from outbox.store import Store
@@ -25,6 +27,11 @@ class Server(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         yield
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn closes open WebSockets with 1012; the status feed says 1001 first.
+        await going_away(self.config.app)
+        await super().shutdown(sockets)
+
 
 def uvicorn_server(app: Any, settings: Settings) -> Server:
     config = uvicorn.Config(
@@ -35,6 +42,9 @@ def uvicorn_server(app: Any, settings: Settings) -> Server:
         access_log=False,  # RequestLog writes one structured line per request
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # Pings keep idle feeds open through proxies and drop peers that stopped answering.
+        ws_ping_interval=settings.ws_ping_interval or None,
+        ws_ping_timeout=settings.ws_ping_interval or None,
     )
     return Server(config)
 

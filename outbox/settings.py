@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     timezone: TimeZoneName = "UTC"
     purge_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
 
+    # Live status feed (WebSocket)
+    ws_queue_size: int = Field(default=1000, ge=2, le=1_000_000)  # events held per client
+    ws_ping_interval: Seconds = 20.0  # 0 = no pings
+
     # `outbox dev`: where the embedded PostgreSQL and the dev JWT secret live
     dev_data_dir: Path = DEV_DATA_DIR
 

@@ -316,6 +316,30 @@ class Store:
             await cursor.execute(QUERIES["queue_summary"])
             return await cursor.fetchall()
 
+    # Live status feed (issue 6) ---------------------------------------------------------
+
+    async def max_event_id(self) -> int | None:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(QUERIES["max_event_id"])
+            row = await cursor.fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    async def oldest_event_id(self) -> int | None:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(QUERIES["oldest_event_id"])
+            row = await cursor.fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    async def events_after(
+        self, after: int, limit: int, user_id: str | None = None
+    ) -> list[EventRow]:
+        """Events with id > after in id order; one user's, or everyone's when None."""
+        query = QUERIES["events_after"] if user_id is None else QUERIES["user_events_after"]
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(query, {"after": after, "limit": limit, "user_id": user_id})
+            rows = await cursor.fetchall()
+        return [EventRow(*row) for row in rows]
+
 
 # Advisory-lock namespace (first key of the two-int form) of the scheduled jobs; the
 # second key is hashtext(job). Distinct from the migration lock.
@@ -373,3 +397,13 @@ class JobSession:
             QUERIES["finish_job_run"],
             {"job": self.job, "tick": tick, "rows": rows, "detail": Jsonb(detail)},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """A status event as stored: `data` is the wire `data` without `event_id`."""
+
+    id: int
+    user_id: str
+    event: str
+    data: dict[str, Any]

@@ -162,3 +162,34 @@ WHERE jobname = %(name)s AND database = current_database();
 
 -- name: queue_summary
 SELECT status, count, oldest, due_now FROM outbox.queue_summary;
+
+-- Live status feed (issue 6) -----------------------------------------------------------
+
+-- name: max_event_id
+-- Where a gateway starts following (backward scan of the primary key).
+SELECT max(id) FROM outbox.events;
+
+-- name: events_after
+-- The next page of events, all users (the gateway's one reader, and admins' replay).
+-- Ids become visible in id order (the event lock), so `id > last` never skips one.
+SELECT id, user_id, event, data
+FROM outbox.events
+WHERE id > %(after)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: user_events_after
+-- One user's page of events, for a resuming client (events_user_id (user_id, id)).
+SELECT id, user_id, event, data
+FROM outbox.events
+WHERE user_id = %(user_id)s AND id > %(after)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: oldest_event_id
+-- The oldest id still kept; on an empty table the id the next event will get, so a
+-- resume point before a purge that emptied the table is still recognised.
+SELECT COALESCE(
+    (SELECT min(id) FROM outbox.events),
+    (SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
+     FROM outbox.events_id_seq));
