@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint migrate venv clean
+.PHONY: run test lint migrate venv clean bench bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,25 @@ test: $(STAMP) lint
 	$(BIN)/pytest -n auto
 
 lint: $(STAMP)
-	$(BIN)/ruff check outbox tests
-	$(BIN)/ruff format --check outbox tests
+	$(BIN)/ruff check outbox tests bench
+	$(BIN)/ruff format --check outbox tests bench
 	$(BIN)/mypy outbox
+
+# Issue 5's workloads against the real processes on a fresh database of the local PostgreSQL
+# (or OUTBOX_BENCH_DATABASE_URL): table on stdout, bench/results/<timestamp>.json.
+# BENCH_QUICK=1 for a smoke run; `$(BIN)/python -m bench.selfcheck` checks the bench itself.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+# The peers (floor, PgQueuer, graphile-worker) with the harness beside the checkout.
+PEERS := ../shared/peers
+bench-peers:
+	@if [ -x $(PEERS)/run.sh ]; then \
+		$(PEERS)/run.sh floor pgqueuer graphile summary; \
+	else \
+		echo "bench-peers: no peer harness at $(PEERS)/run.sh (expected beside this checkout); nothing run" >&2; \
+		exit 1; \
+	fi
 
 migrate: $(STAMP)
 	$(BIN)/outbox migrate

@@ -1,0 +1,1 @@
+"""`make bench`: the measuring instrument of issue 5 (not part of `make test`)."""

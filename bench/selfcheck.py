@@ -1,0 +1,127 @@
+"""A pytest-free self-check of the bench's own pieces (no PostgreSQL needed):
+`.venv/bin/python -m bench.selfcheck`. The end-to-end check is `BENCH_QUICK=1 make bench`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench import provider_server
+from bench.common import (
+    CpuMeter,
+    payload_bytes,
+    pct,
+    postgres_cpu_seconds,
+    proc_cpu_seconds,
+    summary,
+    vm_hwm_mb,
+    with_other,
+)
+from bench.httpclient import RawClient, build_post
+from bench.report import Row, render
+from bench.sql import FLOOR_SCRIPT, PREFILL_OLD_SENT, PREFILL_PENDING
+from bench.wrk import run_wrk
+
+
+def check_stats() -> None:
+    xs = [float(v) for v in range(1, 101)]  # 1..100
+    assert pct(xs, 50) == 51.0, pct(xs, 50)  # nearest rank of 49.5 rounds to 50 → 51
+    assert pct(xs, 99) == 99.0 and pct(xs, 100) == 100.0 and pct(xs, 0) == 1.0
+    assert pct([3.0], 99) == 3.0
+    assert summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    assert summary([]) is None
+
+
+def check_report() -> None:
+    assert Row("a", "x/s", [10, 12, 11], threshold=10).verdict() == (1.1, "PASS")
+    assert Row("a", "x/s", [9, 8, 9.5], threshold=10).verdict()[1] == "FAIL"
+    rss = Row("r", "MB", [90, 160, 100], threshold=150, higher_is_better=False, judge_on="max")
+    assert rss.verdict()[1] == "FAIL"  # judged on the worst process, not the median
+    assert Row("n", "ms", []).verdict() == (None, "n/a")
+    assert Row("m", "ms", [1.0]).verdict() == (None, "")
+    table = render([Row("a", "x/s", [1234.5], bar="≥ 1,000", threshold=1000), Row("b", "ms", [])])
+    lines = table.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1, table
+    assert "PASS" in lines[2] and "n/a" in lines[3]
+
+
+def check_payload_and_sql() -> None:
+    body = json.loads(payload_bytes("c-0000000001"))
+    assert set(body) == {"to", "type", "text", "client_message_id"}  # no "tenant": see common
+    assert len(payload_bytes("c-0000000001")) == 185
+    assert "%(n)s" in PREFILL_PENDING and "%(n)s" in PREFILL_OLD_SENT
+    for query in (PREFILL_PENDING, PREFILL_OLD_SENT):  # psycopg placeholders only
+        assert "%" not in query.replace("%(n)s", ""), "a bare % breaks psycopg"
+    assert FLOOR_SCRIPT.startswith("\\set cid") and FLOOR_SCRIPT.count(";") == 1
+
+
+def check_proc() -> None:
+    meter = CpuMeter({"self": [os.getpid()]})
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    cpu = with_other(meter.stop())
+    assert cpu["self"] > 20, cpu  # a busy loop shows up (as % of one core)
+    assert proc_cpu_seconds(os.getpid()) > 0
+    assert (vm_hwm_mb(os.getpid()) or 0) > 1
+    assert proc_cpu_seconds(2**22 + 1) == 0.0  # no such process
+    assert postgres_cpu_seconds() >= 0
+
+
+def check_http(tmp: Path) -> None:
+    out = (tmp / "arrivals.txt").open("a")
+    provider_server.Handler.out = out
+    server = provider_server.Server(("127.0.0.1", 0), provider_server.Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    port = server.server_address[1]
+    try:
+        with RawClient("127.0.0.1", port) as client:  # keep-alive: three on one socket
+            for i in range(3):
+                data = build_post("/send", f"127.0.0.1:{port}", "t", b"{}")
+                data = data.replace(b"\r\n\r\n", f"\r\nIdempotency-Key: k{i}\r\n\r\n".encode(), 1)
+                status, body = client.request(data)
+                assert status == 200 and json.loads(body) == {"id": f"bench-k{i}"}, body
+        out.flush()
+        keys = [line.split()[0] for line in (tmp / "arrivals.txt").read_text().splitlines()]
+        assert keys == ["k0", "k1", "k2"], keys
+        wrk = shutil.which("wrk")
+        if wrk:  # the Lua script and the SIGINT hand-over; this server answers 200, not 202
+            result, cpu_seconds, wall = run_wrk(
+                wrk,
+                f"http://127.0.0.1:{port}/send",
+                "t",
+                per_thread=50,
+                threads=2,
+                connections=4,
+                out_path=tmp / "wrk.txt",
+                max_seconds=60,
+            )
+            assert wall < 30, f"wrk was not stopped after its requests ({wall:.1f} s)"
+            assert result["answered"] >= 100 and result["non_202"] == result["answered"], result
+            assert cpu_seconds >= 0
+        else:
+            print("  (wrk not installed: its check skipped)")
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+        out.close()
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for check in (check_stats, check_report, check_payload_and_sql, check_proc):
+            check()
+            print(f"ok {check.__name__}")
+        check_http(Path(tmp))
+        print("ok check_http")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""SQL of the bench: helpers, pre-fills shaped like the API's rows, and the pgbench floor."""
+
+from __future__ import annotations
+
+from bench.common import TEXT, TO
+
+# Installed in schema `bench` of the bench database (never in `outbox`).
+HELPERS = """
+CREATE SCHEMA IF NOT EXISTS bench;
+-- A UUIDv7 for a given time, like the API's task ids (time-ordered, random tail).
+CREATE OR REPLACE FUNCTION bench.uuid7(ts timestamptz DEFAULT clock_timestamp()) RETURNS uuid
+LANGUAGE sql VOLATILE AS $$
+  SELECT encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid())
+         PLACING substring(int8send(floor(extract(epoch FROM ts) * 1000)::bigint) FROM 3)
+         FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid
+$$;
+"""
+
+TRUNCATE = "TRUNCATE outbox.messages, outbox.attempts, outbox.events"
+VACUUM = [
+    "VACUUM ANALYZE outbox.messages",
+    "VACUUM ANALYZE outbox.attempts",
+    "VACUUM ANALYZE outbox.events",
+]
+
+# The API stores `text` as {"body", "preview_url"}; request_hash is a sha256.
+_PAYLOAD = f"""jsonb_build_object('body', '{TEXT}'::text, 'preview_url', false)"""
+
+# N due pending rows, as `POST /send/batch` would leave them (user `bench`).
+PREFILL_PENDING = f"""
+INSERT INTO outbox.messages (id, user_id, client_message_id, "to", type, payload, request_hash,
+                             max_attempts, next_attempt_at, created_at, updated_at)
+SELECT bench.uuid7(), 'bench', 'c-' || lpad(i::text, 10, '0'), '{TO}', 'text', {_PAYLOAD},
+       sha256(convert_to('c-' || i, 'UTF8')), 4, now(), now(), now()
+FROM generate_series(1, %(n)s) AS i
+"""
+
+# Cost growth: history older than the run, spread over the last days (ids time-ordered by
+# their creation time), 1,000 users; every error row and every 10th sent row has an attempt
+# row and a status event, as the dispatcher would have left them.
+PREFILL_OLD_SENT = f"""
+INSERT INTO outbox.messages (id, user_id, client_message_id, "to", type, payload, request_hash,
+                             status, attempts, max_attempts, next_attempt_at,
+                             provider_message_id, created_at, updated_at, finished_at)
+SELECT bench.uuid7(t), 'old-' || mod(i, 1000), 'old-' || i, '{TO}', 'text', {_PAYLOAD},
+       sha256(convert_to('old-' || i, 'UTF8')), 'sent', 1, 4, t, 'fake-' || md5(i::text),
+       t, t + interval '1 second', t + interval '1 second'
+FROM (SELECT i, now() - interval '8 days' + i * (interval '7 days' / %(n)s) AS t
+      FROM generate_series(1, %(n)s) AS i) AS s
+"""
+
+PREFILL_OLD_ERROR = f"""
+INSERT INTO outbox.messages (id, user_id, client_message_id, "to", type, payload, request_hash,
+                             status, attempts, max_attempts, next_attempt_at, last_error,
+                             created_at, updated_at, finished_at)
+SELECT bench.uuid7(t), 'old-' || mod(i, 1000), 'olderr-' || i, '{TO}', 'text', {_PAYLOAD},
+       sha256(convert_to('olderr-' || i, 'UTF8')), 'error', 4, 4, t,
+       'permanent: invalid recipient', t, t + interval '10 minutes', t + interval '10 minutes'
+FROM (SELECT i, now() - interval '6 days' + i * (interval '5 days' / %(n)s) AS t
+      FROM generate_series(1, %(n)s) AS i) AS s
+"""
+
+_OLD_WITH_HISTORY = """
+FROM outbox.messages
+WHERE status = 'error' OR (status = 'sent' AND right(client_message_id, 1) = '0')
+"""
+
+PREFILL_OLD_ATTEMPTS = f"""
+INSERT INTO outbox.attempts (message_id, attempt, dispatcher, started_at, finished_at, outcome,
+                             error, latency_ms)
+SELECT id, attempts, 'old-dispatcher', finished_at - interval '5 ms', finished_at,
+       CASE status WHEN 'sent' THEN 'sent' ELSE 'permanent' END, last_error, 5.0
+{_OLD_WITH_HISTORY}
+"""
+
+PREFILL_OLD_EVENTS = f"""
+INSERT INTO outbox.events (message_id, user_id, event, data, created_at)
+SELECT id, user_id, 'message_sent',
+       jsonb_build_object('message_id', id,
+                          'status', CASE status WHEN 'sent' THEN 'queued' ELSE 'failed' END,
+                          'to', "to", 'timestamp', finished_at, 'error', last_error),
+       finished_at
+{_OLD_WITH_HISTORY}
+"""
+
+# Drain complete when neither partial index (messages_due, messages_lease) has a row:
+# two index-only probes, cheap even with 1.1 M finished rows in the table.
+UNFINISHED = """
+SELECT EXISTS (SELECT 1 FROM outbox.messages WHERE status = 'pending')
+    OR EXISTS (SELECT 1 FROM outbox.messages WHERE status = 'in_flight')
+"""
+
+# Floor: a table shaped like outbox.messages (columns, defaults, checks, every index; no
+# NOTIFY trigger), one single-row INSERT per transaction, as the API's insert would be.
+FLOOR_TABLE = """
+DROP TABLE IF EXISTS bench.floor_messages;
+CREATE TABLE bench.floor_messages (LIKE outbox.messages INCLUDING ALL);
+"""
+
+FLOOR_SCRIPT = f"""\\set cid random(1, 999999999999)
+INSERT INTO bench.floor_messages (id, user_id, client_message_id, "to", type, payload, \
+request_hash, max_attempts, next_attempt_at) VALUES (bench.uuid7(), 'bench', \
+'c-' || lpad(:cid::text, 12, '0'), '{TO}', 'text', {_PAYLOAD}, \
+sha256(convert_to('c-' || :cid, 'UTF8')), 4, now());
+"""
