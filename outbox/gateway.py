@@ -209,6 +209,10 @@ class Gateway:
         for users in self._by_user.values():
             yield from users
 
+    @property
+    def client_count(self) -> int:
+        return len(self._admins) + sum(len(users) for users in self._by_user.values())
+
     def _register(self, client: Client) -> None:
         if client.principal.is_admin:
             self._admins.add(client)
