@@ -336,7 +336,11 @@ ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
-    # The live status feed (outbox/gateway.py); slashes are not redirected for WebSockets.
+]
+
+# The live status feed (outbox/gateway.py), apart from the HTTP routes that OpenAPI
+# describes; slashes are not redirected for WebSockets, hence both paths.
+WEBSOCKET_ROUTES = [
     WebSocketRoute("/ws/whatsapp/", websocket_endpoint),
     WebSocketRoute("/ws/whatsapp", websocket_endpoint),
 ]
@@ -395,6 +399,10 @@ def create_app(settings: Settings) -> Starlette:
             await gateway.stop()
             await pool.close()
 
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(
+        routes=[*ROUTES, *WEBSOCKET_ROUTES],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
     app.add_middleware(RequestLog)
     return app
