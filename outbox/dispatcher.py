@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import time
+from collections import deque
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +32,7 @@ from outbox.store import Claimed, Completion, Store
 log = get_logger("outbox.dispatcher")
 
 NEW_MESSAGE_CHANNEL = "outbox_new"
+LEASE_MARGIN = 0.5  # seconds kept between a call's deadline and its lease's end
 ERROR_BACKOFF_MAX = 5.0
 
 
@@ -49,8 +51,14 @@ class Dispatcher:
         self.completer = Completer(store, self.id)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._slot_freed = asyncio.Event()
+        self._room = asyncio.Event()  # set when a claim is worth making
         self._running: set[asyncio.Task[None]] = set()
+        self._buffer: deque[tuple[Claimed, float]] = deque()  # claimed, not started; lease end
+        self._concurrency = settings.dispatch_concurrency
+        prefetch = settings.dispatch_prefetch
+        self._capacity = self._concurrency + (self._concurrency if prefetch is None else prefetch)
+        # Claim in batches of a useful size, except to fill an idle slot at once.
+        self._claim_threshold = max(1, self._capacity // 4)
         self._paused_until = 0.0  # monotonic time; sender-level errors pause all sending
         self._ready_logged = False
 
@@ -85,40 +93,48 @@ class Dispatcher:
         log.info("stopped", dispatcher=self.id)
 
     # Producer ---------------------------------------------------------------------
+    #
+    # Two limits: at most `concurrency` provider calls in flight, and at most
+    # `concurrency + prefetch` rows held (in flight or claimed and waiting). The
+    # prefetched rows start the moment a slot frees, so a batch of calls that end
+    # together is refilled at once instead of after a claim's round trip.
+
+    def _held(self) -> int:
+        return len(self._running) + len(self._buffer)
+
+    def _should_claim(self) -> bool:
+        room = self._capacity - self._held()
+        idle_slot = not self._buffer and len(self._running) < self._concurrency
+        return room > 0 and (idle_slot or room >= self._claim_threshold)
 
     async def _produce(self) -> None:
-        concurrency = self.settings.dispatch_concurrency
         error_delay = 0.1
         while not self._stopping.is_set():
+            # Cleared before claiming: a notification during the claim runs the loop again.
+            self._wake.clear()
             timeout = self._poll_interval()
-            free = concurrency - len(self._running)
             paused_for = self._paused_until - time.monotonic()
             if paused_for > 0:
-                timeout = min(timeout, paused_for)
-            elif free > 0:
-                try:
-                    claimed = await self._claim(free)
-                    error_delay = 0.1
-                except psycopg.OperationalError as exc:
-                    log.warning(
-                        "claim failed, retrying", error=str(exc).strip(), retry_in=error_delay
-                    )
-                    timeout, error_delay = error_delay, min(error_delay * 2, ERROR_BACKOFF_MAX)
-                    claimed = None
-                if claimed is not None:
-                    if len(claimed) == free:
-                        # Maybe more is due: claim again as soon as a slot frees.
-                        self._slot_freed.clear()
-                        await self._wait_for(self._slot_freed, timeout)
-                        continue
-                    next_due = await self._next_due_in()
-                    if next_due is not None:
-                        timeout = min(timeout, next_due)
-            else:
-                self._slot_freed.clear()
-                await self._wait_for(self._slot_freed, timeout)
+                await self._wait_for(self._wake, min(timeout, paused_for))
                 continue
-            self._wake.clear()
+            if not self._should_claim():
+                self._room.clear()
+                await self._wait_for(self._room, timeout)
+                continue
+            want = self._capacity - self._held()
+            try:
+                claimed = await self._claim(want)
+                error_delay = 0.1
+            except psycopg.OperationalError as exc:
+                log.warning("claim failed, retrying", error=str(exc).strip(), retry_in=error_delay)
+                await self._wait_for(self._stopping, error_delay)
+                error_delay = min(error_delay * 2, ERROR_BACKOFF_MAX)
+                continue
+            if len(claimed) == want:
+                continue  # maybe more is due: claim again when there is room
+            next_due = await self._next_due_in()
+            if next_due is not None:
+                timeout = min(timeout, next_due)
             await self._wait_for(self._wake, timeout)
 
     async def _claim(self, limit: int) -> list[Claimed]:
@@ -127,19 +143,49 @@ class Dispatcher:
                 "ready",
                 dispatcher=self.id,
                 provider=self.provider.name,
-                concurrency=self.settings.dispatch_concurrency,
+                concurrency=self._concurrency,
+                prefetch=self._capacity - self._concurrency,
             )
             self._ready_logged = True
         claimed = await self.store.claim(self.id, limit, self.settings.lease_seconds)
-        for message in claimed:
-            task = asyncio.create_task(self._attempt(message))
+        lease_end = time.monotonic() + self.settings.lease_seconds
+        self._buffer.extend((message, lease_end) for message in claimed)
+        self._start_buffered()
+        return claimed
+
+    def _start_buffered(self) -> None:
+        if self._paused_until > time.monotonic() or self._stopping.is_set():
+            return
+        while self._buffer and len(self._running) < self._concurrency:
+            message, lease_end = self._buffer.popleft()
+            task = asyncio.create_task(self._attempt(message, lease_end))
             self._running.add(task)
             task.add_done_callback(self._finished)
-        return claimed
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        self._slot_freed.set()
+        self._start_buffered()
+        if self._should_claim():
+            self._room.set()
+
+    def _hand_back_buffer(self, reason: str, next_attempt_at: datetime) -> None:
+        """Return the claimed rows not yet started, without spending their attempt."""
+        now = datetime.now(UTC)
+        while self._buffer:
+            message, _ = self._buffer.popleft()
+            self.completer.put(
+                Completion(
+                    id=message.id,
+                    attempt=message.attempt,
+                    status="pending",
+                    outcome="interrupted",
+                    started_at=now,
+                    finished_at=now,
+                    error=reason,
+                    next_attempt_at=next_attempt_at,
+                    refund=1,
+                )
+            )
 
     async def _next_due_in(self) -> float | None:
         try:
@@ -165,7 +211,7 @@ class Dispatcher:
 
     # One attempt ------------------------------------------------------------------
 
-    async def _attempt(self, message: Claimed) -> None:
+    async def _attempt(self, message: Claimed, lease_end: float) -> None:
         started_at = datetime.now(UTC)
         attempt_label = f"{message.attempt}/{message.max_attempts}"
         bound = log.bind(
@@ -189,12 +235,21 @@ class Dispatcher:
                 )
             )
             return
+        # One deadline for the whole call (httpx times each phase on its own), inside
+        # what is left of the lease, so that the lease really bounds an attempt.
+        budget = min(self.settings.provider_timeout, lease_end - time.monotonic() - LEASE_MARGIN)
+        if budget <= 0:  # waited too long in the prefetch buffer: not attempted
+            self.completer.put(
+                replace(
+                    self._interrupted(message, started_at, "lease too short to attempt"),
+                    refund=1,
+                )
+            )
+            return
         bound.info("attempt started")
         clock = time.perf_counter()
         try:
-            # One deadline for the whole call (httpx times each phase on its own), so
-            # that the lease, longer than this, really bounds an attempt.
-            async with asyncio.timeout(self.settings.provider_timeout):
+            async with asyncio.timeout(budget):
                 provider_id = await self.provider.send(
                     OutgoingMessage(
                         id=message.id,
@@ -213,11 +268,13 @@ class Dispatcher:
             provider_id = None
             failure = ProviderError(
                 ErrorKind.TRANSIENT,
-                f"{self.provider.name}: no answer within {self.settings.provider_timeout:g}s",
+                f"{self.provider.name}: no answer within {budget:.3g}s",
             )
         except asyncio.CancelledError:
             # Shutdown grace ran out: hand the row back rather than leave it in flight.
-            self.completer.put(self._interrupted(message, started_at))
+            self.completer.put(
+                self._interrupted(message, started_at, "interrupted by dispatcher shutdown")
+            )
             raise
         except Exception as exc:  # a provider bug must not kill the dispatcher
             bound.exception("provider raised unexpectedly")
@@ -267,13 +324,14 @@ class Dispatcher:
         settings = self.settings
         if failure.kind is ErrorKind.SENDER:
             self._paused_until = time.monotonic() + settings.sender_pause
+            resume = finished_at + timedelta(seconds=settings.sender_pause)
+            self._hand_back_buffer("sending paused: " + failure.reason, resume)
             logger.error(
                 "sender cannot send: pausing all sending",
                 outcome="sender",
                 error=failure.reason,
                 pause_seconds=settings.sender_pause,
             )
-            resume = finished_at + timedelta(seconds=settings.sender_pause)
             return replace(final, status="pending", next_attempt_at=resume, refund=1)
         if failure.kind is ErrorKind.TRANSIENT and message.attempt < message.max_attempts:
             delay = retry_delay(
@@ -299,7 +357,7 @@ class Dispatcher:
         )
         return final
 
-    def _interrupted(self, message: Claimed, started_at: datetime) -> Completion:
+    def _interrupted(self, message: Claimed, started_at: datetime, reason: str) -> Completion:
         now = datetime.now(UTC)
         return Completion(
             id=message.id,
@@ -308,7 +366,7 @@ class Dispatcher:
             outcome="interrupted",
             started_at=started_at,
             finished_at=now,
-            error="interrupted by dispatcher shutdown",
+            error=reason,
             next_attempt_at=now,
         )
 
@@ -316,6 +374,7 @@ class Dispatcher:
 
     async def _drain(self) -> None:
         """Let in-flight calls finish within the grace period, then write every outcome."""
+        self._hand_back_buffer("dispatcher shutting down", datetime.now(UTC))
         if self._running:
             log.info("draining", in_flight=len(self._running), grace=self.settings.shutdown_grace)
             _, late = await asyncio.wait(self._running, timeout=self.settings.shutdown_grace)

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     # Dispatcher
     dispatcher_id: str = ""  # default: <hostname>-<pid>
     dispatch_concurrency: int = Field(default=64, ge=1, le=10_000)
+    # Rows claimed ahead of free slots, started the moment a call ends (default: as many
+    # as the concurrency). Provider calls in flight never exceed the concurrency.
+    dispatch_prefetch: int | None = Field(default=None, ge=0, le=10_000)
     poll_interval: Seconds = 1.0
     lease_seconds: Seconds = 60.0
     sender_pause: Seconds = 60.0

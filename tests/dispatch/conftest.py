@@ -53,6 +53,8 @@ class ScriptedProvider:
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self.script: Script = lambda call, n: Reply(body={"id": f"prov-{call.task_id}"})
         self.app = Starlette(routes=[Route("/send", self._send, methods=["POST"])])
@@ -71,9 +73,15 @@ class ScriptedProvider:
         with self._lock:
             previous = sum(1 for c in self.calls if c.task_id == call.task_id)
             self.calls.append(call)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         reply = self.script(call, previous)
-        if reply.delay:
-            await asyncio.sleep(reply.delay)
+        try:
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
         return JSONResponse(reply.body or {}, status_code=reply.status, headers=reply.headers)
 
     def calls_for(self, task_id: str) -> list[Call]:

@@ -285,3 +285,16 @@ def test_sigterm_drains_and_exits_zero(
     assert counts.get("in_flight", 0) == 0, counts
     sent = counts.get("sent", 0)
     assert sent == len(scripted.calls) and sent + counts.get("pending", 0) == 100
+
+
+def test_calls_in_flight_never_exceed_the_concurrency(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(body={"id": "x"}, delay=0.05)
+    insert_messages(sql_conn, 120)
+    start_dispatcher(dispatch_concurrency="5", dispatch_prefetch="5")
+    wait_all(sql_conn, "sent", 120)
+    assert scripted.max_in_flight == 5
+    # Prefetched rows were claimed ahead (leased) but called only as slots freed.
+    assert len(scripted.calls) == 120
