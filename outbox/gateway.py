@@ -170,7 +170,7 @@ class Gateway:
             self._wake.clear()
             try:
                 await self._catch_up()
-            except (psycopg.Error, PoolTimeout) as exc:
+            except Exception as exc:  # the one reader must outlive any failure: retry
                 log.warning("reading events failed", error=str(exc).strip(), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
