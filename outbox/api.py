@@ -30,6 +30,7 @@ from outbox.errors import (
     validation_fields,
 )
 from outbox.gateway import Gateway, websocket_endpoint
+from outbox.ingest import InsertCoalescer
 from outbox.log import get_logger
 from outbox.settings import Settings
 from outbox.store import Conflict, NewMessage, Store
@@ -47,6 +48,7 @@ class Services:
     settings: Settings
     store: Store
     verifier: TokenVerifier
+    ingest: InsertCoalescer
 
 
 def _services(request: Request) -> Services:
@@ -125,12 +127,9 @@ async def send(request: Request) -> Response:
             raise ApiError(400, "body is not valid JSON") from exc
         raise ApiError(422, "invalid message", fields=validation_fields(exc)) from exc
     new = _new_message(message)
-    try:
-        inserted = await services.store.insert_message(
-            principal.user_id, new, services.settings.max_attempts
-        )
-    except Conflict as exc:
-        raise _conflict(new.client_message_id) from exc
+    inserted = await services.ingest.insert(principal.user_id, new)
+    if inserted is None:
+        raise _conflict(new.client_message_id)
     request.state.message_id = str(inserted.id)
     request.state.to = new.to  # masked by the log processor
     headers = {"Idempotent-Replayed": "true"} if inserted.replayed else None
@@ -168,13 +167,14 @@ async def send_batch(request: Request) -> Response:
     news = [_new_message(item) for item in batch.messages]
     try:
         results = await services.store.insert_messages(
-            principal.user_id, news, services.settings.max_attempts
+            [(principal.user_id, new) for new in news], services.settings.max_attempts, atomic=True
         )
     except Conflict as exc:
         raise _conflict(news[exc.index].client_message_id, exc.index) from exc
     request.state.batch_size = len(news)
     items = []
     for new, inserted in zip(news, results, strict=True):
+        assert inserted is not None  # atomic: a conflict raised above
         accepted = _accepted(inserted.id, new)
         if inserted.replayed:
             accepted["replayed"] = True
@@ -390,7 +390,12 @@ def create_app(settings: Settings) -> Starlette:
         # Not waiting: the API starts while the database is away and answers 503.
         await pool.open(wait=False)
         store = Store(pool)
-        app.state.services = Services(settings=settings, store=store, verifier=verifier)
+        app.state.services = Services(
+            settings=settings,
+            store=store,
+            verifier=verifier,
+            ingest=InsertCoalescer(store, settings.max_attempts),
+        )
         app.state.gateway = gateway = Gateway(settings, store, verifier)
         gateway.start()
         try:

@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         TokenVerifier(settings)  # refuse to start without a usable key
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    asyncio.run(process.serve(settings))
+    process.run(process.serve(settings))
 
 
 def cmd_dispatch(args: argparse.Namespace) -> None:
@@ -62,7 +62,7 @@ def cmd_dispatch(args: argparse.Namespace) -> None:
     _require_database(settings)
     configure_logging(settings)
     try:
-        asyncio.run(process.dispatch(settings))
+        process.run(process.dispatch(settings))
     except ValueError as exc:  # provider settings that can never work
         raise UsageError(str(exc)) from exc
 

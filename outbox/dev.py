@@ -110,4 +110,4 @@ def run_dev(settings: Settings) -> None:
                 role_claim=settings.jwt_admin_claim,
             )
             banner = _banner(settings, token)
-        asyncio.run(_serve_and_announce(settings, banner))
+        process.run(_serve_and_announce(settings, banner))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -193,8 +193,7 @@ def request_hash(message: AnyMessage) -> bytes:
         if message.expires_at
         else None,
     }
-    encoded = json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(encoded.encode()).digest()
+    return hashlib.sha256(orjson.dumps(normal, option=orjson.OPT_SORT_KEYS)).digest()
 
 
 # Responses --------------------------------------------------------------------------

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import uvicorn
+import uvloop
 
 from outbox import db
 from outbox.api import create_app
@@ -18,6 +19,11 @@ from outbox.gateway import going_away
 from outbox.schedule import Scheduler
 from outbox.settings import Settings
 from outbox.store import Store
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived role on uvloop: its transports and timers are C, not Python."""
+    uvloop.run(main)
 
 
 class Server(uvicorn.Server):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from typing import Any, LiteralString, cast
 
 import orjson
 import psycopg
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -99,61 +99,58 @@ class Store:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
 
-    async def insert_message(
-        self, user_id: str, message: NewMessage, max_attempts: int
-    ) -> Inserted:
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(
-                QUERIES["insert_message"],
+    async def insert_messages(
+        self, rows: list[tuple[str, NewMessage]], max_attempts: int, *, atomic: bool = False
+    ) -> list[Inserted | None]:
+        """Insert (user_id, message) rows in one statement; None marks a conflict.
+
+        `atomic`: all or nothing, raising Conflict with the first conflicting index
+        (the batch endpoint). Otherwise each row stands alone (coalesced requests).
+        A (user_id, client_message_id) pair must not repeat within one call.
+        """
+        document = orjson.dumps(
+            [
                 {
                     "id": message.id,
                     "user_id": user_id,
                     "client_message_id": message.client_message_id,
                     "to": message.to,
                     "type": message.type,
-                    "payload": Jsonb(message.payload),
-                    "request_hash": message.request_hash,
+                    "payload": message.payload,
+                    "request_hash": message.request_hash.hex(),
                     "max_attempts": max_attempts,
                     "send_at": message.send_at,
                     "expires_at": message.expires_at,
-                },
-            )
-            row = await cursor.fetchone()
-        if row is None:
-            raise Conflict()
-        return Inserted(id=row[0], replayed=row[0] != message.id)
+                }
+                for user_id, message in rows
+            ]
+        ).decode()
+        async with self.pool.connection() as conn:
+            if atomic:
+                async with conn.transaction():
+                    results = await self._insert(conn, rows, document)
+                    for index, result in enumerate(results):
+                        if result is None:
+                            raise Conflict(index)  # leaving the block rolls back
+                return results
+            return await self._insert(conn, rows, document)
 
-    async def insert_messages(
-        self, user_id: str, messages: list[NewMessage], max_attempts: int
-    ) -> list[Inserted]:
-        """All or nothing, in one transaction; raises Conflict naming the first bad index."""
-        async with self.pool.connection() as conn, conn.transaction():
-            cursor = await conn.execute(
-                QUERIES["insert_messages"],
-                {
-                    "user_id": user_id,
-                    "max_attempts": max_attempts,
-                    "ids": [m.id for m in messages],
-                    "client_message_ids": [m.client_message_id for m in messages],
-                    "tos": [m.to for m in messages],
-                    "types": [m.type for m in messages],
-                    "payloads": [json.dumps(m.payload) for m in messages],
-                    "request_hashes": [m.request_hash for m in messages],
-                    "send_ats": [m.send_at for m in messages],
-                    "expires_ats": [m.expires_at for m in messages],
-                },
-            )
-            rows = await cursor.fetchall()
-            returned_ids = {row[0] for row in rows}
-            by_client_id = {row[1]: row[0] for row in rows if row[1] is not None}
-            results = []
-            for index, message in enumerate(messages):
-                if message.id in returned_ids:
-                    results.append(Inserted(message.id, replayed=False))
-                elif message.client_message_id in by_client_id:
-                    results.append(Inserted(by_client_id[message.client_message_id], replayed=True))
-                else:
-                    raise Conflict(index)  # leaving the block rolls the batch back
+    @staticmethod
+    async def _insert(
+        conn: AsyncConnection[Any], rows: list[tuple[str, NewMessage]], document: str
+    ) -> list[Inserted | None]:
+        cursor = await conn.execute(QUERIES["insert_messages"], {"messages": document})
+        returned = await cursor.fetchall()
+        ids = {row[0] for row in returned}
+        existing = {(row[1], row[2]): row[0] for row in returned if row[2] is not None}
+        results: list[Inserted | None] = []
+        for user_id, message in rows:
+            if message.id in ids:
+                results.append(Inserted(message.id, replayed=False))
+            elif (user_id, message.client_message_id) in existing:
+                results.append(Inserted(existing[(user_id, message.client_message_id)], True))
+            else:
+                results.append(None)
         return results
 
     async def get_message(

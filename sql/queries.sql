@@ -1,36 +1,23 @@
 -- Named queries: each under a `-- name: <name>` header, loaded by outbox/store.py.
 
--- name: insert_message
--- One round trip: inserts, or on a resend of the same client_message_id with the
--- same request returns the original row (its id differs from the one proposed);
--- a different request under the same id returns nothing (a conflict).
-INSERT INTO outbox.messages AS m
-    (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
-     send_at, expires_at, next_attempt_at)
-VALUES
-    (%(id)s, %(user_id)s, %(client_message_id)s, %(to)s, %(type)s, %(payload)s,
-     %(request_hash)s, %(max_attempts)s, %(send_at)s, %(expires_at)s,
-     GREATEST(now(), COALESCE(%(send_at)s, now())))
-ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL
-DO UPDATE SET updated_at = m.updated_at
-    WHERE m.request_hash = EXCLUDED.request_hash
-RETURNING m.id;
-
 -- name: insert_messages
--- The batch form of insert_message: one statement for up to 1,000 rows.
+-- Many messages in one statement (a batch request, or concurrent single requests
+-- coalesced), given as one JSON array. Per row: inserted (the id proposed comes
+-- back), replayed (another id comes back: same request under the same
+-- client_message_id), or a conflict (nothing comes back for it).
 INSERT INTO outbox.messages AS m
     (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
      send_at, expires_at, next_attempt_at)
-SELECT id, %(user_id)s, client_message_id, "to", type, payload::jsonb, request_hash,
-       %(max_attempts)s, send_at, expires_at, GREATEST(now(), COALESCE(send_at, now()))
-FROM unnest(%(ids)s::uuid[], %(client_message_ids)s::text[], %(tos)s::text[], %(types)s::text[],
-            %(payloads)s::text[], %(request_hashes)s::bytea[], %(send_ats)s::timestamptz[],
-            %(expires_ats)s::timestamptz[])
-    AS batch(id, client_message_id, "to", type, payload, request_hash, send_at, expires_at)
+SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
+       decode(b.request_hash, 'hex'), b.max_attempts, b.send_at, b.expires_at,
+       GREATEST(now(), COALESCE(b.send_at, now()))
+FROM json_to_recordset(%(messages)s::json)
+    AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
+         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz)
 ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL
 DO UPDATE SET updated_at = m.updated_at
     WHERE m.request_hash = EXCLUDED.request_hash
-RETURNING m.id, m.client_message_id;
+RETURNING m.id, m.user_id, m.client_message_id;
 
 -- name: get_message
 SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,
