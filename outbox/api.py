@@ -31,7 +31,7 @@ from outbox.errors import (
 )
 from outbox.gateway import Gateway, websocket_endpoint
 from outbox.ingest import InsertCoalescer
-from outbox.log import get_logger
+from outbox.log import get_logger, mask_phone
 from outbox.settings import Settings
 from outbox.store import Conflict, NewMessage, Store
 
@@ -131,7 +131,7 @@ async def send(request: Request) -> Response:
     if inserted is None:
         raise _conflict(new.client_message_id)
     request.state.message_id = str(inserted.id)
-    request.state.to = new.to  # masked by the log processor
+    request.state.to = mask_phone(new.to)
     headers = {"Idempotent-Replayed": "true"} if inserted.replayed else None
     return JSONResponse(_accepted(inserted.id, new), status_code=202, headers=headers)
 

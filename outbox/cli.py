@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from outbox import db
 from outbox.auth import mint_token
-from outbox.log import configure_logging, get_logger
+from outbox.log import configure_logging, flush_logs, get_logger
 from outbox.settings import Settings, describe_error, parse_duration
 from outbox.store import PurgeCounts
 
@@ -350,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.func(args)
     except UsageError as exc:
+        flush_logs()  # the error line comes last
         print(f"outbox: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

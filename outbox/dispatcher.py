@@ -21,7 +21,7 @@ import httpx
 import psycopg
 
 from outbox.completer import Completer
-from outbox.log import get_logger
+from outbox.log import get_logger, mask_phone
 from outbox.notifier import listen
 from outbox.providers import create_provider
 from outbox.providers.base import OutgoingMessage, Provider, ProviderError
@@ -217,7 +217,7 @@ class Dispatcher:
         bound = log.bind(
             message_id=str(message.id),
             user_id=message.user_id,
-            to=message.to,
+            to=mask_phone(message.to),
             attempt=attempt_label,
         )
         if message.expires_at is not None and message.expires_at <= started_at:

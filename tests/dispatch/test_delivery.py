@@ -200,12 +200,12 @@ def test_two_dispatchers_deliver_each_message_exactly_once(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:
     scripted, _ = provider
-    ids = insert_messages(sql_conn, 5000)
     # The provider here is a Python server sharing 2 cores with everything else: a
     # generous timeout keeps slow answers from turning into retries (and duplicates).
     patient = {"provider_timeout": "20s", "lease_seconds": "60s", "dispatch_concurrency": "16"}
-    start_dispatcher(ready=False, **patient)
-    start_dispatcher(ready=False, **patient)
+    start_dispatcher(**patient)
+    start_dispatcher(**patient)
+    ids = insert_messages(sql_conn, 5000)  # both are listening: both get to claim
     wait_all(sql_conn, "sent", 5000, timeout=90)
     keys = scripted.keys()
     assert len(keys) == 5000 and set(keys) == set(ids)
