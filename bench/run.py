@@ -84,6 +84,7 @@ class Config:
     m1_batch: int
     m1_clients: int
     m2_n: int
+    m2_concurrency: int
     m3_n: int
     m3_latency_ms: float
     m3_concurrency: int
@@ -106,6 +107,8 @@ class Config:
             m1_batch=1_000,
             m1_clients=16,
             m2_n=_env_int("BENCH_M2_N", 5_000 if quick else 20_000),
+            # PROTOCOL.md runs each system's drain "at its best concurrency setting".
+            m2_concurrency=_env_int("BENCH_M2_CONCURRENCY", 256),
             m3_n=_env_int("BENCH_M3_N", 1_000 if quick else 5_000),
             m3_latency_ms=20.0,
             m3_concurrency=50,
@@ -619,11 +622,14 @@ class Bench:
             **extra,
         )
 
+    def m2_env(self) -> dict[str, str]:
+        return {"OUTBOX_DISPATCH_CONCURRENCY": str(self.cfg.m2_concurrency)}
+
     def m2_1p(self, rep: int) -> None:
-        self.drain("m2_1p", rep, self.cfg.m2_n, 1)
+        self.drain("m2_1p", rep, self.cfg.m2_n, 1, **self.m2_env())
 
     def m2_2p(self, rep: int) -> None:
-        self.drain("m2_2p", rep, self.cfg.m2_n, 2)
+        self.drain("m2_2p", rep, self.cfg.m2_n, 2, **self.m2_env())
 
     def m3(self, rep: int) -> None:
         self.drain(
@@ -636,7 +642,7 @@ class Bench:
         )
 
     def growth(self, rep: int) -> None:
-        self.drain("growth", rep, self.cfg.m2_n, 1, old_rows=True)
+        self.drain("growth", rep, self.cfg.m2_n, 1, old_rows=True, **self.m2_env())
 
     # M4 -------------------------------------------------------------------------------
 
@@ -827,7 +833,7 @@ class Bench:
                 cpu=cpu("m1_batch", gen),
             ),
             Row(
-                "M2 drain, 1 dispatcher",
+                f"M2 drain, 1 dispatcher ({self.cfg.m2_concurrency} in flight)",
                 "msg/s",
                 self.values("m2_1p"),
                 bar="≥ 12,000",
@@ -835,7 +841,7 @@ class Bench:
                 cpu=cpu("m2_1p", drain),
             ),
             Row(
-                "M2 drain, 2 dispatchers",
+                f"M2 drain, 2 dispatchers ({self.cfg.m2_concurrency} in flight each)",
                 "msg/s",
                 self.values("m2_2p"),
                 bar="≥ 1× M2 1 disp.",
