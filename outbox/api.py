@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import uuid_utils.compat as uuid7
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -41,6 +42,13 @@ BATCH_BODY_FACTOR = 16
 LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
 STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
+
+
+class OrjsonResponse(JSONResponse):
+    """JSON rendered by orjson: several times faster than the json module."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,7 @@ async def send(request: Request) -> Response:
     request.state.message_id = str(inserted.id)
     request.state.to = mask_phone(new.to)
     headers = {"Idempotent-Replayed": "true"} if inserted.replayed else None
-    return JSONResponse(_accepted(inserted.id, new), status_code=202, headers=headers)
+    return OrjsonResponse(_accepted(inserted.id, new), status_code=202, headers=headers)
 
 
 async def send_batch(request: Request) -> Response:
@@ -179,7 +187,7 @@ async def send_batch(request: Request) -> Response:
         if inserted.replayed:
             accepted["replayed"] = True
         items.append(accepted)
-    return JSONResponse({"messages": items}, status_code=202)
+    return OrjsonResponse({"messages": items}, status_code=202)
 
 
 def _parse_task_id(request: Request) -> uuid.UUID:
@@ -235,7 +243,7 @@ async def get_message(request: Request) -> Response:
     row = await _services(request).store.get_message(task_id, _owner_filter(principal))
     if row is None:
         raise ApiError(404, "no such message")
-    return JSONResponse(message_view(row))
+    return OrjsonResponse(message_view(row))
 
 
 async def cancel_message(request: Request) -> Response:
@@ -250,7 +258,7 @@ async def cancel_message(request: Request) -> Response:
         raise ApiError(404, "no such message")
     if row["status"] != "cancelled":
         raise ApiError(409, f"message is {row['status']}: only a pending message can be cancelled")
-    return JSONResponse(message_view(row))
+    return OrjsonResponse(message_view(row))
 
 
 async def message(request: Request) -> Response:
@@ -295,11 +303,11 @@ async def list_messages(request: Request) -> Response:
     )
     views = [message_view(row) for row in rows]
     next_after = views[-1]["task_id"] if len(views) == limit else None
-    return JSONResponse({"messages": views, "next_after": next_after})
+    return OrjsonResponse({"messages": views, "next_after": next_after})
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return OrjsonResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
@@ -315,13 +323,13 @@ async def readyz(request: Request) -> Response:
                 f"schema at version {version}, this code needs {expected}: run outbox migrate"
             )
         )
-    return JSONResponse({"status": "ready", "schema_version": version})
+    return OrjsonResponse({"status": "ready", "schema_version": version})
 
 
 async def openapi(request: Request) -> Response:
     from outbox.openapi import openapi_document
 
-    return JSONResponse(openapi_document())
+    return OrjsonResponse(openapi_document())
 
 
 ROUTES = [
