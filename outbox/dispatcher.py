@@ -173,19 +173,8 @@ class Dispatcher:
         now = datetime.now(UTC)
         while self._buffer:
             message, _ = self._buffer.popleft()
-            self.completer.put(
-                Completion(
-                    id=message.id,
-                    attempt=message.attempt,
-                    status="pending",
-                    outcome="interrupted",
-                    started_at=now,
-                    finished_at=now,
-                    error=reason,
-                    next_attempt_at=next_attempt_at,
-                    refund=1,
-                )
-            )
+            handed_back = self._interrupted(message, now, reason)
+            self.completer.put(replace(handed_back, next_attempt_at=next_attempt_at, refund=1))
 
     async def _next_due_in(self) -> float | None:
         try:
