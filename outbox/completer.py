@@ -48,7 +48,17 @@ class Completer:
             await asyncio.sleep(LINGER_SECONDS)
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._write(batch)
+            try:
+                await self._write(batch)
+            except Exception:
+                # One outcome PostgreSQL refuses must not stop the others: write one by
+                # one; a row that still fails stays in flight and the reaper returns it.
+                log.exception("could not record outcomes, writing them one by one")
+                for completion in batch:
+                    try:
+                        await self._write([completion])
+                    except Exception:
+                        log.exception("outcome dropped", message_id=str(completion.id))
             if self._queue.empty():
                 self._idle.set()
 

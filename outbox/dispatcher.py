@@ -24,7 +24,7 @@ from outbox.completer import Completer
 from outbox.log import get_logger, mask_phone
 from outbox.notifier import listen
 from outbox.providers import create_provider
-from outbox.providers.base import OutgoingMessage, Provider, ProviderError
+from outbox.providers.base import OutgoingMessage, Provider, ProviderError, clean_text
 from outbox.retry import ErrorKind, retry_delay
 from outbox.settings import Settings
 from outbox.store import Claimed, Completion, Store
@@ -60,6 +60,7 @@ class Dispatcher:
         # Claim in batches of a useful size, except to fill an idle slot at once.
         self._claim_threshold = max(1, self._capacity // 4)
         self._paused_until = 0.0  # monotonic time; sender-level errors pause all sending
+        self._resume_at = datetime.now(UTC)  # the same moment, as a wall-clock time
         self._ready_logged = False
 
     def stop(self) -> None:
@@ -117,6 +118,7 @@ class Dispatcher:
             if paused_for > 0:
                 await self._wait_for(self._wake, min(timeout, paused_for))
                 continue
+            self._start_buffered()  # anything left over from before a pause
             if not self._should_claim():
                 self._room.clear()
                 await self._wait_for(self._room, timeout)
@@ -147,9 +149,13 @@ class Dispatcher:
                 prefetch=self._capacity - self._concurrency,
             )
             self._ready_logged = True
-        claimed = await self.store.claim(self.id, limit, self.settings.lease_seconds)
+        # The lease runs from the database's now() inside the claim: count from before it.
         lease_end = time.monotonic() + self.settings.lease_seconds
+        claimed = await self.store.claim(self.id, limit, self.settings.lease_seconds)
         self._buffer.extend((message, lease_end) for message in claimed)
+        if self._paused_until > time.monotonic():
+            # A sender-level error arrived during the claim: these rows wait for the pause.
+            self._hand_back_buffer("sending paused", self._resume_at)
         self._start_buffered()
         return claimed
 
@@ -226,8 +232,10 @@ class Dispatcher:
             return
         # One deadline for the whole call (httpx times each phase on its own), inside
         # what is left of the lease, so that the lease really bounds an attempt.
-        budget = min(self.settings.provider_timeout, lease_end - time.monotonic() - LEASE_MARGIN)
-        if budget <= 0:  # waited too long in the prefetch buffer: not attempted
+        budget = self.settings.provider_timeout
+        if lease_end - time.monotonic() - LEASE_MARGIN < budget:
+            # Waited in the prefetch buffer until the lease could not cover a whole call:
+            # hand it back unattempted rather than cut the call short.
             self.completer.put(
                 replace(
                     self._interrupted(message, started_at, "lease too short to attempt"),
@@ -283,7 +291,7 @@ class Dispatcher:
                     started_at=started_at,
                     finished_at=finished_at,
                     latency_ms=latency_ms,
-                    provider_message_id=provider_id,
+                    provider_message_id=clean_text(provider_id) if provider_id else None,
                 )
             )
             return
@@ -313,7 +321,7 @@ class Dispatcher:
         settings = self.settings
         if failure.kind is ErrorKind.SENDER:
             self._paused_until = time.monotonic() + settings.sender_pause
-            resume = finished_at + timedelta(seconds=settings.sender_pause)
+            resume = self._resume_at = finished_at + timedelta(seconds=settings.sender_pause)
             self._hand_back_buffer("sending paused: " + failure.reason, resume)
             logger.error(
                 "sender cannot send: pausing all sending",

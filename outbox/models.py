@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 MAX_SCHEDULE_AHEAD = timedelta(days=30)
+MAX_EXPIRY_AHEAD = timedelta(days=365)
 MAX_BATCH = 1000
 ACCEPTED_MESSAGE = "Mensagem enfileirada para envio"
 
@@ -44,6 +45,8 @@ def _storable_json(value: Any) -> Any:
         _no_nul(value)
     elif isinstance(value, float) and not math.isfinite(value):
         raise ValueError("numbers must be finite (no NaN or Infinity)")
+    elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+        raise ValueError("integers must fit in 64 bits")
     elif isinstance(value, dict):
         for key, item in value.items():
             _storable_json(key)
@@ -110,8 +113,11 @@ class _Common(_Strict):
         send_at = info.data.get("send_at")
         if send_at is not None and value <= send_at:
             raise ValueError("must be later than send_at")
-        if value <= datetime.now(UTC):
+        now = datetime.now(UTC)
+        if value <= now:
             raise ValueError("must be in the future")
+        if value - now > MAX_EXPIRY_AHEAD:
+            raise ValueError("must be at most 365 days ahead")
         return value
 
     def content(self) -> dict[str, Any]:

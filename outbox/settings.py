@@ -154,8 +154,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if not self.listen_database_url:
             self.listen_database_url = self.database_url
-        if self.lease_seconds <= self.provider_timeout:
-            raise ValueError("OUTBOX_LEASE_SECONDS must be longer than OUTBOX_PROVIDER_TIMEOUT")
+        if self.lease_seconds < self.provider_timeout + 1:
+            # A call's deadline must fit in its lease with room to record the outcome.
+            raise ValueError(
+                "OUTBOX_LEASE_SECONDS must exceed OUTBOX_PROVIDER_TIMEOUT by at least 1s"
+            )
         if self.provider == "http" and not self.provider_url:
             raise ValueError("OUTBOX_PROVIDER_URL is required with OUTBOX_PROVIDER=http")
         if any(alg.lower() == "none" for alg in self.jwt_algorithms):

@@ -27,6 +27,11 @@ class OutgoingMessage:
     attempt: int  # 1-based number of this attempt
 
 
+def clean_text(text: str) -> str:
+    """Text PostgreSQL can store: no NUL, no lone surrogates (providers echo anything)."""
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode()
+
+
 class ProviderError(Exception):
     """A failed send, already classified; `reason` is short and human."""
 
@@ -39,7 +44,7 @@ class ProviderError(Exception):
         code: int | None = None,
         http_status: int | None = None,
     ) -> None:
-        reason = " ".join(reason.split())
+        reason = clean_text(" ".join(reason.split()))
         if len(reason) > _MAX_REASON:
             reason = reason[: _MAX_REASON - 1] + "…"
         super().__init__(reason)

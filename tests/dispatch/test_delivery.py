@@ -298,3 +298,26 @@ def test_calls_in_flight_never_exceed_the_concurrency(
     assert scripted.max_in_flight == 5
     # Prefetched rows were claimed ahead (leased) but called only as slots freed.
     assert len(scripted.calls) == 120
+
+
+def test_a_provider_error_postgres_cannot_store_loses_nothing(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    [poison] = insert_messages(sql_conn, 1)
+
+    def script(call: object, n: int) -> Reply:
+        if getattr(call, "task_id", None) == poison:
+            return Reply(status=400, body={"error": {"code": "bad", "message": "bad\u0000number"}})
+        return Reply(body={"id": "ok"})
+
+    scripted.script = script  # type: ignore[assignment]
+    process = start_dispatcher()
+    others = insert_messages(sql_conn, 5)
+    wait_all(sql_conn, "sent", 5)
+    wait_all(sql_conn, "error", 1)
+    assert "bad" in message(sql_conn, poison)["last_error"]
+    assert len(scripted.calls_for(poison)) == 1
+    assert all(len(scripted.calls_for(task_id)) == 1 for task_id in others)
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
