@@ -66,6 +66,9 @@ class InsertCoalescer:
                 keys.add(key)
             batch.append(item)
         self._queue.extendleft(reversed(deferred))
+        # One key order for every write, so two writes waiting on each other's
+        # uncommitted client_message_ids cannot deadlock.
+        batch.sort(key=lambda item: (item.user_id, item.message.client_message_id or ""))
         return batch
 
     async def _write(self, batch: list[_Pending]) -> None:
