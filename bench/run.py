@@ -4,7 +4,8 @@ A fresh database on the local PostgreSQL per run (or OUTBOX_BENCH_DATABASE_URL),
 the raw data under bench/results/<timestamp>/, the table on stdout and in
 bench/results/<timestamp>.json. Knobs (environment): BENCH_QUICK=1 (small N, 1 repetition),
 BENCH_REPS, BENCH_M1_N, BENCH_M2_N, BENCH_M3_N, BENCH_M4_SECONDS, BENCH_GROWTH_SENT,
-BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840), BENCH_KEEP_DB=1.
+BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840), BENCH_KEEP_DB=1,
+BENCH_ONLY=floor,m1,m2_1p,m2_2p,m3,m4,growth (a subset of the steps).
 OUTBOX_* variables that the bench does not set itself (e.g. OUTBOX_DB_POOL_SIZE,
 OUTBOX_DISPATCH_CONCURRENCY outside M3) are passed to the processes and recorded.
 """
@@ -96,6 +97,7 @@ class Config:
     run_timeout: float
     budget_s: float
     keep_db: bool
+    only: tuple[str, ...]  # steps to run (BENCH_ONLY=m1,m3); empty: all
 
     @classmethod
     def from_env(cls) -> Config:
@@ -120,6 +122,7 @@ class Config:
             run_timeout=_env_float("BENCH_RUN_TIMEOUT", 180),
             budget_s=_env_float("BENCH_BUDGET_S", 840),
             keep_db=os.environ.get("BENCH_KEEP_DB", "") not in ("", "0"),
+            only=tuple(s.strip() for s in os.environ.get("BENCH_ONLY", "").split(",") if s.strip()),
         )
 
 
@@ -1014,13 +1017,18 @@ def main() -> int:
                 f"warning: the machine is not idle (load {load1:.2f}, active sessions on other "
                 f"databases: {others or 'none'}); figures will be noisy"
             )
-        bench.step("floor", bench.floor, cfg.reps)
-        bench.step("m1", bench.m1, cfg.reps)
-        bench.step("m2_1p", bench.m2_1p, cfg.reps)
-        bench.step("m2_2p", bench.m2_2p, cfg.reps)
-        bench.step("m3", bench.m3, cfg.reps)
-        bench.step("m4", bench.m4, cfg.reps)
-        bench.step("growth", bench.growth, 1, need=90 if cfg.growth_sent >= 500_000 else 0)
+        steps: list[tuple[str, Callable[[int], None], int, float]] = [
+            ("floor", bench.floor, cfg.reps, 0),
+            ("m1", bench.m1, cfg.reps, 0),
+            ("m2_1p", bench.m2_1p, cfg.reps, 0),
+            ("m2_2p", bench.m2_2p, cfg.reps, 0),
+            ("m3", bench.m3, cfg.reps, 0),
+            ("m4", bench.m4, cfg.reps, 0),
+            ("growth", bench.growth, 1, 90 if cfg.growth_sent >= 500_000 else 0),
+        ]
+        for name, fn, reps, need in steps:
+            if not cfg.only or name in cfg.only:
+                bench.step(name, fn, reps, need=need)
     except Exception as exc:
         bench.errors.append({"step": "setup", "rep": "-", "error": f"{type(exc).__name__}: {exc}"})
         bench.log(f"FAILED: {type(exc).__name__}: {exc}")

@@ -38,6 +38,18 @@ class InsertCoalescer:
 
     async def insert(self, user_id: str, message: NewMessage) -> Inserted | None:
         """The row as committed (None: its client_message_id names another request)."""
+        if not self._queue and self._writing < WRITERS:
+            # Nothing to coalesce with: write from this request's own task, without
+            # the hand-off to a writer task (the single-client path).
+            self._writing += 1
+            try:
+                (result,) = await self._store.insert_messages(
+                    [(user_id, message)], self._max_attempts
+                )
+            finally:
+                self._writing -= 1
+                self._start_writers()
+            return result
         future: asyncio.Future[Inserted | None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(user_id, message, future))
         self._start_writers()
