@@ -180,3 +180,98 @@ SELECT COALESCE(
     (SELECT min(id) FROM outbox.events),
     (SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
      FROM outbox.events_id_seq));
+
+-- Admin: dashboard and retry (issue 8) ---------------------------------------------------
+
+-- name: admin_summary
+-- The dashboard's figures as one JSON document, one round trip, from the inspection
+-- views. Per status the same columns as `queue_summary`, but each count stops after
+-- %(cap)s + 1 rows read in index order (`capped` says so): the view's exact `sent`
+-- count reads every sent row, too much to repeat every few seconds on a big table.
+-- Reading pending rows due first (and in-flight rows by lease) keeps `due_now` exact
+-- below the cap.
+WITH pending AS (
+    SELECT next_attempt_at AS at FROM outbox.messages
+    WHERE status = 'pending' ORDER BY next_attempt_at LIMIT %(cap)s + 1
+), in_flight AS (
+    SELECT locked_until AS at FROM outbox.messages
+    WHERE status = 'in_flight' ORDER BY locked_until LIMIT %(cap)s + 1
+), sent AS (
+    SELECT finished_at AS at FROM outbox.messages
+    WHERE status = 'sent' ORDER BY finished_at LIMIT %(cap)s + 1
+), error AS (
+    SELECT finished_at AS at FROM outbox.messages
+    WHERE status = 'error' ORDER BY finished_at LIMIT %(cap)s + 1
+), cancelled AS (
+    SELECT finished_at AS at FROM outbox.messages
+    WHERE status = 'cancelled' ORDER BY finished_at LIMIT %(cap)s + 1
+), counts AS (
+    SELECT 'pending' AS status, count(*) AS n, min(at) AS oldest,
+           count(*) FILTER (WHERE at <= now()) AS due_now FROM pending
+    UNION ALL
+    SELECT 'in_flight', count(*), min(at), count(*) FILTER (WHERE at < now()) FROM in_flight
+    UNION ALL
+    SELECT 'sent', count(*), min(at), 0 FROM sent
+    UNION ALL
+    SELECT 'error', count(*), min(at), 0 FROM error
+    UNION ALL
+    SELECT 'cancelled', count(*), min(at), 0 FROM cancelled
+)
+SELECT json_build_object(
+    'generated_at', outbox.wire_time(now()),
+    'count_cap', %(cap)s,
+    'counts', (
+        SELECT json_object_agg(status, json_build_object(
+                   'count', LEAST(n, %(cap)s),
+                   'capped', n > %(cap)s,
+                   'oldest', outbox.wire_time(oldest),
+                   'due_now', LEAST(due_now, %(cap)s)))
+        FROM counts),
+    'throughput', (
+        SELECT COALESCE(json_agg(json_build_object(
+                   'minute', outbox.wire_time(minute), 'sent', sent, 'failed', failed)
+                   ORDER BY minute), '[]')
+        FROM outbox.throughput),
+    'provider_latency', (
+        SELECT COALESCE(json_agg(json_build_object(
+                   'minute', outbox.wire_time(minute), 'calls', calls, 'p50_ms', p50_ms,
+                   'p95_ms', p95_ms, 'p99_ms', p99_ms, 'max_ms', max_ms)
+                   ORDER BY minute), '[]')
+        FROM outbox.provider_latency),
+    'recent_failures', (
+        SELECT COALESCE(json_agg(json_build_object(
+                   'task_id', id, 'user_id', user_id, 'to', "to", 'type', type,
+                   'attempts', attempts, 'max_attempts', max_attempts,
+                   'finished_at', outbox.wire_time(finished_at), 'last_error', last_error,
+                   'last_outcome', last_outcome)
+                   ORDER BY finished_at DESC), '[]')
+        FROM (SELECT * FROM outbox.recent_failures LIMIT %(rows)s) f),
+    'waiting', (
+        SELECT COALESCE(json_agg(json_build_object(
+                   'task_id', id, 'user_id', user_id, 'to', "to", 'type', type,
+                   'attempts', attempts, 'max_attempts', max_attempts,
+                   'next_attempt_at', outbox.wire_time(next_attempt_at),
+                   'created_at', outbox.wire_time(created_at))
+                   ORDER BY next_attempt_at), '[]')
+        FROM (SELECT * FROM outbox.messages WHERE status = 'pending'
+              ORDER BY next_attempt_at LIMIT %(rows)s) w)
+)::text;
+
+-- name: retry_message
+-- An errored or cancelled message back to pending with a fresh budget, its event and
+-- the dispatchers' wake-up (sql/migrations/005_admin_retry.sql); the view of the row
+-- as it is now, or no row when it was not retried. Attempts are not changed by a retry,
+-- so reading them in this statement's snapshot is exact.
+SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,
+       m.next_attempt_at, m.send_at, m.expires_at, m.last_error, m.provider_message_id,
+       m.created_at, m.updated_at, m.finished_at,
+       COALESCE(
+           (SELECT jsonb_agg(jsonb_build_object(
+                       'attempt', a.attempt,
+                       'started_at', a.started_at,
+                       'finished_at', a.finished_at,
+                       'outcome', a.outcome,
+                       'error', a.error) ORDER BY a.id)
+            FROM outbox.attempts a WHERE a.message_id = m.id),
+           '[]'::jsonb) AS history
+FROM outbox.retry_message(%(id)s, %(budget)s) AS m;
