@@ -1,7 +1,7 @@
 // The outbox dashboard: figures from GET /api/v1/admin/summary (polled), a live tail of
 // the WebSocket feed, retry and cancel buttons. No build step, no library.
 // Every string from the server reaches the page as a text node or an attribute value
-// set through the DOM, never as markup (no innerHTML).
+// set through the DOM, never parsed as markup.
 "use strict";
 
 (() => {
@@ -180,6 +180,7 @@
       if (hf > 0) group.append(svg("rect", { class: "failed", x, y: top + height - hs - hf, width: w, height: hf }));
       chart.append(group);
     });
+    timeAxis(chart, top + height);
     $("throughput-total").textContent = `· last hour: ${number(sent)} sent, ${number(failed)} failed`;
   }
 
@@ -199,11 +200,22 @@
     const y = (ms) => top + height - ((Number(ms) || 0) / peak) * height;
     chart.append(svg("line", { class: "axis", x1: 0, y1: top + height, x2: width, y2: top + height }));
     chart.append(svg("text", { x: 2, y: top + 8 }, `${peak} ms`));
+    timeAxis(chart, top + height);
     for (const key of ["p50_ms", "p95_ms"]) {
+      const kind = key.slice(0, 3);
       const points = rows.map((r) => `${x(r.minute).toFixed(1)},${y(r[key]).toFixed(1)}`);
-      if (points.length === 1) points.push(points[0].replace(/^[^,]+/, (v) => String(Number(v) + 4)));
-      chart.append(svg("polyline", { class: key.slice(0, 3), points: points.join(" ") }));
+      chart.append(svg("polyline", { class: kind, points: points.join(" ") }));
+      for (const row of rows) {
+        const dot = svg("circle", { class: `${kind} dot`, cx: x(row.minute), cy: y(row[key]), r: 2.5 });
+        dot.append(svg("title", {}, `${time(row.minute)}: ${kind} ${row[key]} ms, ${row.calls} calls`));
+        chart.append(dot);
+      }
     }
+  }
+
+  function timeAxis(chart, baseline) {
+    chart.append(svg("text", { x: 0, y: baseline + 10 }, "−60 min"));
+    chart.append(svg("text", { x: 600, y: baseline + 10, "text-anchor": "end" }, "now"));
   }
 
   function actionButton(label, method, path, done) {
