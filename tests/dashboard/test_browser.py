@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
+from outbox.api import create_app
+from outbox.settings import Settings
 from tests.dispatch.conftest import DispatcherProcess, Reply, ScriptedProvider
+from tests.e2e.conftest import free_port
+from tests.gateway.conftest import write_events
 from tests.support import ServerThread
 
 SEND = "/api/v1/whatsapp/send/"
@@ -157,3 +162,40 @@ def test_dashboard_unknown_asset_is_a_404_in_the_error_shape(client: httpx.Clien
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
     assert client.get("/dashboard/", follow_redirects=False).headers["location"] == "/dashboard"
+
+
+def test_feed_reconnects_after_the_server_goes_away_and_misses_nothing(
+    browser: Any,
+    settings: Settings,
+    token: Callable[..., str],
+    sql_conn: psycopg.Connection,
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    port = free_port()
+
+    def server() -> ServerThread:
+        thread = ServerThread(create_app(settings))
+        thread.server.config.port = port  # the same address after a restart
+        return thread
+
+    page = browser.new_page()
+    with server() as first:
+        page.goto(f"{first.url}/dashboard")
+        page.fill("#token-input", token("ops", admin=True))
+        page.click("#login-form button[type=submit]")
+        expect(page.locator("#feed-state")).to_have_attribute("data-state", "live")
+        before = write_events(sql_conn, 1)
+        expect(page.locator(f'#tail li[data-message-id="{before[0]}"]')).to_have_count(1)
+    # The server is gone: the page says so and keeps trying.
+    expect(page.locator("#feed-state")).to_have_attribute("data-state", "down")
+    expect(page.locator("#feed-state")).to_contain_text("reconnecting in")
+    missed = write_events(sql_conn, 2)  # while no server runs
+    with server():
+        expect(page.locator("#feed-state")).to_have_attribute("data-state", "live")
+        # Resumed with ?since=: the events written meanwhile arrive, once each.
+        for task_id in missed:
+            expect(page.locator(f'#tail li[data-message-id="{task_id}"]')).to_have_count(1)
+        expect(page.locator(f'#tail li[data-message-id="{before[0]}"]')).to_have_count(1)
+        expect(page.locator("#count-sent")).to_have_text("3")
