@@ -43,9 +43,11 @@ BATCH_BODY_FACTOR = 16
 LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
 STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
-# The admin summary: counts stop here (see the admin_summary query), and how many
-# recent failures and waiting messages it lists.
+# The admin summary: where its counts stop (index-only counts of pending, in-flight and
+# errored rows; sent and cancelled rows, read from the heap: see the admin_summary
+# query), and how many recent failures and waiting messages it lists.
 SUMMARY_COUNT_CAP = 100_000
+SUMMARY_DONE_CAP = 20_000
 SUMMARY_ROWS = 20
 
 
@@ -300,7 +302,9 @@ async def retry_message(request: Request) -> Response:
 
 async def admin_summary(request: Request) -> Response:
     _require_admin(request)
-    document = await _services(request).store.admin_summary(SUMMARY_COUNT_CAP, SUMMARY_ROWS)
+    document = await _services(request).store.admin_summary(
+        SUMMARY_COUNT_CAP, SUMMARY_DONE_CAP, SUMMARY_ROWS
+    )
     # Built as JSON by PostgreSQL: passed through, never parsed here.
     return Response(document, media_type="application/json", headers={"Cache-Control": "no-store"})
 

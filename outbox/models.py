@@ -274,8 +274,12 @@ class ErrorResponse(BaseModel):
 
 
 class StatusCount(BaseModel):
-    count: int = Field(description="Rows in this status, at most `count_cap`")
-    capped: bool = Field(description="True when there are more than `count_cap`")
+    count: int = Field(description="Rows in this status (a lower bound when `capped`)")
+    capped: bool = Field(
+        description="The count stopped reading after `cap` rows (sent and cancelled rows "
+        "are read together: then both are lower bounds)"
+    )
+    cap: int
     oldest: str | None = Field(
         description="pending: earliest next_attempt_at; in_flight: earliest lease expiry; "
         "sent/error/cancelled: earliest finished_at"
@@ -325,7 +329,6 @@ class AdminSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     generated_at: str
-    count_cap: int
     counts: dict[Status, StatusCount]
     throughput: list[ThroughputMinute] = Field(description="Every minute of the last hour")
     provider_latency: list[LatencyMinute] = Field(description="Minutes with provider calls")

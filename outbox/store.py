@@ -315,10 +315,11 @@ class Store:
 
     # Admin: dashboard and retry (issue 8) -------------------------------------------------
 
-    async def admin_summary(self, count_cap: int, rows: int) -> str:
+    async def admin_summary(self, count_cap: int, done_cap: int, rows: int) -> str:
         """The dashboard's figures, as the JSON text PostgreSQL built (one round trip)."""
+        params = {"cap": count_cap, "done_cap": done_cap, "rows": rows}
         async with self.pool.connection() as conn:
-            cursor = await conn.execute(QUERIES["admin_summary"], {"cap": count_cap, "rows": rows})
+            cursor = await conn.execute(QUERIES["admin_summary"], params)
             row = await cursor.fetchone()
         assert row is not None
         return str(row[0])

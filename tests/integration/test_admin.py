@@ -160,16 +160,37 @@ def test_summary_figures_are_what_the_database_holds(
     assert waiting[:3] == pending and waiting[3] == later  # next due first
 
 
-def test_summary_counts_stop_at_the_cap(client: httpx.Client, auth: Auth, sql_conn: Any) -> None:
+def test_summary_counts_stop_at_their_caps(
+    client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
     for _ in range(5):
         send(client, auth())
-    row = sql_conn.execute(QUERIES["admin_summary"], {"cap": 3, "rows": 2}).fetchone()
+    for _ in range(3):
+        put_message(sql_conn, "sent", finished="now() - interval '1 hour'")
+    put_message(sql_conn, "cancelled")  # finished after the sent ones: past the window
+    params = {"cap": 3, "done_cap": 2, "rows": 2}
+    row = sql_conn.execute(QUERIES["admin_summary"], params).fetchone()
+    assert row is not None
     summary = AdminSummary.model_validate(orjson.loads(row[0]))
-    assert summary.count_cap == 3
-    assert summary.counts["pending"].count == 3 and summary.counts["pending"].capped
-    assert summary.counts["pending"].due_now == 3
-    assert summary.counts["sent"].count == 0 and not summary.counts["sent"].capped
+    pending = summary.counts["pending"]
+    assert (pending.count, pending.capped, pending.cap, pending.due_now) == (3, True, 3, 3)
+    sent, cancelled = summary.counts["sent"], summary.counts["cancelled"]
+    assert (sent.count, sent.capped, sent.cap) == (2, True, 2)
+    assert (cancelled.count, cancelled.capped) == (0, True)  # a lower bound, marked so
+    assert summary.counts["error"].capped is False
     assert len(summary.waiting) == 2
+    # Below the caps, every count is exact.
+    params = {"cap": 10, "done_cap": 10, "rows": 20}
+    row = sql_conn.execute(QUERIES["admin_summary"], params).fetchone()
+    assert row is not None
+    counts = AdminSummary.model_validate(orjson.loads(row[0])).counts
+    assert {status: (c.count, c.capped) for status, c in counts.items()} == {
+        "pending": (5, False),
+        "in_flight": (0, False),
+        "sent": (3, False),
+        "error": (0, False),
+        "cancelled": (1, False),
+    }
 
 
 def test_summary_of_an_empty_queue(client: httpx.Client, auth: Auth) -> None:
