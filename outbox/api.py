@@ -19,12 +19,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from outbox import db, models
+from outbox import dashboard, db, models
 from outbox.auth import AuthError, Principal, TokenVerifier, bearer_token
 from outbox.errors import (
     EXCEPTION_HANDLERS,
     ApiError,
     error_response,
+    forbidden,
     is_malformed_json,
     unauthorized,
     unavailable,
@@ -42,6 +43,12 @@ BATCH_BODY_FACTOR = 16
 LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
 STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
+# The admin summary: where its counts stop (index-only counts of pending, in-flight and
+# errored rows; sent and cancelled rows, read from the heap: see the admin_summary
+# query), and how many recent failures and waiting messages it lists.
+SUMMARY_COUNT_CAP = 100_000
+SUMMARY_DONE_CAP = 20_000
+SUMMARY_ROWS = 20
 
 
 class OrjsonResponse(JSONResponse):
@@ -267,6 +274,41 @@ async def message(request: Request) -> Response:
     return await get_message(request)
 
 
+def _require_admin(request: Request) -> Principal:
+    principal = _authenticate(request)
+    if not principal.is_admin:
+        raise forbidden("this route needs an admin token")
+    return principal
+
+
+async def retry_message(request: Request) -> Response:
+    _require_admin(request)
+    task_id = _parse_task_id(request)
+    request.state.message_id = str(task_id)
+    store = _services(request).store
+    row = await store.retry_message(task_id, _services(request).settings.max_attempts)
+    if row is not None:
+        return OrjsonResponse(message_view(row))
+    row = await store.get_message(task_id, None)
+    if row is None:
+        raise ApiError(404, "no such message")
+    if row["status"] in ("error", "cancelled"):  # refused for its expiry alone
+        expired = models.iso_utc(row["expires_at"])
+        raise ApiError(409, f"message expired at {expired}: a retry would only expire again")
+    raise ApiError(
+        409, f"message is {row['status']}: only an errored or cancelled message can be retried"
+    )
+
+
+async def admin_summary(request: Request) -> Response:
+    _require_admin(request)
+    document = await _services(request).store.admin_summary(
+        SUMMARY_COUNT_CAP, SUMMARY_DONE_CAP, SUMMARY_ROWS
+    )
+    # Built as JSON by PostgreSQL: passed through, never parsed here.
+    return Response(document, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
 def _query_error(path: str, message: str) -> ApiError:
     return ApiError(422, "invalid query", fields=[{"path": path, "message": message}])
 
@@ -341,6 +383,8 @@ ROUTES = [
     Route("/api/v1/whatsapp/messages/", list_messages, methods=["GET"]),
     # One route for both methods, so that a 405 names them both in `Allow`.
     Route("/api/v1/whatsapp/messages/{task_id}", message, methods=["GET", "DELETE"]),
+    Route("/api/v1/whatsapp/messages/{task_id}/retry", retry_message, methods=["POST"]),
+    Route("/api/v1/admin/summary", admin_summary, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
@@ -413,7 +457,7 @@ def create_app(settings: Settings) -> Starlette:
             await pool.close()
 
     app = Starlette(
-        routes=[*ROUTES, *WEBSOCKET_ROUTES],
+        routes=[*ROUTES, *WEBSOCKET_ROUTES, *dashboard.ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -60,6 +60,8 @@ def _banner(settings: Settings, token: str) -> str:
             "dev token (user dev-user, admin, 24 h):",
             f"  {token}",
             "",
+            f"dashboard (paste the token): {base}/dashboard",
+            "",
             "send a message:",
             f"  {curl}",
             "",

@@ -71,6 +71,10 @@ def unauthorized(reason: str) -> ApiError:
     )
 
 
+def forbidden(reason: str) -> ApiError:
+    return ApiError(403, reason)
+
+
 def unavailable(reason: str) -> ApiError:
     return ApiError(503, reason, headers={"Retry-After": RETRY_AFTER_SECONDS})
 

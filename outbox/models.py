@@ -270,6 +270,72 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# Admin summary (GET /api/v1/admin/summary; built as JSON by the admin_summary query) ----
+
+
+class StatusCount(BaseModel):
+    count: int = Field(description="Rows in this status (a lower bound when `capped`)")
+    capped: bool = Field(
+        description="The count stopped reading after `cap` rows (sent and cancelled rows "
+        "are read together: then both are lower bounds)"
+    )
+    cap: int
+    oldest: str | None = Field(
+        description="pending: earliest next_attempt_at; in_flight: earliest lease expiry; "
+        "sent/error/cancelled: earliest finished_at"
+    )
+    due_now: int = Field(description="pending: due now; in_flight: lease expired")
+
+
+class ThroughputMinute(BaseModel):
+    minute: str
+    sent: int
+    failed: int
+
+
+class LatencyMinute(BaseModel):
+    minute: str
+    calls: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+class FailureRow(BaseModel):
+    task_id: str
+    user_id: str
+    to: str
+    type: str
+    attempts: int
+    max_attempts: int
+    finished_at: str | None
+    last_error: str | None
+    last_outcome: str | None
+
+
+class WaitingRow(BaseModel):
+    task_id: str
+    user_id: str
+    to: str
+    type: str
+    attempts: int
+    max_attempts: int
+    next_attempt_at: str
+    created_at: str
+
+
+class AdminSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    generated_at: str
+    counts: dict[Status, StatusCount]
+    throughput: list[ThroughputMinute] = Field(description="Every minute of the last hour")
+    provider_latency: list[LatencyMinute] = Field(description="Minutes with provider calls")
+    recent_failures: list[FailureRow] = Field(description="Latest final failures, newest first")
+    waiting: list[WaitingRow] = Field(description="Pending messages, next due first")
+
+
 def iso_utc(value: datetime | None) -> str | None:
     """UTC, ISO 8601 with milliseconds and `Z`: the one timestamp format on the wire."""
     if value is None:

@@ -45,6 +45,7 @@ def openapi_document() -> dict[str, Any]:
         models.MessageList,
         models.ErrorResponse,
         models.BatchRequest,
+        models.AdminSummary,
     ]
     _, defs = models_json_schema(
         [(model, "serialization") for model in response_models], ref_template=_REF
@@ -77,6 +78,28 @@ def openapi_document() -> dict[str, Any]:
                 **_errors(401, 404, 409, 503),
             },
         },
+    }
+    retry_path = {
+        "post": {
+            "summary": "Admin: requeue an errored or cancelled message with a fresh attempt budget",
+            "description": "Back to pending, due now, with OUTBOX_MAX_ATTEMPTS more attempts;"
+            " the attempts made so far stay in its history. 409 from any other state (or"
+            " once the message has expired).",
+            "parameters": [task_id],
+            "responses": {
+                "200": _json(_ref("MessageView"), "Requeued: the message as it is now"),
+                **_errors(401, 403, 404, 409, 503),
+            },
+        }
+    }
+    summary_path = {
+        "get": {
+            "summary": "Admin: the dashboard's figures (counts, throughput, latency, failures)",
+            "responses": {
+                "200": _json(_ref("AdminSummary"), "The figures, read from the inspection views"),
+                **_errors(401, 403, 503),
+            },
+        }
     }
     send_op = {
         "post": {
@@ -142,6 +165,17 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/whatsapp/send/batch": batch_op,
         "/api/v1/whatsapp/messages": list_op,
         "/api/v1/whatsapp/messages/{task_id}": message_path,
+        "/api/v1/whatsapp/messages/{task_id}/retry": retry_path,
+        "/api/v1/admin/summary": summary_path,
+        "/dashboard": {
+            "get": {
+                "summary": "The admin dashboard (an HTML page; it asks for an admin token)",
+                "security": [],
+                "responses": {
+                    "200": {"description": "The page", "content": {"text/html": {"schema": {}}}}
+                },
+            }
+        },
         "/healthz": {"get": {"summary": "Process alive", "security": [], "responses": plain_ok}},
         "/readyz": {
             "get": {

@@ -313,6 +313,25 @@ class Store:
             await cursor.execute(QUERIES["queue_summary"])
             return await cursor.fetchall()
 
+    # Admin: dashboard and retry (issue 8) -------------------------------------------------
+
+    async def admin_summary(self, count_cap: int, done_cap: int, rows: int) -> str:
+        """The dashboard's figures, as the JSON text PostgreSQL built (one round trip)."""
+        params = {"cap": count_cap, "done_cap": done_cap, "rows": rows}
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(QUERIES["admin_summary"], params)
+            row = await cursor.fetchone()
+        assert row is not None
+        return str(row[0])
+
+    async def retry_message(self, message_id: uuid.UUID, budget: int) -> dict[str, Any] | None:
+        """Requeue an errored or cancelled message with `budget` more attempts; its view
+        (as get_message gives it), or None when it was not in a state to retry."""
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(QUERIES["retry_message"], {"id": message_id, "budget": budget})
+            return await cursor.fetchone()
+
     # Live status feed (issue 6) ---------------------------------------------------------
 
     async def max_event_id(self) -> int | None:

@@ -180,3 +180,99 @@ SELECT COALESCE(
     (SELECT min(id) FROM outbox.events),
     (SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
      FROM outbox.events_id_seq));
+
+-- Admin: dashboard and retry (issue 8) ---------------------------------------------------
+
+-- name: admin_summary
+-- The dashboard's figures as one JSON document, one round trip, from the inspection
+-- views. Per status the columns of `queue_summary`, but read so that the cost stays
+-- bounded on a big table (the view's exact `sent` count reads every sent row):
+-- pending, in-flight and errored rows are counted from their partial indexes (index
+-- only) and each count stops after %(cap)s + 1 rows; reading pending rows due first
+-- (in-flight ones by lease) keeps `due_now` exact below that. Sent and cancelled rows
+-- share one index that lacks their status, so they are read together, oldest finished
+-- first, at most %(done_cap)s + 1 rows: past that, both counts are lower bounds.
+WITH pending AS (
+    SELECT next_attempt_at AS at FROM outbox.messages
+    WHERE status = 'pending' ORDER BY next_attempt_at LIMIT %(cap)s + 1
+), in_flight AS (
+    SELECT locked_until AS at FROM outbox.messages
+    WHERE status = 'in_flight' ORDER BY locked_until LIMIT %(cap)s + 1
+), error AS (
+    SELECT finished_at AS at FROM outbox.messages
+    WHERE status = 'error' ORDER BY finished_at LIMIT %(cap)s + 1
+), done AS (
+    SELECT status, finished_at AS at FROM outbox.messages
+    WHERE status IN ('sent', 'cancelled') ORDER BY finished_at LIMIT %(done_cap)s + 1
+), counts AS (
+    SELECT 'pending' AS status, count(*) AS n, count(*) > %(cap)s AS capped, %(cap)s AS cap,
+           min(at) AS oldest, count(*) FILTER (WHERE at <= now()) AS due_now
+    FROM pending
+    UNION ALL
+    SELECT 'in_flight', count(*), count(*) > %(cap)s, %(cap)s, min(at),
+           count(*) FILTER (WHERE at < now())
+    FROM in_flight
+    UNION ALL
+    SELECT 'error', count(*), count(*) > %(cap)s, %(cap)s, min(at), 0 FROM error
+    UNION ALL
+    SELECT s.status, count(d.at), (SELECT count(*) FROM done) > %(done_cap)s, %(done_cap)s,
+           min(d.at), 0
+    FROM (VALUES ('sent'), ('cancelled')) AS s(status)
+    LEFT JOIN done d ON d.status = s.status
+    GROUP BY s.status
+)
+SELECT json_build_object(
+    'generated_at', outbox.wire_time(now()),
+    'counts', (
+        SELECT json_object_agg(status, json_build_object(
+                   'count', LEAST(n, cap), 'capped', capped, 'cap', cap,
+                   'oldest', outbox.wire_time(oldest), 'due_now', LEAST(due_now, cap)))
+        FROM counts),
+    'throughput', (
+        SELECT COALESCE(json_agg(json_build_object(
+                   'minute', outbox.wire_time(minute), 'sent', sent, 'failed', failed)
+                   ORDER BY minute), '[]')
+        FROM outbox.throughput),
+    'provider_latency', (
+        SELECT COALESCE(json_agg(json_build_object(
+                   'minute', outbox.wire_time(minute), 'calls', calls, 'p50_ms', p50_ms,
+                   'p95_ms', p95_ms, 'p99_ms', p99_ms, 'max_ms', max_ms)
+                   ORDER BY minute), '[]')
+        FROM outbox.provider_latency),
+    'recent_failures', (
+        SELECT COALESCE(json_agg(json_build_object(
+                   'task_id', id, 'user_id', user_id, 'to', "to", 'type', type,
+                   'attempts', attempts, 'max_attempts', max_attempts,
+                   'finished_at', outbox.wire_time(finished_at), 'last_error', last_error,
+                   'last_outcome', last_outcome)
+                   ORDER BY finished_at DESC), '[]')
+        FROM (SELECT * FROM outbox.recent_failures LIMIT %(rows)s) f),
+    'waiting', (
+        SELECT COALESCE(json_agg(json_build_object(
+                   'task_id', id, 'user_id', user_id, 'to', "to", 'type', type,
+                   'attempts', attempts, 'max_attempts', max_attempts,
+                   'next_attempt_at', outbox.wire_time(next_attempt_at),
+                   'created_at', outbox.wire_time(created_at))
+                   ORDER BY next_attempt_at), '[]')
+        FROM (SELECT * FROM outbox.messages WHERE status = 'pending'
+              ORDER BY next_attempt_at LIMIT %(rows)s) w)
+)::text;
+
+-- name: retry_message
+-- An errored or cancelled message back to pending with a fresh budget, its event and
+-- the dispatchers' wake-up (sql/migrations/005_admin_retry.sql); the view of the row
+-- as it is now, or no row when it was not retried. Attempts are not changed by a retry,
+-- so reading them in this statement's snapshot is exact.
+SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,
+       m.next_attempt_at, m.send_at, m.expires_at, m.last_error, m.provider_message_id,
+       m.created_at, m.updated_at, m.finished_at,
+       COALESCE(
+           (SELECT jsonb_agg(jsonb_build_object(
+                       'attempt', a.attempt,
+                       'started_at', a.started_at,
+                       'finished_at', a.finished_at,
+                       'outcome', a.outcome,
+                       'error', a.error) ORDER BY a.id)
+            FROM outbox.attempts a WHERE a.message_id = m.id),
+           '[]'::jsonb) AS history
+FROM outbox.retry_message(%(id)s, %(budget)s) AS m;

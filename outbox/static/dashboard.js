@@ -1,0 +1,402 @@
+// The outbox dashboard: figures from GET /api/v1/admin/summary (polled), a live tail of
+// the WebSocket feed, retry and cancel buttons. No build step, no library.
+// Every string from the server reaches the page as a text node or an attribute value
+// set through the DOM, never parsed as markup.
+"use strict";
+
+(() => {
+  const TOKEN_KEY = "outbox.adminToken";
+  const POLL_MS = 3000;
+  const EVENT_REFRESH_MS = 500; // after a feed event, refresh the figures this soon
+  const TAIL_MAX = 200;
+  const BACKOFF_MIN_MS = 1000;
+  const BACKOFF_MAX_MS = 30000;
+  const STABLE_MS = 5000; // a socket open this long resets the backoff
+  const STATUSES = ["pending", "in_flight", "sent", "error", "cancelled"];
+  const BADGES = new Set(["queued", "failed", "retrying", ...STATUSES]);
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  const $ = (id) => document.getElementById(id);
+  let token = sessionStorage.getItem(TOKEN_KEY);
+  let pollTimer = null;
+  let soonTimer = null;
+  let socket = null;
+  let reconnectTimer = null;
+  let backoff = BACKOFF_MIN_MS;
+  let lastEventId = null;
+  let running = false;
+
+  // DOM helpers -------------------------------------------------------------------------
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "class") node.className = value;
+      else if (key === "onclick") node.addEventListener("click", value);
+      else node.setAttribute(key, String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function svg(tag, attrs, text) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+    if (text !== undefined) node.textContent = String(text);
+    return node;
+  }
+
+  function badge(word) {
+    const known = BADGES.has(word) ? word : "";
+    return el("span", { class: `badge ${known}` }, word ?? "");
+  }
+
+  function time(iso) {
+    if (!iso) return "";
+    const date = new Date(iso);
+    return Number.isNaN(date.getTime()) ? String(iso) : date.toLocaleTimeString();
+  }
+
+  function number(n) {
+    return typeof n === "number" ? n.toLocaleString() : "–";
+  }
+
+  function notice(text, bad) {
+    const node = $("notice");
+    node.textContent = text;
+    node.className = bad ? "notice bad" : "notice";
+    node.hidden = !text;
+  }
+
+  // Token -------------------------------------------------------------------------------
+
+  function askForToken(reason) {
+    stop();
+    token = null;
+    sessionStorage.removeItem(TOKEN_KEY);
+    $("main").hidden = true;
+    $("forget").hidden = true;
+    $("login").hidden = false;
+    $("login-error").textContent = reason || "";
+    setFeed("idle", "feed: not connected");
+    $("token-input").focus();
+  }
+
+  class AuthProblem extends Error {}
+
+  async function api(method, path) {
+    const response = await fetch(path, {
+      method,
+      headers: { Authorization: `Bearer ${token}` },
+      cache: "no-store",
+    });
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    const message = body && body.error ? body.error.message : `HTTP ${response.status}`;
+    if (response.status === 401) {
+      askForToken(`Token refused: ${message}. Enter an admin token.`);
+      throw new AuthProblem(message);
+    }
+    if (response.status === 403) {
+      askForToken("This token is not an admin token. Enter an admin token.");
+      throw new AuthProblem(message);
+    }
+    if (!response.ok) throw new Error(message);
+    return body;
+  }
+
+  // Figures -----------------------------------------------------------------------------
+
+  async function refresh() {
+    clearTimeout(pollTimer);
+    clearTimeout(soonTimer);
+    soonTimer = null;
+    if (!running) return;
+    try {
+      render(await api("GET", "/api/v1/admin/summary"));
+      $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+      $("updated").className = "muted";
+    } catch (error) {
+      if (error instanceof AuthProblem) return;
+      $("updated").textContent = `summary unavailable: ${error.message}`;
+      $("updated").className = "error";
+    }
+    if (running) pollTimer = setTimeout(refresh, POLL_MS);
+  }
+
+  function refreshSoon() {
+    if (soonTimer === null && running) soonTimer = setTimeout(refresh, EVENT_REFRESH_MS);
+  }
+
+  function render(summary) {
+    renderCounts(summary.counts || {});
+    renderThroughput(summary.throughput || []);
+    renderLatency(summary.provider_latency || []);
+    renderFailures(summary.recent_failures || []);
+    renderWaiting(summary.waiting || []);
+  }
+
+  function renderCounts(counts) {
+    for (const status of STATUSES) {
+      const row = counts[status] || { count: 0 };
+      $(`count-${status}`).textContent = number(row.count) + (row.capped ? "+" : "");
+      let detail = "";
+      if (status === "pending") {
+        detail = `due now ${number(row.due_now)}`;
+        if (row.oldest) detail += ` · oldest due ${time(row.oldest)}`;
+      } else if (status === "in_flight") {
+        detail = `lease expired ${number(row.due_now)}`;
+      } else if (row.oldest) {
+        detail = `oldest kept ${new Date(row.oldest).toLocaleString()}`;
+      }
+      $(`detail-${status}`).textContent = detail;
+    }
+  }
+
+  function renderThroughput(rows) {
+    const chart = $("throughput-chart");
+    chart.replaceChildren();
+    const width = 600, height = 140, top = 10;
+    const peak = Math.max(1, ...rows.map((r) => r.sent + r.failed));
+    const slot = width / Math.max(rows.length, 1);
+    chart.append(svg("line", { class: "axis", x1: 0, y1: top + height, x2: width, y2: top + height }));
+    chart.append(svg("text", { x: 2, y: top + 8 }, `${peak}/min`));
+    let sent = 0, failed = 0;
+    rows.forEach((row, i) => {
+      sent += row.sent;
+      failed += row.failed;
+      const x = i * slot + 1, w = Math.max(slot - 2, 1);
+      const hs = (row.sent / peak) * height, hf = (row.failed / peak) * height;
+      const group = svg("g", { "data-minute": row.minute });
+      group.append(svg("title", {}, `${time(row.minute)}: ${row.sent} sent, ${row.failed} failed`));
+      if (hs > 0) group.append(svg("rect", { class: "sent", x, y: top + height - hs, width: w, height: hs }));
+      if (hf > 0) group.append(svg("rect", { class: "failed", x, y: top + height - hs - hf, width: w, height: hf }));
+      chart.append(group);
+    });
+    timeAxis(chart, top + height);
+    $("throughput-total").textContent = `· last hour: ${number(sent)} sent, ${number(failed)} failed`;
+  }
+
+  function renderLatency(rows) {
+    const chart = $("latency-chart");
+    chart.replaceChildren();
+    const latest = rows.length ? rows[rows.length - 1] : null;
+    $("latency-figures").textContent = latest
+      ? `${time(latest.minute)}: p50 ${latest.p50_ms} ms · p95 ${latest.p95_ms} ms · ` +
+        `p99 ${latest.p99_ms} ms · max ${latest.max_ms} ms (${number(latest.calls)} calls)`
+      : "No provider calls in the last hour.";
+    if (!rows.length) return;
+    const width = 600, height = 140, top = 10;
+    const peak = Math.max(1, ...rows.map((r) => Number(r.p95_ms) || 0));
+    const end = Date.now();
+    const x = (iso) => width - ((end - new Date(iso).getTime()) / 3600000) * width;
+    const y = (ms) => top + height - ((Number(ms) || 0) / peak) * height;
+    chart.append(svg("line", { class: "axis", x1: 0, y1: top + height, x2: width, y2: top + height }));
+    chart.append(svg("text", { x: 2, y: top + 8 }, `${peak} ms`));
+    timeAxis(chart, top + height);
+    for (const key of ["p50_ms", "p95_ms"]) {
+      const kind = key.slice(0, 3);
+      const points = rows.map((r) => `${x(r.minute).toFixed(1)},${y(r[key]).toFixed(1)}`);
+      chart.append(svg("polyline", { class: kind, points: points.join(" ") }));
+      for (const row of rows) {
+        const dot = svg("circle", { class: `${kind} dot`, cx: x(row.minute), cy: y(row[key]), r: 2.5 });
+        dot.append(svg("title", {}, `${time(row.minute)}: ${kind} ${row[key]} ms, ${row.calls} calls`));
+        chart.append(dot);
+      }
+    }
+  }
+
+  function timeAxis(chart, baseline) {
+    chart.append(svg("text", { x: 0, y: baseline + 10 }, "−60 min"));
+    chart.append(svg("text", { x: 600, y: baseline + 10, "text-anchor": "end" }, "now"));
+  }
+
+  function actionButton(label, method, path, done) {
+    return el("button", {
+      type: "button",
+      onclick: async (event) => {
+        event.target.disabled = true;
+        try {
+          const view = await api(method, path);
+          notice(`${done} ${view.task_id}: now ${view.status}`);
+        } catch (error) {
+          if (!(error instanceof AuthProblem)) notice(`${label} failed: ${error.message}`, true);
+        }
+        event.target.disabled = false;
+        refresh();
+      },
+    }, label);
+  }
+
+  const messagePath = (id) => `/api/v1/whatsapp/messages/${encodeURIComponent(id)}`;
+  const retryButton = (id) => actionButton("Retry", "POST", `${messagePath(id)}/retry`, "Requeued");
+  const cancelButton = (id) => actionButton("Cancel", "DELETE", messagePath(id), "Cancelled");
+
+  function renderFailures(rows) {
+    $("failures").tBodies[0].replaceChildren(
+      ...rows.map((row) =>
+        el("tr", { "data-task-id": row.task_id },
+          el("td", {}, time(row.finished_at)),
+          el("td", { class: "id" }, row.task_id),
+          el("td", {}, row.user_id),
+          el("td", {}, row.to),
+          el("td", {}, row.type),
+          el("td", {}, `${row.attempts}/${row.max_attempts}`),
+          el("td", { class: "error-text" }, row.last_error ?? "", row.last_outcome ? ` (${row.last_outcome})` : ""),
+          el("td", {}, retryButton(row.task_id)))),
+    );
+    $("failures-empty").hidden = rows.length > 0;
+  }
+
+  function renderWaiting(rows) {
+    $("waiting").tBodies[0].replaceChildren(
+      ...rows.map((row) =>
+        el("tr", { "data-task-id": row.task_id },
+          el("td", {}, time(row.next_attempt_at)),
+          el("td", { class: "id" }, row.task_id),
+          el("td", {}, row.user_id),
+          el("td", {}, row.to),
+          el("td", {}, row.type),
+          el("td", {}, `${row.attempts}/${row.max_attempts}`),
+          el("td", {}, cancelButton(row.task_id)))),
+    );
+    $("waiting-empty").hidden = rows.length > 0;
+  }
+
+  async function lookup(event) {
+    event.preventDefault();
+    const id = $("lookup-input").value.trim();
+    const result = $("lookup-result");
+    result.replaceChildren(el("p", { class: "muted" }, "looking…"));
+    try {
+      const view = await api("GET", messagePath(id));
+      const actions = [];
+      if (view.status === "error" || view.status === "cancelled") actions.push(retryButton(view.task_id));
+      if (view.status === "pending") actions.push(cancelButton(view.task_id));
+      result.replaceChildren(
+        el("p", {}, el("span", { class: "id" }, view.task_id), " ", badge(view.status),
+          ` to ${view.to}, ${view.type}, attempts ${view.attempts}/${view.max_attempts}`,
+          view.last_error ? el("span", { class: "error" }, ` — ${view.last_error}`) : null,
+          " ", ...actions),
+        el("ol", {}, ...view.history.map((a) =>
+          el("li", {}, `#${a.attempt} ${a.outcome} at ${time(a.finished_at || a.started_at)}`,
+            a.error ? ` — ${a.error}` : ""))),
+      );
+    } catch (error) {
+      if (!(error instanceof AuthProblem)) result.replaceChildren(el("p", { class: "error" }, error.message));
+    }
+  }
+
+  // Live feed ---------------------------------------------------------------------------
+
+  function setFeed(state, text) {
+    const node = $("feed-state");
+    node.dataset.state = state;
+    node.textContent = text;
+  }
+
+  function addEvent(event) {
+    const data = (event && event.data) || {};
+    if (typeof data.event_id === "number") lastEventId = data.event_id;
+    const tail = $("tail");
+    tail.prepend(
+      el("li", { "data-event-id": data.event_id ?? "", "data-message-id": data.message_id ?? "" },
+        el("span", {}, time(data.timestamp)),
+        el("span", {}, event.event ?? "?"),
+        badge(data.status),
+        el("span", { class: "id" }, data.message_id ?? ""),
+        data.attempt !== undefined && data.attempt !== null ? el("span", {}, `attempt ${data.attempt}`) : null,
+        data.error ? el("span", { class: "error" }, data.error) : null),
+    );
+    while (tail.children.length > TAIL_MAX) tail.lastElementChild.remove();
+  }
+
+  function connect() {
+    reconnectTimer = null;
+    if (!running) return;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    let url = `${scheme}//${location.host}/ws/whatsapp/?token=${encodeURIComponent(token)}`;
+    // Resume after a drop: the feed replays what was missed, with no gap.
+    if (lastEventId !== null) url += `&since=${lastEventId}`;
+    setFeed("connecting", "feed: connecting…");
+    const ws = new WebSocket(url);
+    let openedAt = null;
+    socket = ws;
+    ws.onopen = () => {
+      openedAt = Date.now();
+      setFeed("live", "feed: live");
+    };
+    ws.onmessage = (message) => {
+      let event;
+      try {
+        event = JSON.parse(message.data);
+      } catch {
+        return;
+      }
+      addEvent(event);
+      refreshSoon();
+    };
+    ws.onclose = (close) => {
+      if (socket !== ws) return; // closed on purpose
+      socket = null;
+      if (close.code === 4401) {
+        askForToken(`The feed refused the token: ${close.reason || "unauthorized"}.`);
+        return;
+      }
+      if (close.code === 4410) lastEventId = null; // missed events were purged: start live
+      if (openedAt !== null && Date.now() - openedAt > STABLE_MS) backoff = BACKOFF_MIN_MS;
+      const wait = backoff * (0.8 + Math.random() * 0.4);
+      backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+      const why = close.reason ? `${close.code} ${close.reason}` : `${close.code}`;
+      setFeed("down", `feed: disconnected (${why}), reconnecting in ${Math.round(wait / 1000)} s`);
+      reconnectTimer = setTimeout(connect, wait);
+    };
+  }
+
+  // Start and stop ----------------------------------------------------------------------
+
+  function start() {
+    running = true;
+    $("login").hidden = true;
+    $("main").hidden = false;
+    $("forget").hidden = false;
+    refresh();
+    connect();
+  }
+
+  function stop() {
+    running = false;
+    clearTimeout(pollTimer);
+    clearTimeout(soonTimer);
+    clearTimeout(reconnectTimer);
+    soonTimer = null;
+    if (socket) {
+      const ws = socket;
+      socket = null;
+      ws.close(1000, "dashboard closed");
+    }
+    backoff = BACKOFF_MIN_MS;
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("login-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      token = $("token-input").value.trim();
+      if (!token) return;
+      sessionStorage.setItem(TOKEN_KEY, token);
+      $("token-input").value = "";
+      start();
+    });
+    $("forget").addEventListener("click", () => askForToken(""));
+    $("lookup-form").addEventListener("submit", lookup);
+    if (token) start();
+    else askForToken("");
+  });
+})();

@@ -1,0 +1,201 @@
+"""The dashboard in a real headless Chromium against a real server and a real dispatcher."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from outbox.api import create_app
+from outbox.settings import Settings
+from tests.dispatch.conftest import DispatcherProcess, Reply, ScriptedProvider
+from tests.e2e.conftest import free_port
+from tests.gateway.conftest import write_events
+from tests.support import ServerThread
+
+SEND = "/api/v1/whatsapp/send/"
+XSS = '<img src=x onerror="window.__xss=1">'
+WAIT_MS = 20_000
+
+
+def send(client: httpx.Client, headers: dict[str, str], text: str, **extra: Any) -> str:
+    body = {"to": "5511999999999", "type": "text", "text": text, **extra}
+    response = client.post(SEND, json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    task_id: str = response.json()["task_id"]
+    return task_id
+
+
+def test_dashboard_shows_live_figures_retries_and_cancels(
+    browser: Any,
+    api: ServerThread,
+    client: httpx.Client,
+    auth: Callable[..., dict[str, str]],
+    token: Callable[..., str],
+    provider: tuple[ScriptedProvider, str],
+    start_dispatcher: Callable[..., DispatcherProcess],
+    tmp_path: Path,
+) -> None:
+    from playwright.sync_api import expect
+
+    scripted, _ = provider
+    # A message whose text says "fail" is refused for good the first time (an error
+    # message with markup in it: the page must show it as text), accepted after a retry.
+    scripted.script = lambda call, n: (
+        Reply(status=400, body={"error": {"message": XSS}})
+        if b"fail" in call.body and n == 0
+        else Reply(body={"id": f"prov-{call.task_id}"})
+    )
+    start_dispatcher()
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+
+    def on_console(message: Any) -> None:
+        # The 401 and 403 of the refused tokens below are expected; nothing else is
+        # (a CSP violation, a script error, a missing file).
+        expected = ("(Unauthorized)", "(Forbidden)")
+        if message.type == "error" and not message.text.endswith(expected):
+            problems.append(f"console: {message.text}")
+
+    page.on("console", on_console)
+    expect.set_options(timeout=WAIT_MS)
+    page.goto(f"{api.url}/dashboard")
+
+    # No token yet: it asks. A user's token is refused (403), then an admin's opens it.
+    expect(page.locator("#login")).to_be_visible()
+    page.fill("#token-input", token("user-1"))
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#login-error")).to_contain_text("not an admin token")
+    page.fill("#token-input", "not-a-jwt")
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#login-error")).to_contain_text("Token refused")
+    page.fill("#token-input", token("ops", admin=True))
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#main")).to_be_visible()
+    expect(page.locator("#feed-state")).to_have_attribute("data-state", "live")
+    expect(page.locator("#count-sent")).to_have_text("0")
+    assert page.evaluate("sessionStorage.getItem('outbox.adminToken')") is not None
+
+    # Messages go out: the counts and the live tail follow.
+    sent = [send(client, auth(), f"hello {i}") for i in range(3)]
+    expect(page.locator("#count-sent")).to_have_text("3")
+    for task_id in sent:
+        expect(page.locator(f'#tail li[data-message-id="{task_id}"]')).to_contain_text("queued")
+    expect(page.locator("#throughput-chart rect.sent")).not_to_have_count(0)
+    expect(page.locator("#latency-figures")).to_contain_text("p95")
+
+    # One fails: listed with its error (as text), then retried from the page.
+    failed = send(client, auth("<b>eve</b>"), "please fail")
+    row = page.locator(f'#failures tr[data-task-id="{failed}"]')
+    expect(row).to_contain_text(XSS)
+    expect(row).to_contain_text("<b>eve</b>")
+    expect(page.locator("#count-error")).to_have_text("1")
+    expect(page.locator(f'#tail li[data-message-id="{failed}"]')).to_contain_text("failed")
+    assert page.locator("#failures img, #failures b").count() == 0
+    assert page.evaluate("window.__xss") is None
+    row.get_by_role("button", name="Retry").click()
+    expect(page.locator("#notice")).to_contain_text(f"Requeued {failed}")
+    expect(page.locator("#count-sent")).to_have_text("4")
+    expect(page.locator("#count-error")).to_have_text("0")
+    expect(row).to_have_count(0)
+    retried = page.locator(f'#tail li[data-message-id="{failed}"]')
+    expect(retried.filter(has_text="message_retrying")).to_have_count(1)
+    expect(retried.filter(has_text="queued")).to_have_count(1)
+
+    # One waits until tomorrow: cancelled from the page.
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    later = send(client, auth(), "tomorrow", send_at=tomorrow)
+    waiting = page.locator(f'#waiting tr[data-task-id="{later}"]')
+    expect(waiting).to_be_visible()
+    expect(page.locator("#count-pending")).to_have_text("1")
+    waiting.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#notice")).to_contain_text(f"Cancelled {later}")
+    expect(page.locator("#count-cancelled")).to_have_text("1")
+    expect(page.locator("#count-pending")).to_have_text("0")
+    expect(waiting).to_have_count(0)
+
+    # Looking one up shows its history.
+    page.fill("#lookup-input", failed)
+    page.click("#lookup-form button[type=submit]")
+    expect(page.locator("#lookup-result")).to_contain_text("#1 permanent")
+    expect(page.locator("#lookup-result")).to_contain_text("#2 sent")
+
+    screenshot = tmp_path / "dashboard.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    print(f"dashboard screenshot: {screenshot}")
+
+    # Forgetting the token closes the feed and asks again.
+    page.click("#forget")
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#feed-state")).to_have_attribute("data-state", "idle")
+    assert page.evaluate("sessionStorage.getItem('outbox.adminToken')") is None
+    assert problems == [], problems
+
+
+@pytest.mark.parametrize(
+    "path", ["/dashboard", "/dashboard/dashboard.js", "/dashboard/dashboard.css"]
+)
+def test_dashboard_assets_are_served_with_a_strict_policy(client: httpx.Client, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    assert response.headers["x-content-type-options"] == "nosniff"
+    kind = {"/dashboard": "text/html", ".js": "text/javascript", ".css": "text/css"}
+    assert any(path.endswith(k) and response.headers["content-type"].startswith(v)
+               for k, v in kind.items())  # fmt: skip
+    # No way in for markup: text nodes and DOM attributes only.
+    assert not re.search(rb"(inner|outer)HTML|insertAdjacentHTML|document\.write", response.content)
+
+
+def test_dashboard_unknown_asset_is_a_404_in_the_error_shape(client: httpx.Client) -> None:
+    response = client.get("/dashboard/secrets.txt")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert client.get("/dashboard/", follow_redirects=False).headers["location"] == "/dashboard"
+
+
+def test_feed_reconnects_after_the_server_goes_away_and_misses_nothing(
+    browser: Any,
+    settings: Settings,
+    token: Callable[..., str],
+    sql_conn: psycopg.Connection,
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    port = free_port()
+
+    def server() -> ServerThread:
+        thread = ServerThread(create_app(settings))
+        thread.server.config.port = port  # the same address after a restart
+        return thread
+
+    page = browser.new_page()
+    with server() as first:
+        page.goto(f"{first.url}/dashboard")
+        page.fill("#token-input", token("ops", admin=True))
+        page.click("#login-form button[type=submit]")
+        expect(page.locator("#feed-state")).to_have_attribute("data-state", "live")
+        before = write_events(sql_conn, 1)
+        expect(page.locator(f'#tail li[data-message-id="{before[0]}"]')).to_have_count(1)
+    # The server is gone: the page says so and keeps trying.
+    expect(page.locator("#feed-state")).to_have_attribute("data-state", "down")
+    expect(page.locator("#feed-state")).to_contain_text("reconnecting in")
+    missed = write_events(sql_conn, 2)  # while no server runs
+    with server():
+        expect(page.locator("#feed-state")).to_have_attribute("data-state", "live")
+        # Resumed with ?since=: the events written meanwhile arrive, once each.
+        for task_id in missed:
+            expect(page.locator(f'#tail li[data-message-id="{task_id}"]')).to_have_count(1)
+        expect(page.locator(f'#tail li[data-message-id="{before[0]}"]')).to_have_count(1)
+        expect(page.locator("#count-sent")).to_have_text("3")
