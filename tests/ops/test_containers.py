@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 import yaml
+
+from tests.ops.conftest import need
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -28,17 +28,6 @@ DOCKERFILE = ROOT / "Dockerfile"
 SPEC = Path(__file__).with_name("compose_spec.json")
 # Placeholders for the variables compose.yaml requires (`${…:?…}`); not real secrets.
 REQUIRED_ENV = {"POSTGRES_PASSWORD": "pw-placeholder", "OUTBOX_JWT_SECRET": "jwt-placeholder"}
-
-
-def need(tool: str) -> str:
-    """The tool's path; skip without it, except on CI (`CI` set), where .ci/run installs it."""
-    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else "")
-    if path:
-        return path
-    reason = f"{tool} is not installed (Debian package: apt-get install {tool})"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; .ci/run should have installed it")
-    pytest.skip(reason)
 
 
 def compose_config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -147,7 +136,9 @@ def _spec_validator() -> jsonschema.protocols.Validator:
 
 def test_compose_file_is_valid_against_the_compose_specification() -> None:
     document = yaml.safe_load(COMPOSE.read_text())
-    errors = [f"{list(e.absolute_path)}: {e.message}" for e in _spec_validator().iter_errors(document)]
+    errors = [
+        f"{list(e.absolute_path)}: {e.message}" for e in _spec_validator().iter_errors(document)
+    ]
     assert errors == []
 
 
