@@ -4,6 +4,8 @@ queries go through it (OUTBOX_DB_PGBOUNCER=true) while LISTEN stays direct."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from outbox import db
 from outbox.api import create_app
 from outbox.settings import Settings
+from outbox.store import JOB_LOCK_NAMESPACE, Store
 from tests.dispatch.conftest import DispatcherProcess, ScriptedProvider
 from tests.gateway.conftest import next_event, open_feed
 from tests.ops.conftest import PgBouncer
@@ -130,3 +133,48 @@ def test_migrations_run_through_pgbouncer(
     applied = db.migrate(url)
     assert len(applied) == len(db.find_migrations())
     assert db.migrate(url) == []
+
+
+async def _run_that_dies(settings: Settings, session_conninfo: str) -> None:
+    """A scheduled job run that dies half-way while holding the job's advisory lock."""
+    pool = db.create_pool(settings)  # never opened: job_session makes its own connection
+    store = Store(pool, session_conninfo=session_conninfo)
+    with contextlib.suppress(RuntimeError):
+        async with store.job_session("purge") as session:
+            assert session is not None
+            raise RuntimeError("the run dies")
+
+
+def test_the_job_lock_is_taken_on_the_direct_connection(
+    start_pgbouncer: StartBouncer, settings: Settings, database_url: str, sql_conn: Any
+) -> None:
+    """Closing the job's connection must release its session advisory lock; through a
+    transaction pooler the server connection (and the lock) would outlive it."""
+    bouncer = start_pgbouncer(pool_size=1)
+    pooled = Settings(
+        **{
+            **settings.model_dump(),
+            "database_url": bouncer.url(),
+            "listen_database_url": database_url,
+            "db_pgbouncer": True,
+        }
+    )
+
+    def advisory_locks() -> int:
+        row = sql_conn.execute(
+            """SELECT count(*) FROM pg_locks
+               WHERE locktype = 'advisory' AND granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+        ).fetchone()
+        return int(row[0])
+
+    # As `outbox dispatch` wires it (OUTBOX_LISTEN_DATABASE_URL): the lock goes with the run.
+    asyncio.run(_run_that_dies(pooled, pooled.listen_database_url))
+    wait_for(lambda: advisory_locks() == 0, timeout=10, what="the lock released")
+    # Through the pooler instead: the lock stays on PgBouncer's server connection.
+    asyncio.run(_run_that_dies(pooled, ""))
+    assert advisory_locks() == 1
+    held = sql_conn.execute(
+        "SELECT pg_try_advisory_lock(%s, hashtext('purge'))", [JOB_LOCK_NAMESPACE]
+    ).fetchone()
+    assert held == (False,)
