@@ -90,9 +90,9 @@ def test_send_to_sent_to_event_through_pgbouncer_in_transaction_mode(
     assert sorted(c.task_id for c in scripted.calls) == sorted(task_ids)
     # The queries did go through PgBouncer, and nothing failed on the way.
     stats = _stats(bouncer, dbname)
-    assert stats["total_xact_count"] > 8 * 3, stats
+    assert stats["total_xact_count"] >= 8 * 2, stats
     log = dispatcher.log()
-    assert "prepared statement" not in log and '"error"' not in log, log
+    assert "prepared statement" not in log and '"level":"error"' not in log, log
     assert "prepared statement" not in bouncer.log.read_text()
 
 
