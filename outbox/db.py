@@ -48,7 +48,12 @@ def latest_version() -> int:
 def migrate(conninfo: str) -> list[str]:
     """Apply the missing migrations in order, in one transaction; return their names."""
     applied_now: list[str] = []
-    with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
+    # Never prepared, so the runner works through a transaction pooler too; the lock is
+    # transaction-scoped and everything runs in one transaction (one server connection).
+    with (
+        psycopg.connect(conninfo, autocommit=True, prepare_threshold=None) as conn,
+        conn.transaction(),
+    ):
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_KEY])
         conn.execute("CREATE SCHEMA IF NOT EXISTS outbox")
         conn.execute(
@@ -71,6 +76,16 @@ def migrate(conninfo: str) -> list[str]:
     return applied_now
 
 
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """psycopg.connect() arguments for connections to OUTBOX_DATABASE_URL."""
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if settings.db_pgbouncer:
+        # A transaction pooler hands each transaction any server connection: a statement
+        # prepared on one is missing (or already exists) on the next one.
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
 def create_pool(settings: Settings, *, min_size: int = 1) -> AsyncConnectionPool:
     """An autocommit pool, opened by the caller (`await pool.open()`)."""
     return AsyncConnectionPool(
@@ -78,7 +93,7 @@ def create_pool(settings: Settings, *, min_size: int = 1) -> AsyncConnectionPool
         min_size=min(min_size, settings.db_pool_size),
         max_size=settings.db_pool_size,
         timeout=settings.db_pool_timeout,
-        kwargs={"autocommit": True},
+        kwargs=connection_kwargs(settings),
         configure=_configure_connection,
         open=False,
         name="outbox",
@@ -100,7 +115,7 @@ def register_pg_cron(conninfo: str, *, job_name: str, schedule: str, command: st
 
     pg_cron runs jobs in the database named by its `cron.database_name` setting, which
     must be this one (that is where its `cron.job` table lives)."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with psycopg.connect(conninfo, autocommit=True, prepare_threshold=None) as conn:
         row = conn.execute(
             "SELECT 1 FROM pg_available_extensions WHERE name = 'pg_cron'"
         ).fetchone()

@@ -64,7 +64,7 @@ def _on_stop_signals(callback: Callable[[], None]) -> None:
 async def _dispatch_until(settings: Settings, stop: asyncio.Event) -> None:
     pool = db.create_pool(settings)
     await pool.open(wait=False)
-    store = Store(pool)
+    store = Store(pool, session_conninfo=settings.listen_database_url)
     # The scheduled purge runs beside the dispatcher (once per tick across the cluster).
     scheduler = asyncio.create_task(Scheduler(settings, store).run(stop), name="scheduler")
     try:

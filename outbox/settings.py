@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     listen_database_url: str = ""  # direct connection for LISTEN behind a pooler
     db_pool_size: int = Field(default=10, ge=1)
     db_pool_timeout: Seconds = 10.0
+    # OUTBOX_DATABASE_URL goes through PgBouncer in transaction mode: no prepared
+    # statements (PgBouncer < 1.21 cannot keep them across transactions).
+    db_pgbouncer: bool = False
 
     # HTTP
     host: str = "127.0.0.1"

@@ -96,8 +96,11 @@ class Conflict(Exception):
 
 
 class Store:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, *, session_conninfo: str = "") -> None:
         self.pool = pool
+        # Session state (the jobs' advisory locks) needs a direct server connection, not
+        # one through a transaction pooler; the pool's own conninfo when not given.
+        self.session_conninfo = session_conninfo
 
     async def insert_messages(
         self, rows: list[tuple[str, NewMessage]], max_attempts: int, *, atomic: bool = False
@@ -278,12 +281,14 @@ class Store:
         """Hold the job's advisory lock on a connection of its own for the block, or
         yield None at once when another process holds it. Closing the connection
         releases the lock even if the block is cancelled half-way."""
-        conninfo: Any = self.pool.conninfo
+        conninfo: Any = self.session_conninfo or self.pool.conninfo
         if callable(conninfo):
             conninfo = conninfo()
         if inspect.isawaitable(conninfo):
             conninfo = await conninfo
-        conn = await psycopg.AsyncConnection.connect(str(conninfo), autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(
+            str(conninfo), autocommit=True, prepare_threshold=None
+        )
         try:
             params = {"namespace": JOB_LOCK_NAMESPACE, "job": job}
             cursor = await conn.execute(QUERIES["try_job_lock"], params)
