@@ -359,7 +359,9 @@ async def readyz(request: Request) -> Response:
     except Exception as exc:  # the table may not exist yet, or the database is down
         log.warning("not ready", error=str(exc).splitlines()[0:1])
         return error_response(unavailable("database unreachable or not migrated"))
-    if version != expected:
+    # A schema ahead of this code is fine: migrations keep the previous release
+    # working, so processes still on it stay ready while the new code rolls out.
+    if version < expected:
         return error_response(
             unavailable(
                 f"schema at version {version}, this code needs {expected}: run outbox migrate"

@@ -139,6 +139,21 @@ def test_readyz_is_503_when_the_schema_is_behind(
         assert "migrate" in behind.json()["error"]["message"]
 
 
+def test_readyz_stays_200_when_the_schema_is_ahead(
+    client_with: ClientFactory, database_url: str
+) -> None:
+    """Old processes stay ready after `outbox migrate` ran for newer code."""
+    with client_with() as http:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, 'future')",
+                [db.latest_version() + 1],
+            )
+        ahead = http.get("/readyz")
+        assert ahead.status_code == 200, ahead.text
+        assert ahead.json()["schema_version"] == db.latest_version() + 1
+
+
 def test_readyz_answers_200_on_a_migrated_database(client: httpx.Client) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
