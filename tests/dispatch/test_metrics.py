@@ -32,7 +32,7 @@ def test_the_figures_match_what_happened(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:
     scripted, _ = provider
-    ok = insert_messages(sql_conn, 3)
+    insert_messages(sql_conn, 3)  # sent at once
     flaky = insert_messages(sql_conn, 1)  # 503 twice, then sent
     refused = insert_messages(sql_conn, 1)  # 400: permanent at once
     hopeless = insert_messages(sql_conn, 1, max_attempts=2)  # 503 until its attempts run out

@@ -13,19 +13,14 @@ from websockets.sync.client import connect
 from outbox.api import create_app
 from outbox.metrics import UNMATCHED
 from outbox.settings import Settings
-
-# The dispatcher fixtures (a scripted provider, real `outbox dispatch` processes).
-from tests.dispatch.conftest import (  # noqa: F401
+from tests.dispatch.conftest import (
     DispatcherProcess,
     Reply,
     ScriptedProvider,
-    dispatcher_env,
-    provider,
-    start_dispatcher,
     statuses,
     wait_all,
 )
-from tests.scrape import Samples, scrape, total, value
+from tests.scrape import scrape, total, value
 from tests.support import ServerThread, wait_for
 
 Provider = tuple[ScriptedProvider, str]
