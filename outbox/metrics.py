@@ -171,9 +171,9 @@ class QueueGauges:
     """Queue figures from the database, read at most once per `ttl` and only when scraped.
 
     Exact: pending, in flight, due now, oldest due age and expired leases (small partial
-    indexes). Estimated from the planner's statistics (`pg_class.reltuples` × the status's
-    frequency in `pg_stats`): sent, error and cancelled, whose exact count would scan
-    most of a large table. See `queue_gauges` in sql/queries.sql.
+    indexes). Estimated from the planner's statistics (`store.estimate_count`): sent,
+    error and cancelled, whose exact count would scan most of a large table. See
+    `queue_gauges` in sql/queries.sql.
     """
 
     def __init__(self, store: Store, ttl: float) -> None:
@@ -260,11 +260,17 @@ def render(registries: Iterable[CollectorRegistry]) -> bytes:
 class MetricsServer:
     """The dispatcher's `/metrics`: prometheus_client's HTTP server on a thread of its own."""
 
-    def __init__(self, server: WSGIServer, thread: threading.Thread, registry: CollectorRegistry):
+    def __init__(
+        self,
+        server: WSGIServer,
+        thread: threading.Thread,
+        registry: CollectorRegistry,
+        collector: _RefreshOnLoop | None,
+    ) -> None:
         self._server = server
         self._thread = thread
         self._registry = registry
-        self._collectors: list[Any] = []
+        self._collector = collector
 
     @property
     def port(self) -> int:
@@ -292,9 +298,7 @@ class MetricsServer:
                 error=exc.strerror or str(exc),
             )
             return None
-        started = cls(server, thread, registry)
-        if collector is not None:
-            started._collectors.append(collector)
+        started = cls(server, thread, registry, collector)
         log.info("metrics listening", host=host, port=started.port, path="/metrics")
         return started
 
@@ -303,5 +307,5 @@ class MetricsServer:
         await asyncio.to_thread(self._server.shutdown)
         self._server.server_close()
         await asyncio.to_thread(self._thread.join, 5)
-        for collector in self._collectors:
-            self._registry.unregister(collector)
+        if self._collector is not None:
+            self._registry.unregister(self._collector)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import httpx
+import pytest
 
 from outbox.auth import mint_token
 from tests.conftest import JWT_SECRET
-from tests.e2e.conftest import Process, clean_env, free_port
+from tests.e2e.conftest import OUTBOX, Process, clean_env, free_port
 from tests.scrape import listening_ports, scrape, value
 from tests.support import wait_for
 
@@ -40,3 +43,23 @@ def test_dev_shows_the_dispatcher_metrics_on_serve_and_opens_no_other_port(
     assert value(samples, "outbox_provider_calls_in_flight") == 0
     assert listening_ports(process.popen.pid) == {port}
     assert process.interrupt() == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "bad"),
+    [
+        ("OUTBOX_METRICS_PORT", "70000"),
+        ("OUTBOX_METRICS_PORT", "x"),
+        ("OUTBOX_METRICS_CACHE", "5y"),
+    ],
+)
+def test_a_bad_metrics_setting_stops_dispatch_with_one_line_naming_it(
+    variable: str, bad: str
+) -> None:
+    env = clean_env(OUTBOX_DATABASE_URL="postgresql://postgres@127.0.0.1:1/x", **{variable: bad})
+    result = subprocess.run(
+        [*OUTBOX, "dispatch"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and variable in lines[0], result.stderr
