@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import uuid_utils.compat as uuid7
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,6 +35,7 @@ from outbox.errors import (
 from outbox.gateway import Gateway, websocket_endpoint
 from outbox.ingest import InsertCoalescer
 from outbox.log import get_logger, mask_phone
+from outbox.metrics import UNMATCHED, ApiMetrics, QueueGauges, render
 from outbox.settings import Settings
 from outbox.store import Conflict, NewMessage, Store
 
@@ -64,6 +66,9 @@ class Services:
     store: Store
     verifier: TokenVerifier
     ingest: InsertCoalescer
+    metrics: ApiMetrics
+    queue_gauges: QueueGauges
+    metrics_registries: tuple[CollectorRegistry, ...]  # rendered together on /metrics
 
 
 def _services(request: Request) -> Services:
@@ -147,6 +152,7 @@ async def send(request: Request) -> Response:
         raise _conflict(new.client_message_id)
     request.state.message_id = str(inserted.id)
     request.state.to = mask_phone(new.to)
+    services.metrics.accepted_single.inc()
     headers = {"Idempotent-Replayed": "true"} if inserted.replayed else None
     return OrjsonResponse(_accepted(inserted.id, new), status_code=202, headers=headers)
 
@@ -187,6 +193,7 @@ async def send_batch(request: Request) -> Response:
     except Conflict as exc:
         raise _conflict(news[exc.index].client_message_id, exc.index) from exc
     request.state.batch_size = len(news)
+    services.metrics.accepted_batch.inc(len(news))
     items = []
     for new, inserted in zip(news, results, strict=True):
         assert inserted is not None  # atomic: a conflict raised above
@@ -370,6 +377,12 @@ async def readyz(request: Request) -> Response:
     return OrjsonResponse({"status": "ready", "schema_version": version})
 
 
+async def metrics(request: Request) -> Response:
+    services = _services(request)
+    await services.queue_gauges.refresh()  # cached: at most one query per OUTBOX_METRICS_CACHE
+    return Response(render(services.metrics_registries), media_type=CONTENT_TYPE_LATEST)
+
+
 async def openapi(request: Request) -> Response:
     from outbox.openapi import openapi_document
 
@@ -390,6 +403,7 @@ ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
 ]
 
 # The live status feed (outbox/gateway.py), apart from the HTTP routes that OpenAPI
@@ -401,10 +415,12 @@ WEBSOCKET_ROUTES = [
 
 
 class RequestLog:
-    """One log line per request: method, path, status, duration, message and user ids."""
+    """One log line per request: method, path, status, duration, message and user ids;
+    and the request's duration in the metrics, by route template (bounded labels)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -422,21 +438,30 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            duration = time.perf_counter() - started
+            route = scope.get("route")  # set by the router on a match (also a 405's)
+            self.metrics.observe_request(
+                getattr(route, "path", UNMATCHED), scope["method"], status, duration
+            )
             state = scope.get("state", {})
             log.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                duration_ms=round(duration * 1000, 2),
                 message_id=state.get("message_id"),
                 user_id=state.get("user_id"),
                 **{key: state[key] for key in ("to", "batch_size") if state.get(key)},
             )
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(
+    settings: Settings, *, extra_registries: Sequence[CollectorRegistry] = ()
+) -> Starlette:
+    """The ASGI app; `extra_registries` (a dispatcher's in the same process) join /metrics."""
     verifier = TokenVerifier(settings)
+    api_metrics = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -444,24 +469,30 @@ def create_app(settings: Settings) -> Starlette:
         # Not waiting: the API starts while the database is away and answers 503.
         await pool.open(wait=False)
         store = Store(pool)
+        queue_gauges = QueueGauges(store, settings.metrics_cache)
+        api_metrics.registry.register(queue_gauges)
         app.state.services = Services(
             settings=settings,
             store=store,
             verifier=verifier,
             ingest=InsertCoalescer(store, settings.max_attempts),
+            metrics=api_metrics,
+            queue_gauges=queue_gauges,
+            metrics_registries=(api_metrics.registry, *extra_registries),
         )
-        app.state.gateway = gateway = Gateway(settings, store, verifier)
+        app.state.gateway = gateway = Gateway(settings, store, verifier, api_metrics)
         gateway.start()
         try:
             yield
         finally:
             await gateway.stop()
             await pool.close()
+            api_metrics.registry.unregister(queue_gauges)
 
     app = Starlette(
         routes=[*ROUTES, *WEBSOCKET_ROUTES, *dashboard.ROUTES],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
-    app.add_middleware(RequestLog)
+    app.add_middleware(RequestLog, metrics=api_metrics)
     return app

@@ -7,6 +7,7 @@ import asyncio
 import psycopg
 
 from outbox.log import get_logger
+from outbox.metrics import DispatchMetrics
 from outbox.store import Completion, Store
 
 log = get_logger("outbox.completer")
@@ -24,9 +25,12 @@ class Completer:
     backoff: an outcome is only dropped once PostgreSQL has it.
     """
 
-    def __init__(self, store: Store, dispatcher_id: str) -> None:
+    def __init__(
+        self, store: Store, dispatcher_id: str, metrics: DispatchMetrics | None = None
+    ) -> None:
         self._store = store
         self._dispatcher_id = dispatcher_id
+        self._metrics = metrics or DispatchMetrics()
         self._queue: asyncio.Queue[Completion] = asyncio.Queue()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -78,7 +82,10 @@ class Completer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
         lost = [c for c in batch if c.id not in applied]
+        # Counted once per batch and outcome, as written (a lost outcome did not happen).
+        self._metrics.count_outcomes(batch if not lost else (c for c in batch if c.id in applied))
         if lost:
+            self._metrics.outcomes_lost.inc(len(lost))
             # The lease expired and the row was reclaimed: a newer attempt owns it now.
             self.lost_leases += len(lost)
             for completion in lost:

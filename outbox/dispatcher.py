@@ -22,6 +22,7 @@ import psycopg
 
 from outbox.completer import Completer
 from outbox.log import get_logger, mask_phone
+from outbox.metrics import DispatchMetrics
 from outbox.notifier import listen
 from outbox.providers import create_provider
 from outbox.providers.base import OutgoingMessage, Provider, ProviderError, clean_text
@@ -43,12 +44,21 @@ def default_dispatcher_id() -> str:
 class Dispatcher:
     """One class with `run()` and `stop()`; `run()` returns after a clean shutdown."""
 
-    def __init__(self, settings: Settings, store: Store, provider: Provider) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        provider: Provider,
+        metrics: DispatchMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
         self.id = settings.dispatcher_id or default_dispatcher_id()
-        self.completer = Completer(store, self.id)
+        self.metrics = metrics or DispatchMetrics()
+        self.completer = Completer(store, self.id, self.metrics)
+        self.calls_in_flight = 0
+        self.metrics.track_in_flight(lambda: self.calls_in_flight)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # set when a claim is worth making
@@ -152,6 +162,7 @@ class Dispatcher:
         # The lease runs from the database's now() inside the claim: count from before it.
         lease_end = time.monotonic() + self.settings.lease_seconds
         claimed = await self.store.claim(self.id, limit, self.settings.lease_seconds)
+        self.metrics.claim_size.observe(len(claimed))
         self._buffer.extend((message, lease_end) for message in claimed)
         if self._paused_until > time.monotonic():
             # A sender-level error arrived during the claim: these rows wait for the pause.
@@ -245,6 +256,7 @@ class Dispatcher:
             return
         bound.info("attempt started")
         clock = time.perf_counter()
+        self.calls_in_flight += 1
         try:
             async with asyncio.timeout(budget):
                 provider_id = await self.provider.send(
@@ -277,7 +289,10 @@ class Dispatcher:
             bound.exception("provider raised unexpectedly")
             provider_id = None
             failure = ProviderError(ErrorKind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}")
+        finally:
+            self.calls_in_flight -= 1
         latency_ms = (time.perf_counter() - clock) * 1000
+        self.metrics.provider_duration.observe(latency_ms / 1000)
         finished_at = datetime.now(UTC)
         bound = bound.bind(duration_ms=round(latency_ms, 2))
         if failure is None:
@@ -390,6 +405,7 @@ class Dispatcher:
                 log.warning("lease reaper failed", error=str(exc).strip())
                 continue
             if reaped:
+                self.metrics.leases_recovered.inc(reaped)
                 log.warning("returned rows whose lease expired", count=reaped)
                 self.wake()
 
@@ -405,10 +421,12 @@ def provider_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
-async def run_dispatcher(settings: Settings, store: Store, stop: asyncio.Event) -> None:
+async def run_dispatcher(
+    settings: Settings, store: Store, stop: asyncio.Event, metrics: DispatchMetrics | None = None
+) -> None:
     """Run a dispatcher until `stop` is set; used by `outbox dispatch` and `outbox dev`."""
     async with provider_client(settings) as client:
-        dispatcher = Dispatcher(settings, store, create_provider(settings, client))
+        dispatcher = Dispatcher(settings, store, create_provider(settings, client), metrics)
         run = asyncio.create_task(dispatcher.run())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)

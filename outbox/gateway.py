@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from outbox import notifier
 from outbox.auth import AuthError, Principal, TokenVerifier, bearer_token
 from outbox.log import get_logger
+from outbox.metrics import ApiMetrics
 from outbox.settings import Settings
 from outbox.store import EventRow, Store
 
@@ -71,6 +72,10 @@ def wire_message(event_id: int, event: str, data: dict[str, Any]) -> str:
     return orjson.dumps({"event": event, "data": ordered, "version": WIRE_VERSION}).decode()
 
 
+# What Client.offer did with an event (counted per page for the metrics).
+SKIPPED, QUEUED, DROPPED = 0, 1, 2
+
+
 @dataclass(eq=False)
 class Client:
     """One connected socket: whose events it gets, and its bounded queue."""
@@ -83,22 +88,24 @@ class Client:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
-    def offer(self, event_id: int, text: str) -> None:
-        """Hand over a live event without ever waiting (fan-out must not block)."""
+    def offer(self, event_id: int, text: str) -> int:
+        """Hand over a live event without ever waiting (fan-out must not block).
+        Returns QUEUED, SKIPPED or DROPPED (this event cut the client off: too slow)."""
         if event_id <= self.last_id or self.closed.done():
-            return
+            return SKIPPED
         if self.buffer is not None:
             if len(self.buffer) >= self.queue.maxsize:
                 self.cut(TRY_AGAIN_LATER, "too slow: reconnect with ?since=<last event_id>")
-            else:
-                self.buffer.append((event_id, text))
-            return
+                return DROPPED
+            self.buffer.append((event_id, text))
+            return QUEUED
         try:
             self.queue.put_nowait(text)
         except asyncio.QueueFull:
             self.cut(TRY_AGAIN_LATER, "too slow: reconnect with ?since=<last event_id>")
-            return
+            return DROPPED
         self.last_id = event_id
+        return QUEUED
 
     def cut(self, code: int, reason: str) -> None:
         if not self.closed.done():
@@ -106,8 +113,15 @@ class Client:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, store: Store, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        verifier: TokenVerifier,
+        metrics: ApiMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or ApiMetrics()
         self.store = store
         self.verifier = verifier
         self.queue_size = settings.ws_queue_size
@@ -185,22 +199,27 @@ class Gateway:
             self._positioned.set()
         while True:
             rows = await self.store.events_after(self.last_seen, self.page_size)
+            tally = [0, 0, 0]  # by offer result: counted once per page, not per event
             for row in rows:
-                self._fan_out(row)
+                self._fan_out(row, tally)
             if rows:
                 self.last_seen = rows[-1].id
+            if tally[QUEUED]:
+                self.metrics.events_fanned_out.inc(tally[QUEUED])
+            if tally[DROPPED]:
+                self.metrics.slow_clients_dropped.inc(tally[DROPPED])
             if len(rows) < self.page_size:
                 return
 
-    def _fan_out(self, row: EventRow) -> None:
+    def _fan_out(self, row: EventRow, tally: list[int]) -> None:
         users = self._by_user.get(row.user_id)
         if not users and not self._admins:
             return
         text = wire_message(row.id, row.event, row.data)
         for client in users or ():
-            client.offer(row.id, text)
+            tally[client.offer(row.id, text)] += 1
         for client in self._admins:
-            client.offer(row.id, text)
+            tally[client.offer(row.id, text)] += 1
 
     # Clients ---------------------------------------------------------------------------
 
@@ -274,6 +293,7 @@ class Gateway:
             buffer=deque() if since is not None else None,
         )
         self._register(client)
+        self.metrics.websocket_clients.inc()
         expiry = None
         if principal.expires_at is not None:
             delay = principal.expires_at + self.settings.jwt_leeway - time.time()
@@ -287,6 +307,7 @@ class Gateway:
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._unregister(client)
+            self.metrics.websocket_clients.dec()
             if expiry is not None:
                 expiry.cancel()
             for task in (sender, receiver):

@@ -187,6 +187,18 @@ def openapi_document() -> dict[str, Any]:
         "/openapi.json": {
             "get": {"summary": "This document", "security": [], "responses": plain_ok}
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text exposition format)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "OK",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
     }
     return {
         "openapi": "3.1.0",

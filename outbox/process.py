@@ -16,6 +16,7 @@ from outbox import db
 from outbox.api import create_app
 from outbox.dispatcher import run_dispatcher
 from outbox.gateway import going_away
+from outbox.metrics import DispatchMetrics, MetricsServer, QueueGauges
 from outbox.schedule import Scheduler
 from outbox.settings import Settings
 from outbox.store import Store
@@ -61,25 +62,45 @@ def _on_stop_signals(callback: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, callback)
 
 
-async def _dispatch_until(settings: Settings, stop: asyncio.Event) -> None:
+async def _dispatch_until(
+    settings: Settings, stop: asyncio.Event, metrics: DispatchMetrics | None = None
+) -> None:
+    """`metrics` given: the serve app of this process shows them, no port of its own."""
     pool = db.create_pool(settings)
     await pool.open(wait=False)
     store = Store(pool, session_conninfo=settings.listen_database_url)
+    exporter = None
+    if metrics is None:
+        metrics = DispatchMetrics()
+        if settings.metrics_port:
+            exporter = MetricsServer.start(
+                settings.metrics_host or settings.host,
+                settings.metrics_port,
+                metrics,
+                QueueGauges(store, settings.metrics_cache),
+            )
     # The scheduled purge runs beside the dispatcher (once per tick across the cluster).
-    scheduler = asyncio.create_task(Scheduler(settings, store).run(stop), name="scheduler")
+    scheduler = asyncio.create_task(
+        Scheduler(settings, store, metrics=metrics).run(stop), name="scheduler"
+    )
     try:
-        await run_dispatcher(settings, store, stop)
+        await run_dispatcher(settings, store, stop, metrics)
     finally:
         if not scheduler.done():
             scheduler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await scheduler
+        if exporter is not None:
+            await exporter.stop()
         await pool.close()
 
 
 async def serve(settings: Settings, *, with_dispatcher: bool = False) -> None:
     """The HTTP API (and, for `outbox dev`, a dispatcher) until SIGINT or SIGTERM."""
-    server = uvicorn_server(create_app(settings), settings)
+    # With a dispatcher in this process, its metrics join serve's /metrics (no extra port).
+    dispatch_metrics = DispatchMetrics() if with_dispatcher else None
+    extra = (dispatch_metrics.registry,) if dispatch_metrics else ()
+    server = uvicorn_server(create_app(settings, extra_registries=extra), settings)
     stop = asyncio.Event()
 
     def request_stop() -> None:
@@ -91,7 +112,7 @@ async def serve(settings: Settings, *, with_dispatcher: bool = False) -> None:
     _on_stop_signals(request_stop)
     tasks = [asyncio.create_task(server.serve())]
     if with_dispatcher:
-        tasks.append(asyncio.create_task(_dispatch_until(settings, stop)))
+        tasks.append(asyncio.create_task(_dispatch_until(settings, stop, dispatch_metrics)))
     await asyncio.gather(*tasks)
 
 

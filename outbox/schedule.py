@@ -31,6 +31,7 @@ from cronsim import CronSim
 
 from outbox.dispatcher import default_dispatcher_id
 from outbox.log import get_logger
+from outbox.metrics import DispatchMetrics
 from outbox.purge import run_purge
 from outbox.settings import Settings
 from outbox.store import PurgeCounts, Store
@@ -81,7 +82,9 @@ class Scheduler:
         work: Callable[[], Awaitable[PurgeCounts]] | None = None,
         runner: str | None = None,
         job: str = PURGE_JOB,
+        metrics: DispatchMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or DispatchMetrics()
         self.settings = settings
         self.store = store
         self.now = now
@@ -153,6 +156,13 @@ class Scheduler:
                     "interrupted": self._stop.is_set(),
                 },
             )
+            self.metrics.purge_runs.inc()
+            for kind, rows in (
+                ("errored", counts.errored),
+                ("sent", counts.sent),
+                ("events", counts.events),
+            ):
+                self.metrics.purge_rows[kind].inc(rows)
             log.info(
                 "scheduled purge finished",
                 job=self.job,

@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     ws_queue_size: int = Field(default=1000, ge=2, le=1_000_000)  # events held per client
     ws_ping_interval: Seconds = 20.0  # 0 = no pings
 
+    # Metrics: `outbox dispatch` serves /metrics on metrics_host:metrics_port (0 = none;
+    # `serve` has /metrics on its own port); queue gauges are read at most every metrics_cache.
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+    metrics_host: str = ""  # "" = OUTBOX_HOST
+    metrics_cache: Seconds = 5.0
+
     # `outbox dev`: where the embedded PostgreSQL and the dev JWT secret live
     dev_data_dir: Path = DEV_DATA_DIR
 

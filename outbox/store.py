@@ -337,6 +337,24 @@ class Store:
             await cursor.execute(QUERIES["retry_message"], {"id": message_id, "budget": budget})
             return await cursor.fetchone()
 
+    async def queue_gauges(self) -> QueueFigures:
+        """The queue gauges of /metrics in one statement (see `queue_gauges`)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(QUERIES["queue_gauges"])
+            row = await cursor.fetchone()
+        assert row is not None
+        pending, due, oldest_due_age, in_flight, expired, *statistics = row
+        return QueueFigures(
+            counts={
+                "pending": pending,
+                "in_flight": in_flight,
+                **{s: estimate_count(s, *statistics) for s in ("sent", "error", "cancelled")},
+            },
+            due=due,
+            oldest_due_age=oldest_due_age,
+            lease_expired=expired,
+        )
+
     # Live status feed (issue 6) ---------------------------------------------------------
 
     async def max_event_id(self) -> int | None:
@@ -418,6 +436,42 @@ class JobSession:
             QUERIES["finish_job_run"],
             {"job": self.job, "tick": tick, "rows": rows, "detail": Jsonb(detail)},
         )
+
+
+def estimate_count(
+    value: str,
+    reltuples: float,
+    null_frac: float | None,
+    n_distinct: float | None,
+    common_values: list[str] | None,
+    common_shares: list[float] | None,
+) -> int | None:
+    """Rows with `value`, as the planner estimates an equality (eqsel): its share in the
+    most-common-values list, or else an even part of what the list leaves over. None
+    when the table was never analysed: no figure rather than a wrong one."""
+    if reltuples < 0 or (n_distinct is None and reltuples > 0):
+        return None
+    if reltuples == 0 or n_distinct is None:
+        return 0
+    common = dict(zip(common_values or (), common_shares or (), strict=True))
+    if value in common:
+        share = common[value]
+    else:
+        distinct = n_distinct if n_distinct > 0 else -n_distinct * reltuples
+        others = distinct - len(common)
+        rest = 1.0 - (null_frac or 0.0) - sum(common.values())
+        share = rest / others if others >= 1 and rest > 0 else 0.0
+    return round(reltuples * share)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFigures:
+    """The queue gauges of /metrics (`queue_gauges`)."""
+
+    counts: dict[str, int | None]  # by status; None: no estimate (never analysed)
+    due: int
+    oldest_due_age: float  # seconds
+    lease_expired: int
 
 
 @dataclass(frozen=True, slots=True)

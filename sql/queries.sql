@@ -276,3 +276,30 @@ SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_at
             FROM outbox.attempts a WHERE a.message_id = m.id),
            '[]'::jsonb) AS history
 FROM outbox.retry_message(%(id)s, %(budget)s) AS m;
+-- Metrics (issue 8) ---------------------------------------------------------------------
+
+-- name: queue_gauges
+-- The Prometheus queue gauges (outbox/metrics.py), read at most once per
+-- OUTBOX_METRICS_CACHE. Exact where a partial index keeps it cheap whatever the size of
+-- the history: pending rows through messages_due, in-flight rows through messages_lease
+-- (live rows only, index-only scans). Sent, error and cancelled rows are most of a big
+-- table: their counts are estimated from the planner's statistics instead, as of the
+-- last (auto)ANALYZE: a catalogue lookup (outbox/store.py does the arithmetic).
+WITH pending AS (
+    SELECT count(*) AS count,
+           count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
+           GREATEST(0, COALESCE(EXTRACT(epoch FROM now() - min(next_attempt_at)), 0))::float8
+               AS oldest_due_age
+    FROM outbox.messages WHERE status = 'pending'
+), in_flight AS (
+    SELECT count(*) AS count, count(*) FILTER (WHERE locked_until < now()) AS expired
+    FROM outbox.messages WHERE status = 'in_flight'
+)
+SELECT p.count, p.due, p.oldest_due_age, f.count, f.expired, c.reltuples::float8,
+       s.null_frac::float8, s.n_distinct::float8, s.most_common_vals::text::text[],
+       s.most_common_freqs::float8[]
+FROM pending p, in_flight f, pg_class c
+LEFT JOIN pg_stats s
+       ON s.schemaname = 'outbox' AND s.tablename = 'messages' AND s.attname = 'status'
+      AND NOT s.inherited
+WHERE c.oid = 'outbox.messages'::regclass;

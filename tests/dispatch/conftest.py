@@ -152,6 +152,7 @@ def dispatcher_env(database_url: str, provider: tuple[ScriptedProvider, str]) ->
         OUTBOX_POLL_INTERVAL="200ms",
         OUTBOX_LOG_FORMAT="json",
         OUTBOX_LOG_LEVEL="info",
+        OUTBOX_METRICS_PORT="0",  # no port each; the metrics tests give theirs
     )
     return env
 

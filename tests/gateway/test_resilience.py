@@ -20,6 +20,7 @@ from tests.gateway.conftest import (
     write_events,
     ws_url,
 )
+from tests.scrape import scrape, value
 from tests.support import ServerThread, wait_for
 
 Token = Callable[..., str]
@@ -114,6 +115,9 @@ def test_a_client_that_does_not_read_is_cut_off_with_1013_and_the_others_get_eve
     assert code == 1013 and "since" in reason, (code, reason)
     # What it did get is a prefix, in order: it resumes from its last event_id.
     assert 0 < len(got) < len(written) and got == written[: len(got)]
+    # Counted once as a dropped slow client on serve's /metrics.
+    samples = scrape(f"{server.url}/metrics")
+    assert value(samples, "outbox_websocket_slow_clients_dropped_total") == 1
 
 
 def test_killing_the_listen_connection_mid_burst_loses_nothing(

@@ -11,6 +11,9 @@ import pytest
 
 from outbox.api import create_app
 from outbox.settings import Settings
+
+# The dispatcher fixtures (a scripted provider, real `outbox dispatch` processes).
+from tests.dispatch.conftest import dispatcher_env, provider, start_dispatcher  # noqa: F401
 from tests.support import ServerThread
 
 ClientFactory = Callable[..., AbstractContextManager[httpx.Client]]

@@ -83,15 +83,11 @@ def test_compose_config_accepts_the_file_and_wires_the_roles() -> None:
     assert environment(services["dispatch"])["OUTBOX_METRICS_PORT"] == "9101"
 
 
-# Set in compose.yaml for a setting another change adds (dispatcher metrics).
-PENDING_SETTINGS = {"OUTBOX_METRICS_PORT"}
-
-
 def test_compose_sets_only_settings_that_exist() -> None:
     """A misspelt OUTBOX_* variable would be ignored silently by the processes."""
     from outbox.settings import Settings
 
-    known = {f"OUTBOX_{name.upper()}" for name in Settings.model_fields} | PENDING_SETTINGS
+    known = {f"OUTBOX_{name.upper()}" for name in Settings.model_fields}
     for name, service in compose_config()["services"].items():
         unknown = {k for k in environment(service) if k.startswith("OUTBOX_")} - known
         assert unknown == set(), f"{name}: {sorted(unknown)}"

@@ -1,0 +1,311 @@
+"""Prometheus metrics: `serve`'s and `dispatch`'s figures, and queue gauges from the database.
+
+Each app and each dispatcher owns a `CollectorRegistry` (never the global default one:
+tests run several apps in one process). Hot paths touch only cached label children,
+and the dispatcher counts outcomes per written batch, not per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from outbox.log import get_logger
+
+if TYPE_CHECKING:
+    from outbox.store import Completion, QueueFigures, Store
+
+log = get_logger("outbox.metrics")
+
+UNMATCHED = "unmatched"  # the route label of a path no route matches
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+PROVIDER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+CLAIM_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+REFRESH_TIMEOUT = 2.0  # a scrape gets the last figures rather than wait on a slow database
+QUEUE_STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
+
+
+class ApiMetrics:
+    """`outbox serve`: requests, accepted messages, the WebSocket feed."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.request_duration = Histogram(
+            "outbox_http_request_duration_seconds",
+            "HTTP requests by route template, method and status: time from the request to "
+            "the end of the response (the _count is the request count).",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        accepted = Counter(
+            "outbox_messages_accepted_total",
+            "Messages answered 202 (idempotent replays included), by endpoint: single "
+            "(POST /send/) or batch (each item of POST /send/batch counts).",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.accepted_single = accepted.labels("single")
+        self.accepted_batch = accepted.labels("batch")
+        self.websocket_clients = Gauge(
+            "outbox_websocket_clients",
+            "WebSocket status-feed clients connected and authenticated now.",
+            registry=registry,
+        )
+        self.events_fanned_out = Counter(
+            "outbox_websocket_events_fanned_out_total",
+            "Live status events handed to WebSocket clients (one per event per client).",
+            registry=registry,
+        )
+        self.slow_clients_dropped = Counter(
+            "outbox_websocket_slow_clients_dropped_total",
+            "WebSocket clients closed with 1013 because their queue of events was full.",
+            registry=registry,
+        )
+        self._requests: dict[tuple[str, str, int], Any] = {}
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        if method not in _METHODS:
+            method = "other"  # any verb a client invents must not become a new series
+        key = (route, method, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.request_duration.labels(route, method, str(status))
+        child.observe(seconds)
+
+
+def _attempt_labels(outcome: str, status: str) -> tuple[str, str]:
+    """(outcome, error_class) of an attempt from the completion's outcome and new status."""
+    if outcome in ("sent", "expired"):
+        return outcome, "none"
+    if outcome == "interrupted":
+        return "handed_back", "none"
+    if outcome == "sender":
+        return "paused", "sender"
+    return ("retry" if status == "pending" else "failed"), outcome
+
+
+class DispatchMetrics:
+    """`outbox dispatch`: attempts, provider calls, claims, leases, the scheduled purge."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.attempts = Counter(
+            "outbox_attempts_total",
+            "Attempts recorded, by outcome (sent, retry, failed, paused, expired, "
+            "handed_back) and error class (none, transient, permanent, sender).",
+            ["outcome", "error_class"],
+            registry=registry,
+        )
+        self.provider_duration = Histogram(
+            "outbox_provider_request_duration_seconds",
+            "Provider calls: time from the request to the answer, the error or the timeout.",
+            buckets=PROVIDER_BUCKETS,
+            registry=registry,
+        )
+        self.calls_in_flight = Gauge(
+            "outbox_provider_calls_in_flight",
+            "Provider calls in progress now.",
+            registry=registry,
+        )
+        self.claim_size = Histogram(
+            "outbox_claim_batch_messages",
+            "Messages per claim statement (empty claims included).",
+            buckets=CLAIM_BUCKETS,
+            registry=registry,
+        )
+        self.leases_recovered = Counter(
+            "outbox_lease_expiries_recovered_total",
+            "In-flight messages whose lease expired, returned by this process's reaper.",
+            registry=registry,
+        )
+        self.outcomes_lost = Counter(
+            "outbox_outcomes_lost_total",
+            "Outcomes not recorded because the lease had expired and the row was reclaimed.",
+            registry=registry,
+        )
+        self.purge_runs = Counter(
+            "outbox_purge_runs_total",
+            "Scheduled purge runs this process carried out.",
+            registry=registry,
+        )
+        purge_rows = Counter(
+            "outbox_purge_rows_total",
+            "Rows deleted by the scheduled purge, by kind (errored, sent: sent and "
+            "cancelled messages, events).",
+            ["kind"],
+            registry=registry,
+        )
+        self.purge_rows = {kind: purge_rows.labels(kind) for kind in ("errored", "sent", "events")}
+        self._attempts: dict[tuple[str, str], Any] = {}
+
+    def count_outcomes(self, completions: Iterable[Completion]) -> None:
+        """One increment per (outcome, status) of a written batch."""
+        for (outcome, status), count in Tally((c.outcome, c.status) for c in completions).items():
+            child = self._attempts.get((outcome, status))
+            if child is None:
+                child = self.attempts.labels(*_attempt_labels(outcome, status))
+                self._attempts[(outcome, status)] = child
+            child.inc(count)
+
+    def track_in_flight(self, count: Callable[[], float]) -> None:
+        """The in-flight gauge reads the dispatcher's own count when scraped: no hot-path cost."""
+        self.calls_in_flight.set_function(count)
+
+
+class QueueGauges:
+    """Queue figures from the database, read at most once per `ttl` and only when scraped.
+
+    Exact: pending, in flight, due now, oldest due age and expired leases (small partial
+    indexes). Estimated from the planner's statistics (`store.estimate_count`): sent,
+    error and cancelled, whose exact count would scan most of a large table. See
+    `queue_gauges` in sql/queries.sql.
+    """
+
+    def __init__(self, store: Store, ttl: float) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._figures: QueueFigures | None = None
+        self._read_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        if time.monotonic() - self._read_at < self._ttl:
+            return
+        async with self._lock:  # concurrent scrapes share one read
+            if time.monotonic() - self._read_at < self._ttl:
+                return
+            try:
+                async with asyncio.timeout(REFRESH_TIMEOUT):
+                    self._figures = await self._store.queue_gauges()
+            except Exception as exc:  # database away: the last figures stay
+                log.warning("could not read queue gauges", error=str(exc).strip() or repr(exc))
+            finally:
+                self._read_at = time.monotonic()
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self._figures)
+
+    @staticmethod
+    def _families(figures: QueueFigures | None) -> list[Metric]:
+        messages = GaugeMetricFamily(
+            "outbox_queue_messages",
+            "Messages by status: pending and in_flight exact; sent, error and cancelled "
+            "estimated from the planner's statistics (as of the last ANALYZE).",
+            labels=["status"],
+        )
+        due = GaugeMetricFamily(
+            "outbox_queue_due_messages", "Pending messages due now (waiting for a slot)."
+        )
+        oldest = GaugeMetricFamily(
+            "outbox_queue_oldest_due_age_seconds",
+            "How long the longest-waiting due message has been due (0 when none is due).",
+        )
+        expired = GaugeMetricFamily(
+            "outbox_queue_lease_expired_messages",
+            "In-flight messages whose lease has expired (the reaper returns them).",
+        )
+        if figures is not None:
+            for status in QUEUE_STATUSES:
+                count = figures.counts.get(status)
+                if count is not None:
+                    messages.add_metric([status], count)
+            due.add_metric([], figures.due)
+            oldest.add_metric([], figures.oldest_due_age)
+            expired.add_metric([], figures.lease_expired)
+        return [messages, due, oldest, expired]
+
+
+class _RefreshOnLoop:
+    """QueueGauges for a threaded server: the refresh runs on the dispatcher's loop."""
+
+    def __init__(self, gauges: QueueGauges, loop: asyncio.AbstractEventLoop) -> None:
+        self._gauges = gauges
+        self._loop = loop
+
+    def describe(self) -> Iterable[Metric]:
+        return self._gauges.describe()
+
+    def collect(self) -> Iterable[Metric]:
+        future = asyncio.run_coroutine_threadsafe(self._gauges.refresh(), self._loop)
+        try:
+            future.result(REFRESH_TIMEOUT + 1)
+        except Exception:  # the loop is busy or stopping: the last figures will do
+            future.cancel()
+        return self._gauges.collect()
+
+
+def render(registries: Iterable[CollectorRegistry]) -> bytes:
+    """Several registries as one text exposition (their metric names never overlap)."""
+    return b"".join(generate_latest(registry) for registry in registries)
+
+
+class MetricsServer:
+    """The dispatcher's `/metrics`: prometheus_client's HTTP server on a thread of its own."""
+
+    def __init__(
+        self,
+        server: WSGIServer,
+        thread: threading.Thread,
+        registry: CollectorRegistry,
+        collector: _RefreshOnLoop | None,
+    ) -> None:
+        self._server = server
+        self._thread = thread
+        self._registry = registry
+        self._collector = collector
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    @classmethod
+    def start(
+        cls, host: str, port: int, metrics: DispatchMetrics, gauges: QueueGauges | None = None
+    ) -> MetricsServer | None:
+        """Listen on host:port; None (after one warning) when the port cannot be bound,
+        so that a second dispatcher on the same host still delivers."""
+        registry = metrics.registry
+        collector = _RefreshOnLoop(gauges, asyncio.get_running_loop()) if gauges else None
+        if collector is not None:
+            registry.register(collector)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            if collector is not None:
+                registry.unregister(collector)
+            log.warning(
+                "metrics port unavailable: running without /metrics",
+                host=host,
+                port=port,
+                error=exc.strerror or str(exc),
+            )
+            return None
+        started = cls(server, thread, registry, collector)
+        log.info("metrics listening", host=host, port=started.port, path="/metrics")
+        return started
+
+    async def stop(self) -> None:
+        # shutdown() waits for serve_forever's poll (up to 0.5 s): not on the loop.
+        await asyncio.to_thread(self._server.shutdown)
+        self._server.server_close()
+        await asyncio.to_thread(self._thread.join, 5)
+        if self._collector is not None:
+            self._registry.unregister(self._collector)
