@@ -266,11 +266,11 @@ async def cancel_message(request: Request) -> Response:
     request.state.message_id = str(task_id)
     store = _services(request).store
     owner = _owner_filter(principal)
-    await store.cancel_message(task_id, owner)
+    cancelled = await store.cancel_message(task_id, owner)
     row = await store.get_message(task_id, owner)
     if row is None:
         raise ApiError(404, "no such message")
-    if row["status"] != "cancelled":
+    if not cancelled:  # DESIGN.md: only a message still pending; 409 otherwise (a repeat too)
         raise ApiError(409, f"message is {row['status']}: only a pending message can be cancelled")
     return OrjsonResponse(message_view(row))
 

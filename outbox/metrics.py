@@ -99,6 +99,18 @@ def _attempt_labels(outcome: str, status: str) -> tuple[str, str]:
     return ("retry" if status == "pending" else "failed"), outcome
 
 
+# The (outcome, error_class) pairs `_attempt_labels` can give.
+ATTEMPT_LABELS = (
+    ("sent", "none"),
+    ("expired", "none"),
+    ("handed_back", "none"),
+    ("paused", "sender"),
+    ("retry", "transient"),
+    ("failed", "transient"),
+    ("failed", "permanent"),
+)
+
+
 class DispatchMetrics:
     """`outbox dispatch`: attempts, provider calls, claims, leases, the scheduled purge."""
 
@@ -152,6 +164,10 @@ class DispatchMetrics:
         )
         self.purge_rows = {kind: purge_rows.labels(kind) for kind in ("errored", "sent", "events")}
         self._attempts: dict[tuple[str, str], Any] = {}
+        # Every series exists from the start at 0, so that rate() and increase() see the
+        # first attempt of each kind (a series born at 1 looks like no change).
+        for labels in ATTEMPT_LABELS:
+            self.attempts.labels(*labels)
 
     def count_outcomes(self, completions: Iterable[Completion]) -> None:
         """One increment per (outcome, status) of a written batch."""

@@ -260,7 +260,7 @@ SELECT json_build_object(
 
 -- name: retry_message
 -- An errored or cancelled message back to pending with a fresh budget, its event and
--- the dispatchers' wake-up (sql/migrations/005_admin_retry.sql); the view of the row
+-- the dispatchers' wake-up (sql/migrations/004_admin_retry.sql); the view of the row
 -- as it is now, or no row when it was not retried. Attempts are not changed by a retry,
 -- so reading them in this statement's snapshot is exact.
 SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,

@@ -246,6 +246,16 @@ def test_retry_puts_a_cancelled_message_back(client: httpx.Client, auth: Auth) -
     assert view["finished_at"] is None
 
 
+def test_retry_keeps_a_send_at_still_ahead(client: httpx.Client, auth: Auth) -> None:
+    """A scheduled message cancelled and then retried is not sent before its time."""
+    send_at = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    task_id = send(client, auth(), send_at=send_at.isoformat())
+    assert client.delete(f"{MESSAGES}/{task_id}", headers=auth()).status_code == 200
+    response = retry(client, task_id, auth("root", admin=True))
+    assert response.status_code == 200, response.text
+    assert datetime.fromisoformat(response.json()["next_attempt_at"]) == send_at
+
+
 @pytest.mark.parametrize("status", ["pending", "in_flight", "sent"])
 def test_retry_refuses_other_states(
     client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection, status: str

@@ -281,10 +281,13 @@ def test_cancel_a_pending_message(
         "SELECT status, finished_at IS NOT NULL FROM outbox.messages WHERE id = %s", [task_id]
     ).fetchone()
     assert row == ("cancelled", True)
+    # Cancelled is no longer pending: a second DELETE is refused and changes nothing.
     again = client.delete(f"{MESSAGES}/{task_id}", headers=auth())
-    assert again.status_code == 200, again.text
-    assert again.json()["status"] == "cancelled"
-    assert again.json()["finished_at"] == view["finished_at"]
+    assert again.status_code == 409, again.text
+    assert again.json()["error"]["code"] == "conflict"
+    assert "cancelled" in again.json()["error"]["message"]
+    after = client.get(f"{MESSAGES}/{task_id}", headers=auth()).json()
+    assert after["finished_at"] == view["finished_at"]
 
 
 @pytest.mark.parametrize("status", ["sent", "in_flight", "error"])

@@ -20,6 +20,7 @@ from tests.dispatch.conftest import (
     statuses,
     wait_all,
 )
+from tests.e2e.conftest import free_port
 from tests.scrape import scrape, total, value
 from tests.support import ServerThread, wait_for
 
@@ -84,7 +85,8 @@ def test_serve_metrics_match_what_happened(
         assert client.get(f"/api/v1/whatsapp/messages/{task_id}", headers=auth()).status_code == 200
         assert client.get("/no/such/path").status_code == 404
 
-        start_dispatcher()
+        dispatch_port = free_port()
+        start_dispatcher(metrics_port=str(dispatch_port))
         wait_all(sql_conn, "sent", 3)
         wait_all(sql_conn, "error", 2)
         events = sql_conn.execute("SELECT count(*) FROM outbox.events").fetchone()
@@ -129,8 +131,23 @@ def test_serve_metrics_match_what_happened(
         assert value(samples, "outbox_queue_messages", status=status) == counts.get(status, 0)
     assert value(samples, "outbox_queue_due_messages") == 0
 
-    # A dispatcher in another process: its figures are on its own port, not here.
+    # The dispatcher of the same run, in another process: its figures are on its own
+    # port (not here), and they are what it did: 3 sent, 2 refused for good.
     assert total(samples, "outbox_attempts_total") == 0
+    dispatch_url = f"http://127.0.0.1:{dispatch_port}/metrics"
+    wait_for(
+        lambda: total(scrape(dispatch_url), "outbox_attempts_total") == 5,
+        what="the dispatcher's five outcomes counted",
+    )
+    dispatched = scrape(dispatch_url)
+    assert value(dispatched, "outbox_attempts_total", outcome="sent", error_class="none") == 3
+    assert (
+        value(dispatched, "outbox_attempts_total", outcome="failed", error_class="permanent") == 2
+    )
+    assert value(dispatched, "outbox_provider_request_duration_seconds_count") == len(
+        scripted.calls
+    )
+    assert value(dispatched, "outbox_provider_calls_in_flight") == 0
 
 
 def test_metrics_answer_while_the_database_is_away(settings: Settings) -> None:

@@ -20,7 +20,7 @@ BEGIN
     UPDATE outbox.messages
     SET status = 'pending',
         max_attempts = attempts + p_budget,
-        next_attempt_at = now(),
+        next_attempt_at = GREATEST(now(), COALESCE(send_at, now())),  -- never before send_at
         last_error = NULL,
         provider_message_id = NULL,
         finished_at = NULL,
@@ -34,7 +34,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    -- A `message_retrying` event (status `retrying`, no error, next_attempt_at now),
+    -- A `message_retrying` event (status `retrying`, no error, its next_attempt_at),
     -- then the wake-up that the INSERT trigger gives new rows: an UPDATE has none.
     PERFORM outbox.write_events(ARRAY[requeued.id]);
     PERFORM pg_notify('outbox_new', '');
