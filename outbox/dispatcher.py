@@ -151,6 +151,9 @@ class Dispatcher:
 
     async def _claim(self, limit: int) -> list[Claimed]:
         if not self._ready_logged:
+            # One connection claims while another records outcomes: both open before
+            # "ready", which marks the end of start-up.
+            await self.store.open_connections(2)
             log.info(
                 "ready",
                 dispatcher=self.id,

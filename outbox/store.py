@@ -204,6 +204,14 @@ class Store:
 
     # Dispatcher ---------------------------------------------------------------------
 
+    async def open_connections(self, count: int) -> None:
+        """Have `count` pool connections open (at most the pool's size): connecting is
+        start-up work, not delivery. Raises PoolTimeout (an OperationalError) when the
+        database does not answer within the pool timeout."""
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(min(count, self.pool.max_size)):
+                await stack.enter_async_context(self.pool.connection())
+
     async def claim(self, dispatcher: str, limit: int, lease_seconds: float) -> list[Claimed]:
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
