@@ -10,16 +10,12 @@
 ALTER TABLE outbox.attempts DROP CONSTRAINT IF EXISTS attempts_message_id_fkey;
 ALTER TABLE outbox.events DROP CONSTRAINT IF EXISTS events_message_id_fkey;
 
-CREATE OR REPLACE FUNCTION outbox.purge_errored_batch(cutoff timestamptz, batch_size integer)
-RETURNS integer LANGUAGE sql AS $$
-    WITH doomed AS (
-        SELECT id FROM outbox.messages
-        WHERE status = 'error' AND finished_at < cutoff
-        ORDER BY finished_at
-        LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
-    ), deleted AS (
-        DELETE FROM outbox.messages m USING doomed d WHERE m.id = d.id RETURNING m.id
+-- Messages with their attempts and events, in one statement (what ON DELETE CASCADE
+-- did); the purge batches below choose the rows.
+CREATE FUNCTION outbox.delete_messages(p_ids uuid[]) RETURNS integer
+LANGUAGE sql AS $$
+    WITH deleted AS (
+        DELETE FROM outbox.messages m WHERE m.id = ANY (p_ids) RETURNING m.id
     ), attempts_gone AS (
         DELETE FROM outbox.attempts a USING deleted d WHERE a.message_id = d.id
     ), events_gone AS (
@@ -28,20 +24,22 @@ RETURNS integer LANGUAGE sql AS $$
     SELECT count(*)::integer FROM deleted
 $$;
 
+CREATE OR REPLACE FUNCTION outbox.purge_errored_batch(cutoff timestamptz, batch_size integer)
+RETURNS integer LANGUAGE sql AS $$
+    SELECT outbox.delete_messages(ARRAY(
+        SELECT id FROM outbox.messages
+        WHERE status = 'error' AND finished_at < cutoff
+        ORDER BY finished_at
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED))
+$$;
+
 CREATE OR REPLACE FUNCTION outbox.purge_done_batch(cutoff timestamptz, batch_size integer)
 RETURNS integer LANGUAGE sql AS $$
-    WITH doomed AS (
+    SELECT outbox.delete_messages(ARRAY(
         SELECT id FROM outbox.messages
         WHERE status IN ('sent', 'cancelled') AND finished_at < cutoff
         ORDER BY finished_at
         LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
-    ), deleted AS (
-        DELETE FROM outbox.messages m USING doomed d WHERE m.id = d.id RETURNING m.id
-    ), attempts_gone AS (
-        DELETE FROM outbox.attempts a USING deleted d WHERE a.message_id = d.id
-    ), events_gone AS (
-        DELETE FROM outbox.events e USING deleted d WHERE e.message_id = d.id
-    )
-    SELECT count(*)::integer FROM deleted
+        FOR UPDATE SKIP LOCKED))
 $$;
