@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -50,12 +49,23 @@ def _mask_rendered(_: Any, __: str, line: Any) -> Any:
     return _PHONE.sub(_mask_match, line)
 
 
-def _utc_timestamp(_: Any, __: str, event_dict: Any) -> Any:
+class _UtcTimestamp:
     """`2026-11-25T15:40:18.743950Z`, as structlog's TimeStamper(fmt="iso", utc=True)
-    writes it, for a third of its cost (two lines per attempt are on the hot path)."""
-    now = datetime.now(UTC).isoformat(timespec="microseconds")
-    event_dict["timestamp"] = now[:-6] + "Z"  # "+00:00" → "Z"
-    return event_dict
+    writes it, with the date and time of day formatted once per second (two lines per
+    attempt put this on the hot path)."""
+
+    def __init__(self) -> None:
+        self._cache = (-1, "")  # (second, its text): replaced as one value, thread-safe
+
+    def __call__(self, _: Any, __: str, event_dict: Any) -> Any:
+        now = time.time()
+        second = int(now)
+        cached_second, text = self._cache
+        if second != cached_second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._cache = (second, text)
+        event_dict["timestamp"] = f"{text}.{int((now - second) * 1_000_000):06d}Z"
+        return event_dict
 
 
 def _orjson_dumps(value: Any, **_: Any) -> bytes:
@@ -110,7 +120,7 @@ def configure_logging(settings: Settings) -> None:
         settings.log_format == "" and not sys.stderr.isatty()
     )
     exc: list[Any] = [structlog.processors.format_exc_info]
-    stamps: list[Any] = [structlog.processors.add_log_level, _utc_timestamp]
+    stamps: list[Any] = [structlog.processors.add_log_level, _UtcTimestamp()]
     if as_json:
         # Logs are on the hot path (two lines per attempt): orjson straight to bytes.
         renderer: Any = structlog.processors.JSONRenderer(serializer=_orjson_dumps)

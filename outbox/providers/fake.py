@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random as _random
-import uuid
 from collections.abc import Callable
 
 from outbox.providers.base import OutgoingMessage, ProviderError
@@ -33,4 +33,4 @@ class FakeProvider:
         # random() is in [0, 1): rate 1.0 always fails, 0.0 never does.
         if self._random() < self._failure_rate:
             raise ProviderError(ErrorKind.TRANSIENT, "fake: simulated transient failure")
-        return f"fake-{uuid.uuid4().hex}"
+        return f"fake-{os.urandom(16).hex()}"  # as unique as uuid4, a fraction of its cost
