@@ -62,7 +62,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # set when a claim is worth making
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[None]] = set()  # attempts, until their outcome is handed in
+        self._slots_taken = 0  # attempts started whose provider call has not ended
         self._buffer: deque[tuple[Claimed, float]] = deque()  # claimed, not started; lease end
         self._concurrency = settings.dispatch_concurrency
         prefetch = settings.dispatch_prefetch
@@ -115,7 +116,7 @@ class Dispatcher:
 
     def _should_claim(self) -> bool:
         room = self._capacity - self._held()
-        idle_slot = not self._buffer and len(self._running) < self._concurrency
+        idle_slot = not self._buffer and self._slots_taken < self._concurrency
         return room > 0 and (idle_slot or room >= self._claim_threshold)
 
     async def _produce(self) -> None:
@@ -176,15 +177,22 @@ class Dispatcher:
     def _start_buffered(self) -> None:
         if self._paused_until > time.monotonic() or self._stopping.is_set():
             return
-        while self._buffer and len(self._running) < self._concurrency:
+        while self._buffer and self._slots_taken < self._concurrency:
             message, lease_end = self._buffer.popleft()
+            self._slots_taken += 1
             task = asyncio.create_task(self._attempt(message, lease_end))
             self._running.add(task)
             task.add_done_callback(self._finished)
 
+    def _release_slot(self) -> bool:
+        """Free a slot when its call ends; True when that started a buffered message."""
+        self._slots_taken -= 1
+        waiting = len(self._buffer)
+        self._start_buffered()
+        return len(self._buffer) < waiting
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        self._start_buffered()
         if self._should_claim():
             self._room.set()
 
@@ -230,6 +238,7 @@ class Dispatcher:
             attempt=attempt_label,
         )
         if message.expires_at is not None and message.expires_at <= started_at:
+            self._release_slot()
             bound.warning("expired before sending", outcome="expired")
             self.completer.put(
                 Completion(
@@ -250,6 +259,7 @@ class Dispatcher:
         if lease_end - time.monotonic() - LEASE_MARGIN < budget:
             # Waited in the prefetch buffer until the lease could not cover a whole call:
             # hand it back unattempted rather than cut the call short.
+            self._release_slot()
             self.completer.put(
                 replace(
                     self._interrupted(message, started_at, "lease too short to attempt"),
@@ -295,8 +305,32 @@ class Dispatcher:
         finally:
             self.calls_in_flight -= 1
         latency_ms = (time.perf_counter() - clock) * 1000
-        self.metrics.provider_duration.observe(latency_ms / 1000)
         finished_at = datetime.now(UTC)
+        if failure is not None and failure.kind is ErrorKind.SENDER:
+            self._pause_sending(failure, finished_at)  # before a buffered message can start
+        outcome = (message, bound, provider_id, failure, started_at, finished_at, latency_ms)
+        if self._release_slot():
+            # Let the call just started go first, and this attempt's log line and
+            # outcome after it: calls that end together (a slow provider's waves) are
+            # all refilled before any of them does its bookkeeping.
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                self._record(*outcome)  # the call happened: its outcome must be written
+                raise
+        self._record(*outcome)
+
+    def _record(
+        self,
+        message: Claimed,
+        bound: Any,  # the structlog logger bound to this message's context
+        provider_id: str | None,
+        failure: ProviderError | None,
+        started_at: datetime,
+        finished_at: datetime,
+        latency_ms: float,
+    ) -> None:
+        self.metrics.provider_duration.observe(latency_ms / 1000)
         bound = bound.bind(duration_ms=round(latency_ms, 2))
         if failure is None:
             bound.info("sent", outcome="sent", provider_message_id=provider_id)
@@ -338,9 +372,7 @@ class Dispatcher:
         )
         settings = self.settings
         if failure.kind is ErrorKind.SENDER:
-            self._paused_until = time.monotonic() + settings.sender_pause
-            resume = self._resume_at = finished_at + timedelta(seconds=settings.sender_pause)
-            self._hand_back_buffer("sending paused: " + failure.reason, resume)
+            resume = self._resume_at
             logger.error(
                 "sender cannot send: pausing all sending",
                 outcome="sender",
@@ -371,6 +403,14 @@ class Dispatcher:
             error=failure.reason,
         )
         return final
+
+    def _pause_sending(self, failure: ProviderError, finished_at: datetime) -> None:
+        """A sender-level error: no call starts until the pause ends, and the rows
+        waiting in the buffer go back to the database for that time."""
+        pause = self.settings.sender_pause
+        self._paused_until = time.monotonic() + pause
+        self._resume_at = finished_at + timedelta(seconds=pause)
+        self._hand_back_buffer("sending paused: " + failure.reason, self._resume_at)
 
     def _interrupted(self, message: Claimed, started_at: datetime, reason: str) -> Completion:
         now = datetime.now(UTC)

@@ -196,6 +196,26 @@ def test_sender_error_spends_no_attempt_and_pauses(
     assert len(scripted.calls) == first_batch
 
 
+def test_sender_error_starts_no_buffered_message(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    """A slot frees as its call ends: the pause must already hold by then, or the
+    prefetched rows would each be called in turn and hit the same error."""
+    scripted, _ = provider
+    scripted.script = lambda call, n: Reply(
+        status=401, body={"error": {"code": 190, "message": "token expired"}}
+    )
+    ids = insert_messages(sql_conn, 4)
+    process = start_dispatcher(sender_pause="30s", dispatch_concurrency="1", dispatch_prefetch="5")
+    wait_for(lambda: "pausing all sending" in process.log(), what="pause log line")
+    wait_for(
+        lambda: all(message(sql_conn, task_id)["status"] == "pending" for task_id in ids),
+        what="every row handed back",
+    )
+    assert len(scripted.calls) == 1
+    assert [message(sql_conn, task_id)["attempts"] for task_id in ids] == [0, 0, 0, 0]
+
+
 def test_two_dispatchers_deliver_each_message_exactly_once(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:
