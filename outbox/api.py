@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
-import uuid_utils.compat as uuid7
+import uuid_utils
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -37,11 +37,14 @@ from outbox.ingest import InsertCoalescer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import UNMATCHED, ApiMetrics, QueueGauges, render
 from outbox.settings import Settings
-from outbox.store import Conflict, NewMessage, Store
+from outbox.store import Conflict, Inserted, NewMessage, Store
 
 log = get_logger("outbox.api")
 
 BATCH_BODY_FACTOR = 16
+# A batch goes to PostgreSQL in statements of this many rows, one transaction: each
+# runs while the next is built.
+BATCH_STATEMENT_ROWS = 250
 LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
 STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
@@ -106,7 +109,7 @@ async def _read_json_body(request: Request, limit: int) -> bytes:
 
 def _new_message(message: models.AnyMessage) -> NewMessage:
     return NewMessage(
-        id=uuid7.uuid7(),
+        id=str(uuid_utils.uuid7()),  # the Rust type's text form: a fraction of the stdlib's cost
         client_message_id=message.client_message_id,
         to=message.to,
         type=message.type,
@@ -117,10 +120,10 @@ def _new_message(message: models.AnyMessage) -> NewMessage:
     )
 
 
-def _accepted(task_id: uuid.UUID, message: NewMessage) -> dict[str, Any]:
+def _accepted(task_id: str, message: NewMessage) -> dict[str, Any]:
     return {
         "message": models.ACCEPTED_MESSAGE,
-        "task_id": str(task_id),
+        "task_id": task_id,
         "to": message.to,
         "client_message_id": message.client_message_id,
         "status": "queued",
@@ -185,22 +188,29 @@ async def send_batch(request: Request) -> Response:
             first_seen[item.client_message_id] = index
     if repeated:
         raise ApiError(422, "invalid batch", fields=repeated)
-    news = [_new_message(item) for item in batch.messages]
+    user_id, messages = principal.user_id, batch.messages
+    items: list[dict[str, Any]] = []
+
+    def chunks() -> Iterator[list[tuple[str, NewMessage]]]:
+        for start in range(0, len(messages), BATCH_STATEMENT_ROWS):
+            chunk = messages[start : start + BATCH_STATEMENT_ROWS]
+            yield [(user_id, _new_message(item)) for item in chunk]
+
+    def accepted(rows: list[tuple[str, NewMessage]], results: list[Inserted]) -> None:
+        for (_, new), inserted in zip(rows, results, strict=True):
+            item = _accepted(inserted.id, new)
+            if inserted.replayed:
+                item["replayed"] = True
+            items.append(item)
+
     try:
-        results = await services.store.insert_messages(
-            [(principal.user_id, new) for new in news], services.settings.max_attempts, atomic=True
+        await services.store.insert_all_or_nothing(
+            chunks(), services.settings.max_attempts, accepted
         )
     except Conflict as exc:
-        raise _conflict(news[exc.index].client_message_id, exc.index) from exc
-    request.state.batch_size = len(news)
-    services.metrics.accepted_batch.inc(len(news))
-    items = []
-    for new, inserted in zip(news, results, strict=True):
-        assert inserted is not None  # atomic: a conflict raised above
-        accepted = _accepted(inserted.id, new)
-        if inserted.replayed:
-            accepted["replayed"] = True
-        items.append(accepted)
+        raise _conflict(messages[exc.index].client_message_id, exc.index) from exc
+    request.state.batch_size = len(items)
+    services.metrics.accepted_batch.inc(len(items))
     return OrjsonResponse({"messages": items}, status_code=202)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,9 +36,9 @@ def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, LiteralStrin
 QUERIES = load_queries()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per message of a request
 class NewMessage:
-    id: uuid.UUID
+    id: str  # a UUIDv7 in its text form, as the response shows it
     client_message_id: str | None
     to: str
     type: str
@@ -47,11 +48,11 @@ class NewMessage:
     expires_at: datetime | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inserted:
     """The id the message has in the database; `replayed` when it existed already."""
 
-    id: uuid.UUID
+    id: str
     replayed: bool
 
 
@@ -103,15 +104,70 @@ class Store:
         self.session_conninfo = session_conninfo
 
     async def insert_messages(
-        self, rows: list[tuple[str, NewMessage]], max_attempts: int, *, atomic: bool = False
+        self, rows: list[tuple[str, NewMessage]], max_attempts: int
     ) -> list[Inserted | None]:
-        """Insert (user_id, message) rows in one statement; None marks a conflict.
+        """Insert (user_id, message) rows in one statement, each standing alone (coalesced
+        requests); None marks a conflict. A (user_id, client_message_id) pair must not
+        repeat within one call."""
+        document = self._document(rows, max_attempts)
+        async with self.pool.connection() as conn:
+            return await self._insert(conn, rows, document)
 
-        `atomic`: all or nothing, raising Conflict with the first conflicting index
-        (the batch endpoint). Otherwise each row stands alone (coalesced requests).
-        A (user_id, client_message_id) pair must not repeat within one call.
+    async def insert_all_or_nothing(
+        self,
+        chunks: Iterable[list[tuple[str, NewMessage]]],
+        max_attempts: int,
+        on_inserted: Callable[[list[tuple[str, NewMessage]], list[Inserted]], None],
+    ) -> None:
+        """Every row of every chunk in one transaction, or none: a conflict raises
+        Conflict with the row's index counted across the chunks (the batch endpoint).
+
+        One statement per chunk. While PostgreSQL runs one, the next is built (the
+        iteration of `chunks` does the caller's work per row) and the one before is
+        handed to `on_inserted`, so a large batch keeps this process and the database
+        busy at once instead of in turn. Returns once all is committed.
         """
-        document = orjson.dumps(
+        async with self.pool.connection() as conn, conn.transaction():
+            offset = 0
+            following = next(iter_chunks := iter(chunks), None)
+            previous: list[tuple[str, NewMessage]] = []
+            running: asyncio.Task[list[Inserted | None]] | None = None
+            try:
+                while following is not None:
+                    current, document = following, self._document(following, max_attempts)
+                    done = await running if running is not None else None
+                    running = asyncio.create_task(self._insert(conn, current, document))
+                    await asyncio.sleep(0)  # the statement goes out, then the rest is done
+                    if done is not None:
+                        offset = self._accept(done, offset, previous, on_inserted)
+                    previous = current
+                    following = next(iter_chunks, None)
+                if running is not None:
+                    self._accept(await running, offset, previous, on_inserted)
+            finally:
+                # An error while the statement runs: let it end before the rollback.
+                if running is not None and not running.done():
+                    await asyncio.gather(running, return_exceptions=True)
+
+    @staticmethod
+    def _accept(
+        results: list[Inserted | None],
+        offset: int,
+        rows: list[tuple[str, NewMessage]],
+        on_inserted: Callable[[list[tuple[str, NewMessage]], list[Inserted]], None],
+    ) -> int:
+        accepted: list[Inserted] = []
+        for index, result in enumerate(results):
+            if result is None:
+                raise Conflict(offset + index)  # leaving the transaction rolls back
+            accepted.append(result)
+        on_inserted(rows, accepted)
+        return offset + len(rows)
+
+    @staticmethod
+    def _document(rows: list[tuple[str, NewMessage]], max_attempts: int) -> str:
+        """The rows as the one JSON parameter of insert_messages."""
+        return orjson.dumps(
             [
                 {
                     "id": message.id,
@@ -128,15 +184,6 @@ class Store:
                 for user_id, message in rows
             ]
         ).decode()
-        async with self.pool.connection() as conn:
-            if atomic:
-                async with conn.transaction():
-                    results = await self._insert(conn, rows, document)
-                    for index, result in enumerate(results):
-                        if result is None:
-                            raise Conflict(index)  # leaving the block rolls back
-                return results
-            return await self._insert(conn, rows, document)
 
     @staticmethod
     async def _insert(

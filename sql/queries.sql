@@ -11,13 +11,13 @@ INSERT INTO outbox.messages AS m
 SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
        decode(b.request_hash, 'hex'), b.max_attempts, b.send_at, b.expires_at,
        GREATEST(now(), COALESCE(b.send_at, now()))
-FROM json_to_recordset(%(messages)s::json)
+FROM jsonb_to_recordset(%(messages)s::jsonb)
     AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
          request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz)
 ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL
 DO UPDATE SET updated_at = m.updated_at
     WHERE m.request_hash = EXCLUDED.request_hash
-RETURNING m.id, m.user_id, m.client_message_id;
+RETURNING m.id::text, m.user_id, m.client_message_id;
 
 -- name: get_message
 SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,

@@ -165,3 +165,43 @@ def test_a_batch_of_100_notifies_outbox_new_once(
             "SELECT tgtype & 1 FROM pg_trigger WHERE tgname = 'messages_notify_new'"
         ).fetchone()
     assert row == (0,)
+
+
+# A batch goes to PostgreSQL in several statements (api.BATCH_STATEMENT_ROWS rows
+# each) of one transaction: what a client sees must not show the seams.
+
+
+def test_a_clash_in_the_last_statement_of_1000_rolls_back_the_earlier_ones(
+    client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    earlier = client.post(SEND, json=item(1, client_message_id="taken"), headers=auth())
+    assert earlier.status_code == 202, earlier.text
+    items = [item(n, client_message_id=f"c-{n}") for n in range(1000)]
+    items[900] = item(99, client_message_id="taken")  # same id, another body
+    response = client.post(BATCH, json={"messages": items}, headers=auth())
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["index"] == 900
+    assert count_rows(sql_conn) == 1  # the 900 rows before it were rolled back
+
+
+def test_1000_items_keep_their_order_ids_and_replays_across_statements(
+    client: httpx.Client, auth: Auth, database_url: str, sql_conn: psycopg.Connection
+) -> None:
+    first = client.post(SEND, json=item(10, client_message_id="c-10"), headers=auth())
+    last = client.post(SEND, json=item(760, client_message_id="c-760"), headers=auth())
+    items = [item(n, client_message_id=f"c-{n}") for n in range(1000)]
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN outbox_new")
+        response = client.post(BATCH, json={"messages": items}, headers=auth())
+        assert response.status_code == 202, response.text
+        assert [n.channel for n in listener.notifies(timeout=2.0)] == ["outbox_new"]
+    answers = response.json()["messages"]
+    assert [a["client_message_id"] for a in answers] == [f"c-{n}" for n in range(1000)]
+    assert [i for i, a in enumerate(answers) if a.get("replayed")] == [10, 760]
+    assert answers[10]["task_id"] == first.json()["task_id"]
+    assert answers[760]["task_id"] == last.json()["task_id"]
+    stored = dict(
+        sql_conn.execute("SELECT client_message_id, id::text FROM outbox.messages").fetchall()
+    )
+    assert len(stored) == 1000
+    assert all(stored[a["client_message_id"]] == a["task_id"] for a in answers)
