@@ -43,6 +43,7 @@ from bench.common import (
     CpuMeter,
     Proc,
     free_port,
+    log_events,
     outbox_command,
     payload,
     payload_bytes,
@@ -735,6 +736,14 @@ class Bench:
         missing = len(sent) - len(from_ret)
         duplicates = sum(1 for line in arrivals.read_text().splitlines()) - len(first)
         ms = [1000 * x for x in from_ret]
+        # PROTOCOL.md times the peers to their handler's first statement; the same
+        # moment here is the dispatcher's "attempt started" line, just before the call.
+        assert dispatcher is not None
+        started = {
+            line["message_id"]: datetime.fromisoformat(line["timestamp"]).timestamp()
+            for line in log_events(dispatcher.log_path, "attempt started")
+        }
+        to_start = [1000 * (started[tid] - t_ret) for tid, _, t_ret in sent if tid in started]
         detail = {
             "n": len(sent),
             "missing": missing,
@@ -752,6 +761,8 @@ class Bench:
             ("m4_p95", pct(ms, 95)),
             ("m4_p99", pct(ms, 99)),
             ("m4_max", max(ms)),
+            ("m4_start_p50", pct(to_start, 50)),
+            ("m4_start_p99", pct(to_start, 99)),
         ):
             self.record(label, "ms", value, **detail)
         if missing:
@@ -865,6 +876,13 @@ class Bench:
             Row("M4 latency p95", "ms", self.values("m4_p95")),
             Row("M4 latency p99", "ms", self.values("m4_p99")),
             Row("M4 latency max", "ms", self.values("m4_max")),
+            Row(
+                "M4 to the call's start (PROTOCOL.md), p50",
+                "ms",
+                self.values("m4_start_p50"),
+                note="peers: to the handler",
+            ),
+            Row("M4 to the call's start (PROTOCOL.md), p99", "ms", self.values("m4_start_p99")),
             Row(
                 f"cost growth: M2 1 disp. + {old_rows} old rows",
                 "msg/s",
