@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 
 import psycopg
 
@@ -26,11 +28,17 @@ class Completer:
     """
 
     def __init__(
-        self, store: Store, dispatcher_id: str, metrics: DispatchMetrics | None = None
+        self,
+        store: Store,
+        dispatcher_id: str,
+        metrics: DispatchMetrics | None = None,
+        calls_running: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
         self._dispatcher_id = dispatcher_id
         self._metrics = metrics or DispatchMetrics()
+        self._calls_running = calls_running  # whether more outcomes are on their way
+        self._calls_ended = asyncio.Event()
         self._queue: asyncio.Queue[Completion] = asyncio.Queue()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -40,6 +48,10 @@ class Completer:
         self._idle.clear()
         self._queue.put_nowait(completion)
 
+    def calls_ended(self) -> None:
+        """No call is running any more: write what is queued without lingering."""
+        self._calls_ended.set()
+
     async def wait_idle(self) -> None:
         """Until every outcome handed in so far is written."""
         await self._idle.wait()
@@ -47,9 +59,14 @@ class Completer:
     async def run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            # Linger a moment so that outcomes finishing close together share one
-            # round trip and one commit (a round trip costs far more than the wait).
-            await asyncio.sleep(LINGER_SECONDS)
+            if self._calls_running():
+                # Linger a moment so that outcomes finishing close together share one
+                # round trip and one commit (a round trip costs far more than the
+                # wait), unless the last running call ends first.
+                self._calls_ended.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LINGER_SECONDS):
+                        await self._calls_ended.wait()
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:

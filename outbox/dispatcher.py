@@ -35,6 +35,7 @@ log = get_logger("outbox.dispatcher")
 NEW_MESSAGE_CHANNEL = "outbox_new"
 LEASE_MARGIN = 0.5  # seconds kept between a call's deadline and its lease's end
 ERROR_BACKOFF_MAX = 5.0
+RECORD_DELAY = 0.001  # seconds: "the loop's next turn" (a zero delay would be call_soon)
 
 
 def default_dispatcher_id() -> str:
@@ -56,7 +57,7 @@ class Dispatcher:
         self.provider = provider
         self.id = settings.dispatcher_id or default_dispatcher_id()
         self.metrics = metrics or DispatchMetrics()
-        self.completer = Completer(store, self.id, self.metrics)
+        self.completer = Completer(store, self.id, self.metrics, lambda: self.calls_in_flight > 0)
         self.calls_in_flight = 0
         self.metrics.track_in_flight(lambda: self.calls_in_flight)
         self._wake = asyncio.Event()
@@ -64,6 +65,8 @@ class Dispatcher:
         self._room = asyncio.Event()  # set when a claim is worth making
         self._running: set[asyncio.Task[None]] = set()  # attempts, until their outcome is handed in
         self._slots_taken = 0  # attempts started whose provider call has not ended
+        self._ended_calls: list[tuple[Any, ...]] = []  # calls whose outcome awaits recording
+        self._recording: asyncio.TimerHandle | None = None
         self._buffer: deque[tuple[Claimed, float]] = deque()  # claimed, not started; lease end
         self._concurrency = settings.dispatch_concurrency
         prefetch = settings.dispatch_prefetch
@@ -154,7 +157,7 @@ class Dispatcher:
         if not self._ready_logged:
             # One connection claims while another records outcomes: both open before
             # "ready", which marks the end of start-up.
-            await self.store.open_connections(2)
+            await self.store.open_claiming_connections(2, self.id, self.settings.lease_seconds)
             log.info(
                 "ready",
                 dispatcher=self.id,
@@ -184,12 +187,9 @@ class Dispatcher:
             self._running.add(task)
             task.add_done_callback(self._finished)
 
-    def _release_slot(self) -> bool:
-        """Free a slot when its call ends; True when that started a buffered message."""
+    def _release_slot(self) -> None:
         self._slots_taken -= 1
-        waiting = len(self._buffer)
         self._start_buffered()
-        return len(self._buffer) < waiting
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -308,17 +308,25 @@ class Dispatcher:
         finished_at = datetime.now(UTC)
         if failure is not None and failure.kind is ErrorKind.SENDER:
             self._pause_sending(failure, finished_at)  # before a buffered message can start
-        outcome = (message, bound, provider_id, failure, started_at, finished_at, latency_ms)
-        if self._release_slot():
-            # Let the call just started go first, and this attempt's log line and
-            # outcome after it: calls that end together (a slow provider's waves) are
-            # all refilled before any of them does its bookkeeping.
-            try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                self._record(*outcome)  # the call happened: its outcome must be written
-                raise
-        self._record(*outcome)
+        self._ended_calls.append(
+            (message, bound, provider_id, failure, started_at, finished_at, latency_ms)
+        )
+        if self._recording is None:
+            # The log lines and outcomes of calls wait for the loop's next turn, after
+            # the calls that replace them have started: calls that end together (a
+            # slow provider's waves) are all refilled before any bookkeeping.
+            self._recording = asyncio.get_running_loop().call_later(
+                RECORD_DELAY, self._record_ended_calls
+            )
+        self._release_slot()
+
+    def _record_ended_calls(self) -> None:
+        self._recording = None
+        ended, self._ended_calls = self._ended_calls, []
+        for call in ended:
+            self._record(*call)
+        if not self.calls_in_flight:
+            self.completer.calls_ended()
 
     def _record(
         self,
@@ -436,6 +444,9 @@ class Dispatcher:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        if self._recording is not None:
+            self._recording.cancel()
+            self._record_ended_calls()
         await self.completer.wait_idle()
 
     async def _reap_forever(self) -> None:

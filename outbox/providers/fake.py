@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random as _random
 from collections.abc import Callable
 
@@ -33,4 +32,5 @@ class FakeProvider:
         # random() is in [0, 1): rate 1.0 always fails, 0.0 never does.
         if self._random() < self._failure_rate:
             raise ProviderError(ErrorKind.TRANSIENT, "fake: simulated transient failure")
-        return f"fake-{os.urandom(16).hex()}"  # as unique as uuid4, a fraction of its cost
+        # 128 random bits, as unique as a uuid4 without its system call per id.
+        return f"fake-{_random.getrandbits(128):032x}"
