@@ -63,7 +63,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # set when a claim is worth making
-        self._running: set[asyncio.Task[None]] = set()  # attempts, until their outcome is handed in
+        self._running: set[asyncio.Task[None]] = set()  # attempts, until their call ends
         self._slots_taken = 0  # attempts started whose provider call has not ended
         self._ended_calls: list[tuple[Any, ...]] = []  # calls whose outcome awaits recording
         self._recording: asyncio.TimerHandle | None = None
@@ -229,6 +229,12 @@ class Dispatcher:
     # One attempt ------------------------------------------------------------------
 
     async def _attempt(self, message: Claimed, lease_end: float) -> None:
+        try:
+            await self._attempt_in_slot(message, lease_end)
+        finally:
+            self._release_slot()  # the slot frees when the call ends (or never started)
+
+    async def _attempt_in_slot(self, message: Claimed, lease_end: float) -> None:
         started_at = datetime.now(UTC)
         attempt_label = f"{message.attempt}/{message.max_attempts}"
         bound = log.bind(
@@ -238,7 +244,6 @@ class Dispatcher:
             attempt=attempt_label,
         )
         if message.expires_at is not None and message.expires_at <= started_at:
-            self._release_slot()
             bound.warning("expired before sending", outcome="expired")
             self.completer.put(
                 Completion(
@@ -253,13 +258,23 @@ class Dispatcher:
                 )
             )
             return
+        if self._paused_until > time.monotonic():
+            # Started in the turn of the loop in which another call hit a sender-level
+            # error: back to the database for the pause, unattempted.
+            self.completer.put(
+                replace(
+                    self._interrupted(message, started_at, "sending paused"),
+                    next_attempt_at=self._resume_at,
+                    refund=1,
+                )
+            )
+            return
         # One deadline for the whole call (httpx times each phase on its own), inside
         # what is left of the lease, so that the lease really bounds an attempt.
         budget = self.settings.provider_timeout
         if lease_end - time.monotonic() - LEASE_MARGIN < budget:
             # Waited in the prefetch buffer until the lease could not cover a whole call:
             # hand it back unattempted rather than cut the call short.
-            self._release_slot()
             self.completer.put(
                 replace(
                     self._interrupted(message, started_at, "lease too short to attempt"),
@@ -318,13 +333,31 @@ class Dispatcher:
             self._recording = asyncio.get_running_loop().call_later(
                 RECORD_DELAY, self._record_ended_calls
             )
-        self._release_slot()
 
     def _record_ended_calls(self) -> None:
         self._recording = None
         ended, self._ended_calls = self._ended_calls, []
         for call in ended:
-            self._record(*call)
+            try:
+                self._record(*call)
+            except Exception:
+                # A bug in one outcome must not lose the others of this turn, nor this
+                # call's: a sent message is recorded sent, any other is retried.
+                message, _, _, failure, started_at, finished_at, latency_ms = call
+                log.exception("could not record an outcome", message_id=str(message.id))
+                self.completer.put(
+                    Completion(
+                        id=message.id,
+                        attempt=message.attempt,
+                        status="sent" if failure is None else "pending",
+                        outcome="sent" if failure is None else "transient",
+                        started_at=started_at,
+                        finished_at=finished_at,
+                        latency_ms=latency_ms,
+                        error=None if failure is None else failure.reason,
+                        next_attempt_at=None if failure is None else finished_at,
+                    )
+                )
         if not self.calls_in_flight:
             self.completer.calls_ended()
 

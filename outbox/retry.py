@@ -77,6 +77,9 @@ def backoff_delay(
     return min(high, max(low, low + (high - low) * random()))
 
 
+RETRY_AFTER_MAX = 86_400.0  # seconds
+
+
 def retry_delay(
     attempt: int,
     *,
@@ -86,11 +89,12 @@ def retry_delay(
     retry_after: float | None,
     random: Callable[[], float] = _random.random,
 ) -> float:
-    """The backoff, but never sooner than the provider's `Retry-After`."""
+    """The backoff, but never sooner than the provider's `Retry-After` (up to a day: a
+    longer one is taken as a day, and a row stays schedulable whatever a reply says)."""
     delay = backoff_delay(attempt, base=base, cap=cap, jitter=jitter, random=random)
     if retry_after is None:
         return delay
-    return max(delay, retry_after)
+    return max(delay, min(retry_after, RETRY_AFTER_MAX))
 
 
 _T, _P, _S = ErrorKind.TRANSIENT, ErrorKind.PERMANENT, ErrorKind.SENDER

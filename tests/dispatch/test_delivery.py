@@ -125,6 +125,30 @@ def test_retry_after_is_honoured(
     assert second.at - first.at >= 1.0
 
 
+def test_an_absurd_retry_after_schedules_the_retry_a_day_later(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    """Retry-After: 10^12 s once made the outcome unrecordable (a datetime overflow),
+    and with it every outcome recorded in the same turn: all are recorded now."""
+    scripted, _ = provider
+    absurd = Reply(status=429, headers={"Retry-After": "1000000000000"}, delay=0.2)
+    ids = insert_messages(sql_conn, 4)
+    scripted.script = lambda call, n: (
+        absurd if call.task_id == ids[0] else Reply(body={"id": "x"}, delay=0.2)
+    )
+    start_dispatcher()
+    wait_all(sql_conn, "sent", 3)
+    wait_for(
+        lambda: message(sql_conn, ids[0])["status"] == "pending",
+        what="the throttled message back to pending",
+    )
+    row = sql_conn.execute(
+        "SELECT extract(epoch FROM next_attempt_at - now()) FROM outbox.messages WHERE id = %s",
+        [ids[0]],
+    ).fetchone()
+    assert row is not None and 86_400 - 60 < row[0] <= 86_400
+
+
 def test_send_at_is_respected(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:

@@ -171,17 +171,21 @@ def test_a_batch_of_100_notifies_outbox_new_once(
 # each) of one transaction: what a client sees must not show the seams.
 
 
-def test_a_clash_in_the_last_statement_of_1000_rolls_back_the_earlier_ones(
-    client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+# 300: found while the next statement runs; 900: in the last statement.
+@pytest.mark.parametrize("clash", [300, 900])
+def test_a_clash_in_a_later_statement_of_1000_rolls_back_every_row(
+    client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection, clash: int
 ) -> None:
     earlier = client.post(SEND, json=item(1, client_message_id="taken"), headers=auth())
     assert earlier.status_code == 202, earlier.text
     items = [item(n, client_message_id=f"c-{n}") for n in range(1000)]
-    items[900] = item(99, client_message_id="taken")  # same id, another body
+    items[clash] = item(99, client_message_id="taken")  # same id, another body
     response = client.post(BATCH, json={"messages": items}, headers=auth())
     assert response.status_code == 409, response.text
-    assert response.json()["error"]["index"] == 900
-    assert count_rows(sql_conn) == 1  # the 900 rows before it were rolled back
+    assert response.json()["error"]["index"] == clash
+    assert count_rows(sql_conn) == 1  # the rows of the statements before it: rolled back
+    again = client.post(BATCH, json={"messages": items[:10]}, headers=auth())
+    assert again.status_code == 202, again.text  # the connection is usable again
 
 
 def test_1000_items_keep_their_order_ids_and_replays_across_statements(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from outbox.retry import (
     CLOUD_ERROR_KINDS,
+    RETRY_AFTER_MAX,
     SESSION_NOT_READY,
     ErrorKind,
     backoff_delay,
@@ -127,7 +128,7 @@ def test_without_jitter_delays_never_shrink(attempt: int, base: float, cap: floa
     unit_random,
     st.one_of(st.none(), st.floats(min_value=0, max_value=1e7, allow_nan=False)),
 )
-def test_retry_after_is_never_undercut(
+def test_retry_after_is_never_undercut_up_to_a_day(
     attempt: int,
     base: float,
     cap: float,
@@ -143,12 +144,17 @@ def test_retry_after_is_never_undercut(
     if retry_after is None:
         assert delay == backoff
     else:
-        assert delay == max(backoff, retry_after)
+        assert delay == max(backoff, min(retry_after, RETRY_AFTER_MAX))
 
 
 def test_a_long_retry_after_wins_over_the_backoff() -> None:
     assert retry_delay(1, base=60, cap=600, jitter=0, retry_after=900) == 900
     assert retry_delay(1, base=60, cap=600, jitter=0, retry_after=5) == 60
+
+
+def test_an_absurd_retry_after_is_taken_as_a_day() -> None:
+    # 1e12 s would overflow a datetime: the row must stay schedulable.
+    assert retry_delay(1, base=60, cap=600, jitter=0, retry_after=1e12) == 86_400
 
 
 # The error-class table --------------------------------------------------------------
