@@ -165,36 +165,49 @@ async def send_batch(request: Request) -> Response:
     services = _services(request)
     body = await _read_json_body(request, services.settings.max_body_bytes * BATCH_BODY_FACTOR)
     try:
-        batch = models.BATCH_REQUEST.validate_json(body)
+        raw = models.BATCH_ENVELOPE.validate_json(body).messages
     except ValidationError as exc:
         if is_malformed_json(exc):
             raise ApiError(400, "body is not valid JSON") from exc
         raise ApiError(422, "invalid batch", fields=validation_fields(exc, batch=True)) from exc
-    first_seen: dict[str, int] = {}
-    repeated = []
-    for index, item in enumerate(batch.messages):
-        if item.client_message_id is None:
-            continue
-        if item.client_message_id in first_seen:
-            repeated.append(
-                {
-                    "index": index,
-                    "path": "client_message_id",
-                    "message": "repeats the client_message_id of item "
-                    f"{first_seen[item.client_message_id]}",
-                }
-            )
-        else:
-            first_seen[item.client_message_id] = index
-    if repeated:
-        raise ApiError(422, "invalid batch", fields=repeated)
-    user_id, messages = principal.user_id, batch.messages
+    user_id = principal.user_id
+    messages: list[models.AnyMessage] = []  # validated so far
     items: list[dict[str, Any]] = []
 
     def chunks() -> Iterator[list[tuple[str, NewMessage]]]:
-        for start in range(0, len(messages), BATCH_STATEMENT_ROWS):
-            chunk = messages[start : start + BATCH_STATEMENT_ROWS]
-            yield [(user_id, _new_message(item)) for item in chunk]
+        """Validate and build the rows chunk by chunk, each while the chunk before is
+        inserted; an invalid batch raises 422 naming every bad item once all are seen
+        (the rows inserted by then roll back with the transaction)."""
+        invalid: list[dict[str, Any]] = []
+        repeated: list[dict[str, Any]] = []
+        first_seen: dict[str, int] = {}
+        for start in range(0, len(raw), BATCH_STATEMENT_ROWS):
+            try:
+                chunk = models.BATCH_ITEMS.validate_python(
+                    raw[start : start + BATCH_STATEMENT_ROWS]
+                )
+            except ValidationError as exc:
+                invalid.extend(validation_fields(exc, items_from=start))
+                continue
+            for index, item in enumerate(chunk, start):
+                if item.client_message_id is None:
+                    continue
+                if item.client_message_id in first_seen:
+                    repeated.append(
+                        {
+                            "index": index,
+                            "path": "client_message_id",
+                            "message": "repeats the client_message_id of item "
+                            f"{first_seen[item.client_message_id]}",
+                        }
+                    )
+                else:
+                    first_seen[item.client_message_id] = index
+            messages.extend(chunk)
+            if not invalid and not repeated:
+                yield [(user_id, _new_message(item)) for item in chunk]
+        if invalid or repeated:
+            raise ApiError(422, "invalid batch", fields=invalid or repeated)
 
     def accepted(rows: list[tuple[str, NewMessage]], results: list[Inserted]) -> None:
         for (_, new), inserted in zip(rows, results, strict=True):
@@ -203,11 +216,12 @@ async def send_batch(request: Request) -> Response:
                 item["replayed"] = True
             items.append(item)
 
+    rows = chunks()
     try:
-        await services.store.insert_all_or_nothing(
-            chunks(), services.settings.max_attempts, accepted
-        )
+        await services.store.insert_all_or_nothing(rows, services.settings.max_attempts, accepted)
     except Conflict as exc:
+        for _ in rows:  # a bad item not yet validated answers 422 first, as it always has
+            pass
         raise _conflict(messages[exc.index].client_message_id, exc.index) from exc
     request.state.batch_size = len(items)
     services.metrics.accepted_batch.inc(len(items))

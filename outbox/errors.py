@@ -79,13 +79,21 @@ def unavailable(reason: str) -> ApiError:
     return ApiError(503, reason, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-def validation_fields(error: ValidationError, *, batch: bool = False) -> list[dict[str, Any]]:
-    """Pydantic errors → `[{"path", "message"}]` (with `index` for batch items)."""
+def validation_fields(
+    error: ValidationError, *, batch: bool = False, items_from: int | None = None
+) -> list[dict[str, Any]]:
+    """Pydantic errors → `[{"path", "message"}]` (with `index` for batch items).
+
+    `items_from`: the error is of a list of batch items, the first of which is item
+    `items_from` of the batch."""
     fields = []
     for item in error.errors(include_url=False):
         loc = list(item["loc"])
         entry: dict[str, Any] = {}
-        if batch and len(loc) >= 2 and loc[0] == "messages" and isinstance(loc[1], int):
+        if items_from is not None and loc and isinstance(loc[0], int):
+            entry["index"] = items_from + loc[0]
+            loc = loc[1:]
+        elif batch and len(loc) >= 2 and loc[0] == "messages" and isinstance(loc[1], int):
             entry["index"] = loc[1]
             loc = loc[2:]
         # A tagged union prefixes the member's tag; the client never wrote it.

@@ -184,8 +184,17 @@ class BatchRequest(_Strict):
     messages: list[SendRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class BatchEnvelope(_Strict):
+    """A batch body with its items not yet validated: the endpoint validates them in
+    chunks, each while the database inserts the chunk before (same rules as
+    BatchRequest, which documents the body)."""
+
+    messages: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
+
+
 SEND_REQUEST = TypeAdapter[SendRequest](SendRequest)
-BATCH_REQUEST = TypeAdapter(BatchRequest)
+BATCH_ENVELOPE = TypeAdapter(BatchEnvelope)
+BATCH_ITEMS = TypeAdapter(list[SendRequest])
 
 
 def request_hash(message: AnyMessage) -> bytes:

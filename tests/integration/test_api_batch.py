@@ -209,3 +209,25 @@ def test_1000_items_keep_their_order_ids_and_replays_across_statements(
     )
     assert len(stored) == 1000
     assert all(stored[a["client_message_id"]] == a["task_id"] for a in answers)
+
+
+def test_a_bad_item_after_a_clash_answers_422_first(
+    client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    """Items are validated chunk by chunk while earlier chunks are inserted: a clash
+    found before the bad item is seen must still yield to the 422."""
+    earlier = client.post(SEND, json=item(1, client_message_id="taken"), headers=auth())
+    assert earlier.status_code == 202, earlier.text
+    items = [item(n, client_message_id=f"c-{n}") for n in range(1000)]
+    items[5] = item(99, client_message_id="taken")  # a clash in the first statement
+    items[900] = {"to": "12", "type": "text", "text": "x"}  # bad, in the last chunk
+    response = client.post(BATCH, json={"messages": items}, headers=auth())
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["fields"] == [
+        {
+            "index": 900,
+            "path": "to",
+            "message": "must be 8 to 15 digits, optionally after a leading '+'",
+        }
+    ]
+    assert count_rows(sql_conn) == 1
