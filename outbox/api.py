@@ -209,12 +209,14 @@ async def send_batch(request: Request) -> Response:
         if invalid or repeated:
             raise ApiError(422, "invalid batch", fields=invalid or repeated)
 
-    def accepted(rows: list[tuple[str, NewMessage]], results: list[Inserted]) -> None:
+    def accepted(offset: int, rows: list[tuple[str, NewMessage]], results: list[Inserted]) -> None:
+        chunk_items = []
         for (_, new), inserted in zip(rows, results, strict=True):
             item = _accepted(inserted.id, new)
             if inserted.replayed:
                 item["replayed"] = True
-            items.append(item)
+            chunk_items.append(item)
+        items[offset : offset + len(chunk_items)] = chunk_items  # again, if run again
 
     rows = chunks()
     try:

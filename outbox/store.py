@@ -7,7 +7,7 @@ import contextlib
 import inspect
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, LiteralStrin
 
 
 QUERIES = load_queries()
+CLIENT_MESSAGE_ID_INDEX = "messages_client_message_id"  # unique (user_id, client_message_id)
 
 
 @dataclass(slots=True)  # not frozen: built once per message of a request
@@ -96,6 +97,13 @@ class Conflict(Exception):
         self.index = index
 
 
+def _raise_unless_replay(exc: psycopg.errors.UniqueViolation) -> None:
+    """A client_message_id taken is what insert_new_messages may meet (a replay, a
+    conflict, or a request racing ours): anything else is a real error."""
+    if exc.diag.constraint_name != CLIENT_MESSAGE_ID_INDEX:
+        raise exc
+
+
 class Store:
     def __init__(self, pool: AsyncConnectionPool, *, session_conninfo: str = "") -> None:
         self.pool = pool
@@ -111,37 +119,71 @@ class Store:
         repeat within one call."""
         document = self._document(rows, max_attempts)
         async with self.pool.connection() as conn:
-            return await self._insert(conn, rows, document)
+            try:
+                return await self._insert(conn, rows, document, replays=False)
+            except psycopg.errors.UniqueViolation as exc:
+                _raise_unless_replay(exc)
+            return await self._insert(conn, rows, document, replays=True)
 
     async def insert_all_or_nothing(
         self,
         chunks: Iterable[list[tuple[str, NewMessage]]],
         max_attempts: int,
-        on_inserted: Callable[[list[tuple[str, NewMessage]], list[Inserted]], None],
+        on_inserted: Callable[[int, list[tuple[str, NewMessage]], list[Inserted]], None],
     ) -> None:
         """Every row of every chunk in one transaction, or none: a conflict raises
         Conflict with the row's index counted across the chunks (the batch endpoint).
 
         One statement per chunk. While PostgreSQL runs one, the next is built (the
         iteration of `chunks` does the caller's work per row) and the one before is
-        handed to `on_inserted`, so a large batch keeps this process and the database
-        busy at once instead of in turn. Returns once all is committed.
+        handed to `on_inserted` with the index of its first row, so a large batch keeps
+        this process and the database busy at once instead of in turn. Returns once
+        all is committed.
+
+        The statements assume no row is a replay; when one is, the transaction rolls
+        back and runs again with replays looked for, over the chunks built so far and
+        then the rest (`on_inserted` sees those rows again, at the same indexes).
         """
+        built: list[list[tuple[str, NewMessage]]] = []
+        source = iter(chunks)
+
+        def every_chunk() -> Iterator[list[tuple[str, NewMessage]]]:
+            yield from list(built)
+            for chunk in source:
+                built.append(chunk)
+                yield chunk
+
+        try:
+            await self._insert_chunks(every_chunk(), max_attempts, on_inserted, replays=False)
+        except psycopg.errors.UniqueViolation as exc:
+            _raise_unless_replay(exc)
+            await self._insert_chunks(every_chunk(), max_attempts, on_inserted, replays=True)
+
+    async def _insert_chunks(
+        self,
+        chunks: Iterator[list[tuple[str, NewMessage]]],
+        max_attempts: int,
+        on_inserted: Callable[[int, list[tuple[str, NewMessage]], list[Inserted]], None],
+        *,
+        replays: bool,
+    ) -> None:
         async with self.pool.connection() as conn, conn.transaction():
             offset = 0
-            following = next(iter_chunks := iter(chunks), None)
+            following = next(chunks, None)
             previous: list[tuple[str, NewMessage]] = []
             running: asyncio.Task[list[Inserted | None]] | None = None
             try:
                 while following is not None:
                     current, document = following, self._document(following, max_attempts)
                     done = await running if running is not None else None
-                    running = asyncio.create_task(self._insert(conn, current, document))
+                    running = asyncio.create_task(
+                        self._insert(conn, current, document, replays=replays)
+                    )
                     await asyncio.sleep(0)  # the statement goes out, then the rest is done
                     if done is not None:
                         offset = self._accept(done, offset, previous, on_inserted)
                     previous = current
-                    following = next(iter_chunks, None)
+                    following = next(chunks, None)
                 if running is not None:
                     self._accept(await running, offset, previous, on_inserted)
             finally:
@@ -154,14 +196,14 @@ class Store:
         results: list[Inserted | None],
         offset: int,
         rows: list[tuple[str, NewMessage]],
-        on_inserted: Callable[[list[tuple[str, NewMessage]], list[Inserted]], None],
+        on_inserted: Callable[[int, list[tuple[str, NewMessage]], list[Inserted]], None],
     ) -> int:
         accepted: list[Inserted] = []
         for index, result in enumerate(results):
             if result is None:
                 raise Conflict(offset + index)  # leaving the transaction rolls back
             accepted.append(result)
-        on_inserted(rows, accepted)
+        on_inserted(offset, rows, accepted)
         return offset + len(rows)
 
     @staticmethod
@@ -187,8 +229,17 @@ class Store:
 
     @staticmethod
     async def _insert(
-        conn: AsyncConnection[Any], rows: list[tuple[str, NewMessage]], document: str
+        conn: AsyncConnection[Any],
+        rows: list[tuple[str, NewMessage]],
+        document: str,
+        *,
+        replays: bool,
     ) -> list[Inserted | None]:
+        """The rows of `document` inserted; with `replays` False, a replay among them
+        raises UniqueViolation (see insert_new_messages)."""
+        if not replays:
+            await conn.execute(QUERIES["insert_new_messages"], {"messages": document})
+            return [Inserted(message.id, replayed=False) for _, message in rows]
         cursor = await conn.execute(QUERIES["insert_messages"], {"messages": document})
         returned = await cursor.fetchall()
         ids = {row[0] for row in returned}
