@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 from collections.abc import Callable, Coroutine, Generator
@@ -24,6 +25,10 @@ from outbox.store import Store
 
 def run(main: Coroutine[Any, Any, None]) -> None:
     """Run a long-lived role on uvloop: its transports and timers are C, not Python."""
+    # Everything imported so far lives as long as the process: out of the cyclic
+    # collector's sight, a full collection scans only what came after, instead of
+    # stopping the process for 30-45 ms here (68k objects) in the middle of a request.
+    gc.freeze()
     uvloop.run(main)
 
 
