@@ -139,21 +139,23 @@ class Dispatcher:
                 continue
             want = self._capacity - self._held()
             try:
-                claimed = await self._claim(want)
+                claimed, next_due_at = await self._claim(want)
                 error_delay = 0.1
             except psycopg.OperationalError as exc:
                 log.warning("claim failed, retrying", error=str(exc).strip(), retry_in=error_delay)
                 await self._wait_for(self._stopping, error_delay)
                 error_delay = min(error_delay * 2, ERROR_BACKOFF_MAX)
                 continue
-            if len(claimed) == want:
+            if claimed == want:
                 continue  # maybe more is due: claim again when there is room
-            next_due = await self._next_due_in()
-            if next_due is not None:
-                timeout = min(timeout, next_due)
+            if next_due_at is not None:
+                due_in = (next_due_at - datetime.now(UTC)).total_seconds()
+                timeout = min(timeout, max(0.0, due_in))
             await self._wait_for(self._wake, timeout)
 
-    async def _claim(self, limit: int) -> list[Claimed]:
+    async def _claim(self, limit: int) -> tuple[int, datetime | None]:
+        """Claim up to `limit` rows and start what slots allow; returns how many were
+        claimed, and when the earliest pending row not yet due becomes due."""
         if not self._ready_logged:
             # One connection claims while another records outcomes: both open before
             # "ready", which marks the end of start-up.
@@ -168,14 +170,14 @@ class Dispatcher:
             self._ready_logged = True
         # The lease runs from the database's now() inside the claim: count from before it.
         lease_end = time.monotonic() + self.settings.lease_seconds
-        claimed = await self.store.claim(self.id, limit, self.settings.lease_seconds)
+        claimed, next_due_at = await self.store.claim(self.id, limit, self.settings.lease_seconds)
         self.metrics.claim_size.observe(len(claimed))
         self._buffer.extend((message, lease_end) for message in claimed)
         if self._paused_until > time.monotonic():
             # A sender-level error arrived during the claim: these rows wait for the pause.
             self._hand_back_buffer("sending paused", self._resume_at)
         self._start_buffered()
-        return claimed
+        return len(claimed), next_due_at
 
     def _start_buffered(self) -> None:
         if self._paused_until > time.monotonic() or self._stopping.is_set():
@@ -203,15 +205,6 @@ class Dispatcher:
             message, _ = self._buffer.popleft()
             handed_back = self._interrupted(message, now, reason)
             self.completer.put(replace(handed_back, next_attempt_at=next_attempt_at, refund=1))
-
-    async def _next_due_in(self) -> float | None:
-        try:
-            due = await self.store.next_due_at()
-        except psycopg.OperationalError:
-            return None
-        if due is None:
-            return None
-        return max(0.0, (due - datetime.now(UTC)).total_seconds())
 
     def _poll_interval(self) -> float:
         # Jittered so that many dispatchers do not poll in step.

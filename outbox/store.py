@@ -318,20 +318,20 @@ class Store:
                     {"dispatcher": dispatcher, "limit": 0, "lease_seconds": lease_seconds},
                 )
 
-    async def claim(self, dispatcher: str, limit: int, lease_seconds: float) -> list[Claimed]:
+    async def claim(
+        self, dispatcher: str, limit: int, lease_seconds: float
+    ) -> tuple[list[Claimed], datetime | None]:
+        """Up to `limit` due messages, and when the earliest pending one not yet due
+        becomes due (None: none is pending)."""
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 QUERIES["claim_messages"],
                 {"dispatcher": dispatcher, "limit": limit, "lease_seconds": lease_seconds},
             )
             rows = await cursor.fetchall()
-        return [Claimed(*row) for row in rows]
-
-    async def next_due_at(self) -> datetime | None:
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(QUERIES["next_due_at"])
-            row = await cursor.fetchone()
-        return row[0] if row else None
+        claimed = [Claimed(*row[:-1]) for row in rows if row[0] is not None]
+        next_due_at = next((row[-1] for row in rows if row[0] is None), None)
+        return claimed, next_due_at
 
     async def complete(self, dispatcher: str, completions: list[Completion]) -> set[uuid.UUID]:
         """Write many outcomes in one statement; return the ids it applied to."""

@@ -78,7 +78,9 @@ LIMIT %(limit)s;
 -- name: claim_messages
 -- One statement claims a batch: due pending rows, oldest due first, rows that
 -- another dispatcher is claiming right now skipped. The claim spends an attempt
--- and sets the lease.
+-- and sets the lease. One more row, its id NULL, says when the earliest pending
+-- row not yet due becomes due: a dispatcher that got fewer rows than it asked for
+-- sets its timer from it, without another round trip.
 WITH due AS (
     SELECT id
     FROM outbox.messages
@@ -86,21 +88,26 @@ WITH due AS (
     ORDER BY next_attempt_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE outbox.messages m
+    SET status = 'in_flight',
+        attempts = m.attempts + 1,
+        locked_by = %(dispatcher)s,
+        locked_until = now() + make_interval(secs => %(lease_seconds)s),
+        updated_at = now()
+    FROM due
+    WHERE m.id = due.id
+    RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.attempts,
+              m.max_attempts, m.expires_at
 )
-UPDATE outbox.messages m
-SET status = 'in_flight',
-    attempts = m.attempts + 1,
-    locked_by = %(dispatcher)s,
-    locked_until = now() + make_interval(secs => %(lease_seconds)s),
-    updated_at = now()
-FROM due
-WHERE m.id = due.id
-RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.attempts,
-          m.max_attempts, m.expires_at;
-
--- name: next_due_at
--- When the earliest pending message becomes due (the dispatcher sets a timer).
-SELECT min(next_attempt_at) FROM outbox.messages WHERE status = 'pending';
+SELECT id, user_id, "to", type, payload, client_message_id, attempts, max_attempts,
+       expires_at, NULL::timestamptz AS next_due_at
+FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       (SELECT min(next_attempt_at) FROM outbox.messages
+        WHERE status = 'pending' AND next_attempt_at > now());
 
 -- name: complete_attempts
 -- Batched completion, with its events and one NOTIFY (sql/migrations/003_events.sql).

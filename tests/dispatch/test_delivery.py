@@ -161,6 +161,20 @@ def test_send_at_is_respected(
     assert call.at >= send_at.timestamp()
 
 
+def test_a_message_due_later_is_sent_when_due_not_at_the_next_poll(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    # The claim that finds nothing due says when the next row becomes due: the
+    # dispatcher sets its timer from it (a 30 s poll would come far later).
+    scripted, _ = provider
+    start_dispatcher(poll_interval="30s")
+    send_at = datetime.now(UTC) + timedelta(seconds=1.5)
+    [task_id] = insert_messages(sql_conn, 1, send_at=send_at.isoformat())
+    wait_all(sql_conn, "sent", 1, timeout=10)
+    [call] = scripted.calls_for(task_id)
+    assert send_at.timestamp() <= call.at < send_at.timestamp() + 5
+
+
 def test_expired_message_is_not_attempted(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:
