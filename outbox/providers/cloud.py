@@ -43,7 +43,10 @@ class CloudProvider:
             )
         check_url(base_url, "OUTBOX_CLOUD_BASE_URL")
         self._client = client
-        self._url = f"{base_url.rstrip('/')}/{api_version.strip('/')}/{phone_number_id}/messages"
+        # Parsed once, not on every call.
+        self._url = httpx.URL(
+            f"{base_url.rstrip('/')}/{api_version.strip('/')}/{phone_number_id}/messages"
+        )
         self._token = token
 
     def encode(self, message: OutgoingMessage) -> bytes:

@@ -44,7 +44,7 @@ class HttpProvider:
     def __init__(self, client: httpx.AsyncClient, *, url: str, secret: str = "") -> None:
         check_url(url, "OUTBOX_PROVIDER_URL")
         self._client = client
-        self._url = url
+        self._url = httpx.URL(url)  # parsed once, not on every call
         self._secret = secret
 
     def encode(self, message: OutgoingMessage) -> bytes:
