@@ -108,13 +108,14 @@ async def _read_json_body(request: Request, limit: int) -> bytes:
 
 
 def _new_message(message: models.AnyMessage) -> NewMessage:
+    content = message.content()
     return NewMessage(
         id=str(uuid_utils.uuid7()),  # the Rust type's text form: a fraction of the stdlib's cost
         client_message_id=message.client_message_id,
         to=message.to,
         type=message.type,
-        payload=message.content(),
-        request_hash=models.request_hash(message),
+        payload=content,
+        request_hash=models.request_hash(message, content),
         send_at=message.send_at,
         expires_at=message.expires_at,
     )

@@ -197,12 +197,13 @@ BATCH_ENVELOPE = TypeAdapter(BatchEnvelope)
 BATCH_ITEMS = TypeAdapter(list[SendRequest])
 
 
-def request_hash(message: AnyMessage) -> bytes:
-    """A digest of the normalised request: equal for a faithful resend."""
+def request_hash(message: AnyMessage, content: dict[str, Any]) -> bytes:
+    """A digest of the normalised request (`content` is message.content()): equal for a
+    faithful resend."""
     normal = {
         "to": message.to,
         "type": message.type,
-        "content": message.content(),
+        "content": content,
         "send_at": message.send_at.astimezone(UTC).isoformat() if message.send_at else None,
         "expires_at": message.expires_at.astimezone(UTC).isoformat()
         if message.expires_at
