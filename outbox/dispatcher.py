@@ -36,6 +36,7 @@ NEW_MESSAGE_CHANNEL = "outbox_new"
 LEASE_MARGIN = 0.5  # seconds kept between a call's deadline and its lease's end
 ERROR_BACKOFF_MAX = 5.0
 RECORD_DELAY = 0.001  # seconds: "the loop's next turn" (a zero delay would be call_soon)
+HELD_ROW_RECHECK = 0.05  # seconds until a claim looks again at a due row another holds
 
 
 def default_dispatcher_id() -> str:
@@ -150,7 +151,9 @@ class Dispatcher:
                 continue  # maybe more is due: claim again when there is room
             if next_due_at is not None:
                 due_in = (next_due_at - datetime.now(UTC)).total_seconds()
-                timeout = min(timeout, max(0.0, due_in))
+                # Due already, yet not claimed: another session holds that row (its
+                # claim, or a transaction that may roll back): look again shortly.
+                timeout = min(timeout, due_in if due_in > 0 else HELD_ROW_RECHECK)
             await self._wait_for(self._wake, timeout)
 
     async def _claim(self, limit: int) -> tuple[int, datetime | None]:

@@ -79,8 +79,9 @@ LIMIT %(limit)s;
 -- One statement claims a batch: due pending rows, oldest due first, rows that
 -- another dispatcher is claiming right now skipped. The claim spends an attempt
 -- and sets the lease. One more row, its id NULL, says when the earliest pending
--- row not yet due becomes due: a dispatcher that got fewer rows than it asked for
--- sets its timer from it, without another round trip.
+-- row this claim did not take is due: a dispatcher that got fewer rows than it
+-- asked for sets its timer from it, without another round trip (a time already
+-- past: a due row held by another session, which may give it back).
 WITH due AS (
     SELECT id
     FROM outbox.messages
@@ -107,7 +108,7 @@ FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT min(next_attempt_at) FROM outbox.messages
-        WHERE status = 'pending' AND next_attempt_at > now());
+        WHERE status = 'pending' AND id NOT IN (SELECT id FROM due));
 
 -- name: complete_attempts
 -- Batched completion, with its events and one NOTIFY (sql/migrations/003_events.sql).

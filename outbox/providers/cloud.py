@@ -42,11 +42,15 @@ class CloudProvider:
                 "the cloud provider needs OUTBOX_CLOUD_PHONE_NUMBER_ID and OUTBOX_CLOUD_TOKEN"
             )
         check_url(base_url, "OUTBOX_CLOUD_BASE_URL")
+        url = f"{base_url.rstrip('/')}/{api_version.strip('/')}/{phone_number_id}/messages"
+        try:
+            self._url = httpx.URL(url)  # parsed once, not on every call
+        except httpx.InvalidURL as exc:  # a stray newline in a mounted secret, say
+            raise ValueError(
+                f"OUTBOX_CLOUD_PHONE_NUMBER_ID or OUTBOX_CLOUD_API_VERSION makes an invalid "
+                f"URL: {exc}"
+            ) from exc
         self._client = client
-        # Parsed once, not on every call.
-        self._url = httpx.URL(
-            f"{base_url.rstrip('/')}/{api_version.strip('/')}/{phone_number_id}/messages"
-        )
         self._token = token
 
     def encode(self, message: OutgoingMessage) -> bytes:

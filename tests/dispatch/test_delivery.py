@@ -175,6 +175,31 @@ def test_a_message_due_later_is_sent_when_due_not_at_the_next_poll(
     assert send_at.timestamp() <= call.at < send_at.timestamp() + 5
 
 
+def test_a_due_message_another_session_held_is_sent_soon_after_it_lets_go(
+    sql_conn: psycopg.Connection, database_url: str, provider: Provider, start_dispatcher: Start
+) -> None:
+    # When the row falls due the claim skips it (another session holds it); that
+    # session rolls back (no NOTIFY) and the dispatcher, which saw a due row it could
+    # not take, looks again shortly instead of at its next 30 s poll.
+    scripted, _ = provider
+    start_dispatcher(poll_interval="30s")
+    due = datetime.now(UTC) + timedelta(seconds=1)
+    with psycopg.connect(database_url) as holder:
+        [task_id] = insert_messages(holder, 1, send_at=due.isoformat())
+        holder.commit()
+        holder.execute("SELECT 1 FROM outbox.messages WHERE id = %s FOR UPDATE", [task_id])
+        wait_for(
+            lambda: datetime.now(UTC) > due + timedelta(seconds=1),
+            what="the held row due for a second",
+        )
+        assert scripted.calls_for(task_id) == []
+        holder.rollback()
+        released = datetime.now(UTC).timestamp()
+    wait_all(sql_conn, "sent", 1, timeout=10)
+    [call] = scripted.calls_for(task_id)
+    assert call.at - released < 5
+
+
 def test_expired_message_is_not_attempted(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:

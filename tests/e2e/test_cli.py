@@ -74,6 +74,25 @@ def test_a_bad_setting_stops_serve_with_one_line(variable: str, value: str) -> N
     assert "Traceback" not in result.stderr
 
 
+def test_a_cloud_phone_number_id_with_a_newline_stops_dispatch_with_one_line(
+    database_url: str,
+) -> None:
+    # A mounted secret's trailing newline makes an invalid URL: refused at start.
+    env = clean_env(
+        OUTBOX_DATABASE_URL=database_url,
+        OUTBOX_PROVIDER="cloud",
+        OUTBOX_CLOUD_TOKEN="token",
+        OUTBOX_CLOUD_PHONE_NUMBER_ID="123\n",
+        OUTBOX_METRICS_PORT="0",
+    )
+    result = run("dispatch", env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "OUTBOX_CLOUD_PHONE_NUMBER_ID" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_a_bad_duration_for_token_is_one_line() -> None:
     result = run("token", "--ttl", "soon", env=clean_env(OUTBOX_JWT_SECRET=JWT_SECRET))
     assert result.returncode == 2
