@@ -97,9 +97,11 @@ DROP TABLE IF EXISTS bench.floor_messages;
 CREATE TABLE bench.floor_messages (LIKE outbox.messages INCLUDING ALL);
 """
 
-FLOOR_SCRIPT = f"""\\set cid random(1, 999999999999)
+# The keys are random over 10^18, not 10^12: over a run's ~600,000 rows the smaller
+# range made a duplicate key (and an aborted pgbench) likely enough to hit.
+FLOOR_SCRIPT = f"""\\set cid random(1, 999999999999999999)
 INSERT INTO bench.floor_messages (id, user_id, client_message_id, "to", type, payload, \
 request_hash, max_attempts, next_attempt_at) VALUES (bench.uuid7(), 'bench', \
-'c-' || lpad(:cid::text, 12, '0'), '{TO}', 'text', {_PAYLOAD}, \
+'c-' || lpad(:cid::text, 18, '0'), '{TO}', 'text', {_PAYLOAD}, \
 sha256(convert_to('c-' || :cid, 'UTF8')), 4, now());
 """

@@ -34,6 +34,8 @@ def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, LiteralStrin
 
 
 QUERIES = load_queries()
+# One statement with two endings: none of the rows is a replay, or some may be.
+QUERIES["insert_messages"] = QUERIES["insert_new_messages"] + "\n" + QUERIES["replays_clause"]
 CLIENT_MESSAGE_ID_INDEX = "messages_client_message_id"  # unique (user_id, client_message_id)
 
 

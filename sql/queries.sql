@@ -7,20 +7,6 @@
 -- speculative insertion every row pays (EXPLAIN ANALYZE of 1,000 rows: 11.8 ms
 -- against 15.9). A client_message_id already taken fails it with a unique violation,
 -- and the caller runs insert_messages instead.
-INSERT INTO outbox.messages
-    (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
-     send_at, expires_at, next_attempt_at)
-SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
-       decode(b.request_hash, 'hex'), b.max_attempts, b.send_at, b.expires_at,
-       GREATEST(now(), COALESCE(b.send_at, now()))
-FROM jsonb_to_recordset(%(messages)s::jsonb)
-    AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
-         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz);
-
--- name: insert_messages
--- The same rows when some may be replays. Per row: inserted (the id proposed comes
--- back), replayed (another id comes back: same request under the same
--- client_message_id), or a conflict (nothing comes back for it).
 INSERT INTO outbox.messages AS m
     (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
      send_at, expires_at, next_attempt_at)
@@ -30,10 +16,16 @@ SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
 FROM jsonb_to_recordset(%(messages)s::jsonb)
     AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
          request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz)
+
+-- name: replays_clause
+-- insert_messages is insert_new_messages followed by this (outbox/store.py): the same
+-- rows when some may be replays. Per row: inserted (the id proposed comes back),
+-- replayed (another id comes back: same request under the same client_message_id),
+-- or a conflict (nothing comes back for it).
 ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL
 DO UPDATE SET updated_at = m.updated_at
     WHERE m.request_hash = EXCLUDED.request_hash
-RETURNING m.id::text, m.user_id, m.client_message_id;
+RETURNING m.id::text, m.user_id, m.client_message_id
 
 -- name: get_message
 SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,

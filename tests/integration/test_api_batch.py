@@ -188,27 +188,39 @@ def test_a_clash_in_a_later_statement_of_1000_rolls_back_every_row(
     assert again.status_code == 202, again.text  # the connection is usable again
 
 
-def test_1000_items_keep_their_order_ids_and_replays_across_statements(
-    client: httpx.Client, auth: Auth, database_url: str, sql_conn: psycopg.Connection
-) -> None:
-    first = client.post(SEND, json=item(10, client_message_id="c-10"), headers=auth())
-    last = client.post(SEND, json=item(760, client_message_id="c-760"), headers=auth())
+def post_1000_keyed_items(
+    client: httpx.Client, auth: Auth, database_url: str
+) -> list[dict[str, Any]]:
+    """Items c-0 … c-999 in one batch: 202, one NOTIFY, answers in the order given."""
     items = [item(n, client_message_id=f"c-{n}") for n in range(1000)]
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute("LISTEN outbox_new")
         response = client.post(BATCH, json={"messages": items}, headers=auth())
         assert response.status_code == 202, response.text
         assert [n.channel for n in listener.notifies(timeout=2.0)] == ["outbox_new"]
-    answers = response.json()["messages"]
+    answers: list[dict[str, Any]] = response.json()["messages"]
     assert [a["client_message_id"] for a in answers] == [f"c-{n}" for n in range(1000)]
-    assert [i for i, a in enumerate(answers) if a.get("replayed")] == [10, 760]
-    assert answers[10]["task_id"] == first.json()["task_id"]
-    assert answers[760]["task_id"] == last.json()["task_id"]
+    return answers
+
+
+def assert_stored_as_answered(sql_conn: psycopg.Connection, answers: list[dict[str, Any]]) -> None:
     stored = dict(
         sql_conn.execute("SELECT client_message_id, id::text FROM outbox.messages").fetchall()
     )
     assert len(stored) == 1000
     assert all(stored[a["client_message_id"]] == a["task_id"] for a in answers)
+
+
+def test_1000_items_keep_their_order_ids_and_replays_across_statements(
+    client: httpx.Client, auth: Auth, database_url: str, sql_conn: psycopg.Connection
+) -> None:
+    first = client.post(SEND, json=item(10, client_message_id="c-10"), headers=auth())
+    last = client.post(SEND, json=item(760, client_message_id="c-760"), headers=auth())
+    answers = post_1000_keyed_items(client, auth, database_url)
+    assert [i for i, a in enumerate(answers) if a.get("replayed")] == [10, 760]
+    assert answers[10]["task_id"] == first.json()["task_id"]
+    assert answers[760]["task_id"] == last.json()["task_id"]
+    assert_stored_as_answered(sql_conn, answers)
 
 
 def test_a_replay_met_in_the_last_statement_answers_each_item_once(
@@ -217,22 +229,11 @@ def test_a_replay_met_in_the_last_statement_answers_each_item_once(
     # The statements assume no replay; the one at row 900 is met after three statements
     # have been answered, and the batch runs again looking for replays.
     earlier = client.post(SEND, json=item(900, client_message_id="c-900"), headers=auth())
-    items = [item(n, client_message_id=f"c-{n}") for n in range(1000)]
-    with psycopg.connect(database_url, autocommit=True) as listener:
-        listener.execute("LISTEN outbox_new")
-        response = client.post(BATCH, json={"messages": items}, headers=auth())
-        assert response.status_code == 202, response.text
-        assert [n.channel for n in listener.notifies(timeout=2.0)] == ["outbox_new"]
-    answers = response.json()["messages"]
-    assert [a["client_message_id"] for a in answers] == [f"c-{n}" for n in range(1000)]
+    answers = post_1000_keyed_items(client, auth, database_url)
     assert [i for i, a in enumerate(answers) if a.get("replayed")] == [900]
     assert answers[900]["task_id"] == earlier.json()["task_id"]
     assert len({a["task_id"] for a in answers}) == 1000
-    stored = dict(
-        sql_conn.execute("SELECT client_message_id, id::text FROM outbox.messages").fetchall()
-    )
-    assert len(stored) == 1000
-    assert all(stored[a["client_message_id"]] == a["task_id"] for a in answers)
+    assert_stored_as_answered(sql_conn, answers)
 
 
 def test_a_bad_item_after_a_clash_answers_422_first(
