@@ -27,7 +27,9 @@ DO UPDATE SET updated_at = m.updated_at
     WHERE m.request_hash = EXCLUDED.request_hash
 RETURNING m.id::text, m.user_id, m.client_message_id
 
--- name: get_message
+-- name: message_view
+-- A message as GET shows it, with its attempts: the columns of get_message and
+-- retry_message, each of which adds its FROM (outbox/store.py).
 SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,
        m.next_attempt_at, m.send_at, m.expires_at, m.last_error, m.provider_message_id,
        m.created_at, m.updated_at, m.finished_at,
@@ -40,6 +42,8 @@ SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_at
                        'error', a.error) ORDER BY a.id)
             FROM outbox.attempts a WHERE a.message_id = m.id),
            '[]'::jsonb) AS history
+
+-- name: get_message_from
 FROM outbox.messages m
 WHERE m.id = %(id)s AND (%(user_id)s::text IS NULL OR m.user_id = %(user_id)s::text);
 
@@ -274,23 +278,11 @@ SELECT json_build_object(
               ORDER BY next_attempt_at LIMIT %(rows)s) w)
 )::text;
 
--- name: retry_message
+-- name: retry_message_from
 -- An errored or cancelled message back to pending with a fresh budget, its event and
 -- the dispatchers' wake-up (sql/migrations/004_admin_retry.sql); the view of the row
--- as it is now, or no row when it was not retried. Attempts are not changed by a retry,
--- so reading them in this statement's snapshot is exact.
-SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,
-       m.next_attempt_at, m.send_at, m.expires_at, m.last_error, m.provider_message_id,
-       m.created_at, m.updated_at, m.finished_at,
-       COALESCE(
-           (SELECT jsonb_agg(jsonb_build_object(
-                       'attempt', a.attempt,
-                       'started_at', a.started_at,
-                       'finished_at', a.finished_at,
-                       'outcome', a.outcome,
-                       'error', a.error) ORDER BY a.id)
-            FROM outbox.attempts a WHERE a.message_id = m.id),
-           '[]'::jsonb) AS history
+-- as it is now (message_view), or no row when it was not retried. Attempts are not
+-- changed by a retry, so reading them in this statement's snapshot is exact.
 FROM outbox.retry_message(%(id)s, %(budget)s) AS m;
 -- Metrics (issue 8) ---------------------------------------------------------------------
 
