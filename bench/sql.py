@@ -97,8 +97,8 @@ DROP TABLE IF EXISTS bench.floor_messages;
 CREATE TABLE bench.floor_messages (LIKE outbox.messages INCLUDING ALL);
 """
 
-# The keys are random over 10^18, not 10^12: over a run's ~600,000 rows the smaller
-# range made a duplicate key (and an aborted pgbench) likely enough to hit.
+# The keys are random over 10^18, not 10^12: two runs of one sitting aborted on a
+# duplicate key with the smaller range (a run holds up to ~170,000 rows).
 FLOOR_SCRIPT = f"""\\set cid random(1, 999999999999999999)
 INSERT INTO bench.floor_messages (id, user_id, client_message_id, "to", type, payload, \
 request_hash, max_attempts, next_attempt_at) VALUES (bench.uuid7(), 'bench', \
