@@ -34,11 +34,18 @@ def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, LiteralStrin
 
 
 QUERIES = load_queries()
+
+
+def _joined(head: LiteralString, tail: LiteralString) -> LiteralString:
+    """One statement from a beginning and an ending (a `;` ending the first is dropped)."""
+    return head.rstrip().removesuffix(";") + "\n" + tail
+
+
 # Statements that share their beginning: an insert where none of the rows is a replay,
 # or some may be; the view of one message, read, or as an admin's retry leaves it.
-QUERIES["insert_messages"] = QUERIES["insert_new_messages"] + "\n" + QUERIES["replays_clause"]
-QUERIES["get_message"] = QUERIES["message_view"] + "\n" + QUERIES["get_message_from"]
-QUERIES["retry_message"] = QUERIES["message_view"] + "\n" + QUERIES["retry_message_from"]
+QUERIES["insert_messages"] = _joined(QUERIES["insert_new_messages"], QUERIES["replays_clause"])
+QUERIES["get_message"] = _joined(QUERIES["message_view"], QUERIES["get_message_from"])
+QUERIES["retry_message"] = _joined(QUERIES["message_view"], QUERIES["retry_message_from"])
 CLIENT_MESSAGE_ID_INDEX = "messages_client_message_id"  # unique (user_id, client_message_id)
 
 
