@@ -66,6 +66,7 @@ class Dispatcher:
         self._room = asyncio.Event()  # set when a claim is worth making
         self._running: set[asyncio.Task[None]] = set()  # attempts, until their call ends
         self._slots_taken = 0  # attempts started whose provider call has not ended
+        self._started_calls: list[Any] = []  # loggers of calls whose start awaits its log line
         self._ended_calls: list[tuple[Any, ...]] = []  # calls whose outcome awaits recording
         self._recording: asyncio.TimerHandle | None = None
         self._buffer: deque[tuple[Claimed, float]] = deque()  # claimed, not started; lease end
@@ -278,7 +279,10 @@ class Dispatcher:
                 )
             )
             return
-        bound.info("attempt started")
+        # Logged on the loop's next turn, like outcomes: the call starts first (a wave of
+        # calls starting together would otherwise each wait for the others' lines).
+        self._started_calls.append(bound)
+        self._schedule_recording()
         clock = time.perf_counter()
         self.calls_in_flight += 1
         try:
@@ -322,16 +326,22 @@ class Dispatcher:
         self._ended_calls.append(
             (message, bound, provider_id, failure, started_at, finished_at, latency_ms)
         )
+        self._schedule_recording()
+
+    def _schedule_recording(self) -> None:
         if self._recording is None:
             # The log lines and outcomes of calls wait for the loop's next turn, after
             # the calls that replace them have started: calls that end together (a
             # slow provider's waves) are all refilled before any bookkeeping.
             self._recording = asyncio.get_running_loop().call_later(
-                RECORD_DELAY, self._record_ended_calls
+                RECORD_DELAY, self._record_calls
             )
 
-    def _record_ended_calls(self) -> None:
+    def _record_calls(self) -> None:
         self._recording = None
+        started, self._started_calls = self._started_calls, []
+        for bound in started:  # before any outcome: a call that started and ended
+            bound.info("attempt started")  # within one turn logs in that order
         ended, self._ended_calls = self._ended_calls, []
         for call in ended:
             try:
@@ -475,7 +485,7 @@ class Dispatcher:
             await asyncio.gather(*late, return_exceptions=True)
         if self._recording is not None:
             self._recording.cancel()
-            self._record_ended_calls()
+            self._record_calls()
         await self.completer.wait_idle()
 
     async def _reap_forever(self) -> None:

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import psycopg
 
 from tests.dispatch.conftest import (
@@ -68,12 +69,24 @@ def test_fails_twice_then_succeeds(
 ) -> None:
     scripted, _ = provider
     scripted.script = lambda call, n: Reply(status=503) if n < 2 else Reply(body={"id": "ok"})
-    start_dispatcher()
+    process = start_dispatcher()
     [task_id] = insert_messages(sql_conn, 1)
     wait_all(sql_conn, "sent", 1)
     assert [a[1] for a in attempts_of(sql_conn, task_id)] == ["transient", "transient", "sent"]
     assert message(sql_conn, task_id)["attempts"] == 3
     assert [c.attempt for c in scripted.calls_for(task_id)] == [1, 2, 3]
+    # Each attempt's lines, in order (the start line is written on the loop's next turn,
+    # after the call has begun, yet always before the attempt's outcome).
+    wait_for(lambda: '"event":"sent"' in process.log(), what="the sent line")
+    lines = [orjson.loads(line) for line in process.log().splitlines() if task_id in line]
+    assert [(line["event"], line["attempt"]) for line in lines] == [
+        ("attempt started", "1/4"),
+        ("attempt failed, will retry", "1/4"),
+        ("attempt started", "2/4"),
+        ("attempt failed, will retry", "2/4"),
+        ("attempt started", "3/4"),
+        ("sent", "3/4"),
+    ]
 
 
 def test_always_transient_ends_in_error_after_four_attempts_with_backoff(
