@@ -43,7 +43,6 @@ from bench.common import (
     CpuMeter,
     Proc,
     free_port,
-    log_events,
     outbox_command,
     payload,
     payload_bytes,
@@ -737,11 +736,14 @@ class Bench:
         duplicates = sum(1 for line in arrivals.read_text().splitlines()) - len(first)
         ms = [1000 * x for x in from_ret]
         # PROTOCOL.md times the peers to their handler's first statement; the same
-        # moment here is the dispatcher's "attempt started" line, just before the call.
-        assert dispatcher is not None
+        # moment here is the attempt's start as the dispatcher records it (its clock,
+        # just before the call; the `attempt started` line is written a moment later).
         started = {
-            line["message_id"]: datetime.fromisoformat(line["timestamp"]).timestamp()
-            for line in log_events(dispatcher.log_path, "attempt started")
+            message_id: float(epoch)
+            for message_id, epoch in self.q(
+                "SELECT message_id::text, extract(epoch FROM started_at) "
+                "FROM outbox.attempts WHERE attempt = 1"
+            ).fetchall()
         }
         to_start = [1000 * (started[tid] - t_ret) for tid, _, t_ret in sent if tid in started]
         detail = {
