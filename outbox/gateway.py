@@ -132,6 +132,7 @@ class Gateway:
         self._by_user: dict[str, set[Client]] = {}
         self._admins: set[Client] = set()
         self._wake = asyncio.Event()
+        self._reading = False  # a read of the table is running: notifications wake it
         self._positioned = asyncio.Event()  # set once last_seen is known
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -172,9 +173,17 @@ class Gateway:
     # Following the table ---------------------------------------------------------------
 
     def _on_notify(self, payload: str) -> None:
-        # The payload is the highest new id: nothing to do when it has been read already.
-        if self.last_seen is not None and payload.isdigit() and int(payload) <= self.last_seen:
-            return
+        # The payload is the highest new id, and every id up to it is committed (event ids
+        # become visible in id order): nothing to do when it has been read already.
+        if self.last_seen is not None and payload.isdigit():
+            newest = int(payload)
+            if newest <= self.last_seen:
+                return
+            if not self._reading and not self.client_count:
+                # Nobody to hand them to: a client that connects from now on starts
+                # after them (a resuming one replays from the table), so skip the read.
+                self.last_seen = newest
+                return
         self._wake.set()
 
     async def _follow(self) -> None:
@@ -193,6 +202,13 @@ class Gateway:
                 delay = RETRY_MIN
 
     async def _catch_up(self) -> None:
+        self._reading = True
+        try:
+            await self._read_new_events()
+        finally:
+            self._reading = False
+
+    async def _read_new_events(self) -> None:
         if self.last_seen is None:
             # First contact: live clients start from here (resuming ones replay).
             self.last_seen = await self.store.max_event_id() or 0

@@ -21,6 +21,7 @@ from tests.gateway.conftest import (
     read_events,
     write_events,
 )
+from tests.support import wait_for
 
 Token = Callable[..., str]
 Provider = tuple[ScriptedProvider, str]
@@ -273,3 +274,44 @@ def test_a_rolled_back_completion_produces_no_event(
     # The first event the client hears of is the committed one, never the rolled-back one.
     assert event["data"]["message_id"] == ids[1]
     assert event_ids(sql_conn) == [event["data"]["event_id"]]
+
+
+def test_with_no_client_connected_the_gateway_follows_without_reading_the_table(
+    serve: Serve, token: Token, sql_conn: psycopg.Connection
+) -> None:
+    server = serve()
+    gateway = server.server.config.app.state.gateway
+    # Listening, positioned, and done with the reads of start-up (its LISTEN connection
+    # opening makes it look once more for what it might have missed).
+    wait_for(
+        lambda: (
+            sql_conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'outbox-gateway' AND query LIKE 'LISTEN%%'"
+            ).fetchone()
+            == (1,)
+        ),
+        what="the gateway listening",
+    )
+    wait_for(
+        lambda: (
+            gateway.last_seen is not None and not gateway._reading and not gateway._wake.is_set()
+        ),
+        what="the gateway's starting position",
+    )
+    (written_at,) = sql_conn.execute("SELECT clock_timestamp()").fetchone()
+    write_events(sql_conn, 3)
+    newest = event_ids(sql_conn)[-1]
+    wait_for(lambda: gateway.last_seen == newest, what="the gateway following the notifications")
+    # The notification's id was enough: no backend of this database has read a page of
+    # events since they were written (its last statement would show it).
+    reads = sql_conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND query LIKE %s AND query_start > %s",
+        ["%FROM outbox.events%WHERE id > $1%", written_at],
+    ).fetchone()
+    assert reads == (0,)
+    # A client that connects now starts after those events, and hears the next ones.
+    with open_feed(server, token("user-1")) as feed:
+        later = write_events(sql_conn, 2)
+        assert [e["data"]["message_id"] for e in read_events(feed, 2)] == later
