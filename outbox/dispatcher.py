@@ -314,6 +314,7 @@ class Dispatcher:
             )
             raise
         except Exception as exc:  # a provider bug must not kill the dispatcher
+            self._log_started_calls()  # this call's start line first
             bound.exception("provider raised unexpectedly")
             provider_id = None
             failure = ProviderError(ErrorKind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}")
@@ -339,10 +340,8 @@ class Dispatcher:
 
     def _record_calls(self) -> None:
         self._recording = None
-        started, self._started_calls = self._started_calls, []
-        for bound in started:  # before any outcome: a call that started and ended
-            bound.info("attempt started")  # within one turn logs in that order
-        ended, self._ended_calls = self._ended_calls, []
+        self._log_started_calls()  # before any outcome: a call that started and ended
+        ended, self._ended_calls = self._ended_calls, []  # within one turn logs in order
         for call in ended:
             try:
                 self._record(*call)
@@ -366,6 +365,11 @@ class Dispatcher:
                 )
         if not self.calls_in_flight:
             self.completer.calls_ended()
+
+    def _log_started_calls(self) -> None:
+        started, self._started_calls = self._started_calls, []
+        for bound in started:
+            bound.info("attempt started")
 
     def _record(
         self,

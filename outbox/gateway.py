@@ -134,6 +134,7 @@ class Gateway:
         self._wake = asyncio.Event()
         self._reading = False  # a read of the table is running: notifications wake it
         self._positioned = asyncio.Event()  # set once last_seen is known
+        self.listening = False  # the LISTEN connection is up (it has been, at least once)
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -146,7 +147,7 @@ class Gateway:
         )
         self._tasks = [
             asyncio.create_task(
-                notifier.listen(conninfo, CHANNEL, self._on_notify, on_connect=self._wake.set),
+                notifier.listen(conninfo, CHANNEL, self._on_notify, on_connect=self._on_listening),
                 name="gateway-listen",
             ),
             asyncio.create_task(self._follow(), name="gateway-follow"),
@@ -171,6 +172,11 @@ class Gateway:
                 await task
 
     # Following the table ---------------------------------------------------------------
+
+    def _on_listening(self) -> None:
+        # Connected (again): what was committed while away had no notification, so look.
+        self.listening = True
+        self._wake.set()
 
     def _on_notify(self, payload: str) -> None:
         # The payload is the highest new id, and every id up to it is committed (event ids

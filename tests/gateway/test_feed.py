@@ -285,19 +285,12 @@ def test_with_no_client_connected_the_gateway_follows_without_reading_the_table(
     # opening makes it look once more for what it might have missed).
     wait_for(
         lambda: (
-            sql_conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND application_name = 'outbox-gateway' AND query LIKE 'LISTEN%%'"
-            ).fetchone()
-            == (1,)
+            gateway.listening
+            and gateway.last_seen is not None
+            and not gateway._reading
+            and not gateway._wake.is_set()
         ),
-        what="the gateway listening",
-    )
-    wait_for(
-        lambda: (
-            gateway.last_seen is not None and not gateway._reading and not gateway._wake.is_set()
-        ),
-        what="the gateway's starting position",
+        what="the gateway listening, positioned and idle",
     )
     (written_at,) = sql_conn.execute("SELECT clock_timestamp()").fetchone()
     write_events(sql_conn, 3)
