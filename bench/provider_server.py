@@ -1,5 +1,6 @@
 """M4's provider: a small HTTP server (own process) that plays the `http` provider and
-appends `<Idempotency-Key> <time.time()>` for every call, stamped as the call arrives.
+appends `<Idempotency-Key> <time.time()>` for every call, stamped as its request line
+is read (before this server parses the headers).
 
 Run: python -m bench.provider_server --port PORT --out FILE
 """
@@ -23,8 +24,16 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     out: Any = None
 
+    arrived = 0.0
+
+    def parse_request(self) -> bool:
+        # The request line has just been read: the call has arrived (the headers'
+        # parsing that follows is this server's own time, not the dispatcher's).
+        self.arrived = time.time()
+        return super().parse_request()
+
     def do_POST(self) -> None:
-        arrived = time.time()  # headers parsed: the call has arrived
+        arrived = self.arrived
         key = self.headers.get("Idempotency-Key", "-")
         length = int(self.headers.get("Content-Length") or 0)
         if length:

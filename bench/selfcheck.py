@@ -81,15 +81,20 @@ def check_http(tmp: Path) -> None:
     thread.start()
     port = server.server_address[1]
     try:
+        trips = []
         with RawClient("127.0.0.1", port) as client:  # keep-alive: three on one socket
             for i in range(3):
                 data = build_post("/send", f"127.0.0.1:{port}", "t", b"{}")
                 data = data.replace(b"\r\n\r\n", f"\r\nIdempotency-Key: k{i}\r\n\r\n".encode(), 1)
+                sent = time.time()
                 status, body = client.request(data)
+                trips.append((sent, time.time()))
                 assert status == 200 and json.loads(body) == {"id": f"bench-k{i}"}, body
         out.flush()
-        keys = [line.split()[0] for line in (tmp / "arrivals.txt").read_text().splitlines()]
-        assert keys == ["k0", "k1", "k2"], keys
+        lines = [line.split() for line in (tmp / "arrivals.txt").read_text().splitlines()]
+        assert [key for key, _ in lines] == ["k0", "k1", "k2"], lines
+        for (_, stamp), (sent, answered) in zip(lines, trips, strict=True):
+            assert sent <= float(stamp) <= answered, (sent, stamp, answered)  # this call's
         wrk = shutil.which("wrk")
         if wrk:  # the Lua script and the SIGINT hand-over; this server answers 200, not 202
             result, cpu_seconds, wall = run_wrk(
