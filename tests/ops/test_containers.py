@@ -152,6 +152,22 @@ def test_compose_file_is_valid_against_the_compose_specification() -> None:
     assert errors == []
 
 
+def test_third_party_images_are_pinned_to_a_version() -> None:
+    # Images we do not build name a version: `latest` would change the database or the
+    # pooler under a deployment at its next pull. (Read from the file itself, defaults
+    # of `${VAR:-image}` included, so no docker-compose is needed.)
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    images = {
+        name: service["image"].removeprefix("${").rstrip("}").split(":-")[-1]
+        for name, service in services.items()
+        if "image" in service and "outbox" not in service["image"]
+    }
+    assert set(images) == {"postgres", "pgbouncer"}, images
+    for name, image in images.items():
+        tag = image.partition(":")[2]
+        assert tag and tag != "latest", f"{name}: {image}"
+
+
 def test_the_schema_check_catches_a_misspelt_key() -> None:
     document = yaml.safe_load(COMPOSE.read_text())
     document["services"]["dispatch"]["replcias"] = 3
