@@ -42,7 +42,6 @@ class Completer:
         self._queue: asyncio.Queue[Completion] = asyncio.Queue()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.lost_leases = 0
 
     def put(self, completion: Completion) -> None:
         self._idle.clear()
@@ -104,7 +103,6 @@ class Completer:
         if lost:
             self._metrics.outcomes_lost.inc(len(lost))
             # The lease expired and the row was reclaimed: a newer attempt owns it now.
-            self.lost_leases += len(lost)
             for completion in lost:
                 log.warning(
                     "outcome dropped: lease lost",
