@@ -183,17 +183,19 @@ class Dispatcher:
         self._start_buffered()
         return len(claimed), next_due_at
 
-    def _may_start(self) -> bool:
-        return self._paused_until <= time.monotonic() and not self._stopping.is_set()
-
     def _start_buffered(self) -> None:
-        if not self._may_start():
+        if self._paused_until > time.monotonic() or self._stopping.is_set():
             return
         while self._buffer and self._slots_taken < self._concurrency:
+            message, lease_end = self._buffer.popleft()
             self._slots_taken += 1
-            task = asyncio.create_task(self._run_slot(*self._buffer.popleft()))
+            task = asyncio.create_task(self._attempt(message, lease_end))
             self._running.add(task)
             task.add_done_callback(self._finished)
+
+    def _release_slot(self) -> None:
+        self._slots_taken -= 1
+        self._start_buffered()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -223,23 +225,13 @@ class Dispatcher:
 
     # One attempt ------------------------------------------------------------------
 
-    async def _run_slot(self, message: Claimed, lease_end: float) -> None:
-        """One slot's attempts, one after another while rows wait in the buffer. The
-        next call starts in the turn of the loop in which the last one ended (a new
-        task would start a turn later): its timers count from that turn's clock."""
-        try:
-            while True:
-                await self._attempt(message, lease_end)
-                if not (self._buffer and self._may_start()):
-                    return
-                message, lease_end = self._buffer.popleft()
-                if self._should_claim():
-                    self._room.set()
-        finally:
-            self._slots_taken -= 1  # the slot frees when its last call ends
-            self._start_buffered()  # rows left by a slot that stopped on an error
-
     async def _attempt(self, message: Claimed, lease_end: float) -> None:
+        try:
+            await self._attempt_in_slot(message, lease_end)
+        finally:
+            self._release_slot()  # the slot frees when the call ends (or never started)
+
+    async def _attempt_in_slot(self, message: Claimed, lease_end: float) -> None:
         started_at = datetime.now(UTC)
         attempt_label = f"{message.attempt}/{message.max_attempts}"
         bound = log.bind(
