@@ -1,0 +1,77 @@
+"""A sender-level error stops every buffered row, even one whose slot freed in the same
+turn of the event loop (a provider answers many calls at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from outbox.dispatcher import Dispatcher
+from outbox.providers.base import OutgoingMessage, ProviderError
+from outbox.retry import ErrorKind
+from outbox.settings import Settings
+from outbox.store import Claimed, Store
+
+
+class GatedProvider:
+    """Each call waits for the test to answer it."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.answers: dict[int, asyncio.Future[str]] = {}
+
+    async def send(self, message: OutgoingMessage) -> str | None:
+        self.calls.append(message.attempt)
+        answer = asyncio.get_running_loop().create_future()
+        self.answers[message.attempt] = answer
+        return await answer
+
+
+def claimed(attempt: int) -> Claimed:
+    return Claimed(
+        id=uuid.uuid4(),
+        user_id="user-1",
+        to="5511999999999",
+        type="text",
+        payload={"body": "hi"},
+        client_message_id=None,
+        attempt=attempt,
+        max_attempts=4,
+        expires_at=None,
+    )
+
+
+async def turns(count: int) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def test_a_call_ending_with_the_pausing_one_starts_no_buffered_row() -> None:
+    provider = GatedProvider()
+
+    async def run() -> Dispatcher:
+        settings = Settings(
+            database_url="postgresql://127.0.0.1/unused",
+            dispatch_concurrency=2,
+            sender_pause=30,
+        )
+        # The store is never reached: outcomes only queue in the completer here.
+        dispatcher = Dispatcher(settings, Store.__new__(Store), provider)
+        lease_end = time.monotonic() + 60
+        dispatcher._buffer.extend((claimed(n), lease_end) for n in (1, 2, 3, 4))
+        dispatcher._start_buffered()
+        await turns(5)
+        assert provider.calls == [1, 2]
+        # Both answers in one turn: call 1 sent (its slot frees first), call 2 says the
+        # sender cannot send.
+        provider.answers[1].set_result("wamid.1")
+        provider.answers[2].set_exception(ProviderError(ErrorKind.SENDER, "token expired"))
+        await turns(10)
+        return dispatcher
+
+    dispatcher = asyncio.run(run())
+    assert provider.calls == [1, 2]  # rows 3 and 4 were not called during the pause
+    assert not dispatcher._buffer and dispatcher._slots_taken == 0
