@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 from structlog.testing import capture_logs
 
-from outbox.dispatcher import Dispatcher
 from outbox.providers.base import OutgoingMessage
-from outbox.settings import Settings
-from outbox.store import Claimed, Store
+from tests.unit.offline import claimed, offline_dispatcher
 
 
 class RaisingProvider:
@@ -25,20 +22,8 @@ class RaisingProvider:
 
 def test_a_provider_that_raises_logs_after_the_attempt_started_line() -> None:
     async def attempt() -> list[str]:
-        settings = Settings(database_url="postgresql://127.0.0.1/unused")
-        # The store is never reached: outcomes only queue in the completer here.
-        dispatcher = Dispatcher(settings, Store.__new__(Store), RaisingProvider())
-        message = Claimed(
-            id=uuid.uuid4(),
-            user_id="user-1",
-            to="5511999999999",
-            type="text",
-            payload={"body": "hi"},
-            client_message_id=None,
-            attempt=1,
-            max_attempts=4,
-            expires_at=None,
-        )
+        dispatcher = offline_dispatcher(RaisingProvider())
+        message = claimed()
         with capture_logs() as lines:
             await dispatcher._attempt(message, time.monotonic() + 60)
             await asyncio.sleep(0.05)  # the loop's next turns: the deferred lines

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 from outbox.dispatcher import Dispatcher
 from outbox.providers.base import OutgoingMessage, ProviderError
 from outbox.retry import ErrorKind
-from outbox.settings import Settings
-from outbox.store import Claimed, Store
+from tests.unit.offline import claimed, offline_dispatcher
 
 
 class GatedProvider:
@@ -30,20 +28,6 @@ class GatedProvider:
         return await answer
 
 
-def claimed(attempt: int) -> Claimed:
-    return Claimed(
-        id=uuid.uuid4(),
-        user_id="user-1",
-        to="5511999999999",
-        type="text",
-        payload={"body": "hi"},
-        client_message_id=None,
-        attempt=attempt,
-        max_attempts=4,
-        expires_at=None,
-    )
-
-
 async def turns(count: int) -> None:
     for _ in range(count):
         await asyncio.sleep(0)
@@ -53,13 +37,7 @@ def test_a_call_ending_with_the_pausing_one_starts_no_buffered_row() -> None:
     provider = GatedProvider()
 
     async def run() -> Dispatcher:
-        settings = Settings(
-            database_url="postgresql://127.0.0.1/unused",
-            dispatch_concurrency=2,
-            sender_pause=30,
-        )
-        # The store is never reached: outcomes only queue in the completer here.
-        dispatcher = Dispatcher(settings, Store.__new__(Store), provider)
+        dispatcher = offline_dispatcher(provider, dispatch_concurrency=2, sender_pause=30)
         lease_end = time.monotonic() + 60
         dispatcher._buffer.extend((claimed(n), lease_end) for n in (1, 2, 3, 4))
         dispatcher._start_buffered()
