@@ -48,11 +48,8 @@ FROM outbox.messages m
 WHERE m.id = %(id)s AND (%(user_id)s::text IS NULL OR m.user_id = %(user_id)s::text);
 
 -- name: cancel_message
-UPDATE outbox.messages
-SET status = 'cancelled', finished_at = now(), updated_at = now()
-WHERE id = %(id)s AND status = 'pending'
-  AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text)
-RETURNING id;
+-- The cancel and its `message_cancelled` event (sql/migrations/007_cancel_event.sql).
+SELECT id FROM outbox.cancel_message(%(id)s, %(user_id)s::text) AS id;
 
 -- name: schema_version
 SELECT COALESCE(max(version), 0) FROM outbox.schema_migrations;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -195,6 +196,36 @@ def test_a_bad_since_closes_with_4400(serve: Serve, token: Token, since: str) ->
     with open_feed(server, token("user-1"), since=since) as feed:
         code, reason = close_of(feed)
     assert code == 4400 and "since" in reason
+
+
+def test_a_cancel_is_announced_as_message_cancelled(serve: Serve, token: Token) -> None:
+    server = serve()
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    with open_feed(server, token("user-1")) as feed:
+        task_id = post(
+            server.url, token("user-1"), {**TEXT, "send_at": tomorrow, "client_message_id": "c-9"}
+        )["task_id"]
+        response = httpx.delete(
+            f"{server.url}/api/v1/whatsapp/messages/{task_id}",
+            headers={"Authorization": f"Bearer {token('user-1')}"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        event = next_event(feed)
+    assert event["event"] == "message_cancelled" and event["version"] == "v1"
+    data = event["data"]
+    assert WIRE_TIME.match(data["timestamp"]), data["timestamp"]
+    assert data == {
+        "message_id": task_id,
+        "status": "cancelled",
+        "to": "5511999999999",
+        "timestamp": data["timestamp"],
+        "error": None,
+        "event_id": data["event_id"],
+        "client_message_id": "c-9",
+        "provider_message_id": None,
+        "attempt": 0,
+    }
 
 
 def test_since_replays_only_that_users_events_then_continues_live(

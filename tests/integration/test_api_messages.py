@@ -281,6 +281,12 @@ def test_cancel_a_pending_message(
         "SELECT status, finished_at IS NOT NULL FROM outbox.messages WHERE id = %s", [task_id]
     ).fetchone()
     assert row == ("cancelled", True)
+    # Its one status event, written with the cancel.
+    [(event, status, error)] = sql_conn.execute(
+        "SELECT event, data->>'status', data->>'error' FROM outbox.events WHERE message_id = %s",
+        [task_id],
+    ).fetchall()
+    assert (event, status, error) == ("message_cancelled", "cancelled", None)
     # Cancelled is no longer pending: a second DELETE is refused and changes nothing.
     again = client.delete(f"{MESSAGES}/{task_id}", headers=auth())
     assert again.status_code == 409, again.text
@@ -288,6 +294,8 @@ def test_cancel_a_pending_message(
     assert "cancelled" in again.json()["error"]["message"]
     after = client.get(f"{MESSAGES}/{task_id}", headers=auth()).json()
     assert after["finished_at"] == view["finished_at"]
+    events = sql_conn.execute("SELECT count(*) FROM outbox.events WHERE message_id = %s", [task_id])
+    assert events.fetchone() == (1,)  # the refused DELETE wrote none
 
 
 @pytest.mark.parametrize("status", ["sent", "in_flight", "error"])
@@ -312,6 +320,7 @@ def test_cancel_by_another_user_is_404_and_changes_nothing(
     assert response.json()["error"]["code"] == "not_found"
     row = sql_conn.execute("SELECT status FROM outbox.messages WHERE id = %s", [task_id]).fetchone()
     assert row == ("pending",)
+    assert sql_conn.execute("SELECT count(*) FROM outbox.events").fetchone() == (0,)
 
 
 def test_an_admin_cancels_anyones_message(client: httpx.Client, auth: Auth) -> None:
