@@ -121,6 +121,10 @@ def test_dashboard_shows_live_figures_retries_and_cancels(
     expect(page.locator("#count-cancelled")).to_have_text("1")
     expect(page.locator("#count-pending")).to_have_text("0")
     expect(waiting).to_have_count(0)
+    # The live tail announces it too.
+    cancelled = page.locator(f'#tail li[data-message-id="{later}"]')
+    expect(cancelled).to_contain_text("message_cancelled")
+    expect(cancelled.locator(".badge.cancelled")).to_have_count(1)
 
     # Looking one up shows its history.
     page.fill("#lookup-input", failed)
