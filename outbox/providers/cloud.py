@@ -8,12 +8,13 @@ status webhooks can be matched to the row.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
+import orjson
 
 from outbox.providers.base import (
+    JsonPost,
     OutgoingMessage,
     ProviderError,
     check_url,
@@ -44,13 +45,12 @@ class CloudProvider:
         check_url(base_url, "OUTBOX_CLOUD_BASE_URL")
         url = f"{base_url.rstrip('/')}/{api_version.strip('/')}/{phone_number_id}/messages"
         try:
-            self._url = httpx.URL(url)  # parsed once, not on every call
+            self._post = JsonPost(client, httpx.URL(url))  # the URL parsed once
         except httpx.InvalidURL as exc:  # a stray newline in a mounted secret, say
             raise ValueError(
                 f"OUTBOX_CLOUD_PHONE_NUMBER_ID or OUTBOX_CLOUD_API_VERSION makes an invalid "
                 f"URL: {exc}"
             ) from exc
-        self._client = client
         self._token = token
 
     def encode(self, message: OutgoingMessage) -> bytes:
@@ -62,20 +62,14 @@ class CloudProvider:
             message.type: message.payload,
             "biz_opaque_callback_data": str(message.id),
         }
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return orjson.dumps(body)
 
     async def send(self, message: OutgoingMessage) -> str | None:
-        headers = {
-            "Authorization": f"Bearer {self._token}",
-            "Content-Type": "application/json",
-            "Idempotency-Key": str(message.id),
-        }
+        headers = {"Authorization": f"Bearer {self._token}", "Idempotency-Key": str(message.id)}
         try:
-            response = await self._client.post(
-                self._url, content=self.encode(message), headers=headers
-            )
+            response = await self._post(self.encode(message), headers)
         except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc, self._client.timeout.read) from exc
+            raise transport_error(self.name, exc, self._post.client.timeout.read) from exc
         data = json_object(response)
         if response.is_success:
             return _message_id(data)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from typing import Any
 
 import httpx
+import orjson
 
 from outbox.providers.base import (
+    JsonPost,
     OutgoingMessage,
     ProviderError,
     check_url,
@@ -43,8 +44,7 @@ class HttpProvider:
 
     def __init__(self, client: httpx.AsyncClient, *, url: str, secret: str = "") -> None:
         check_url(url, "OUTBOX_PROVIDER_URL")
-        self._client = client
-        self._url = httpx.URL(url)  # parsed once, not on every call
+        self._post = JsonPost(client, httpx.URL(url))  # the URL parsed once
         self._secret = secret
 
     def encode(self, message: OutgoingMessage) -> bytes:
@@ -57,17 +57,17 @@ class HttpProvider:
             "client_message_id": message.client_message_id,
             "attempt": message.attempt,
         }
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return orjson.dumps(body)
 
     async def send(self, message: OutgoingMessage) -> str | None:
         body = self.encode(message)
-        headers = {"Content-Type": "application/json", "Idempotency-Key": str(message.id)}
+        headers = {"Idempotency-Key": str(message.id)}
         if self._secret:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)
         try:
-            response = await self._client.post(self._url, content=body, headers=headers)
+            response = await self._post(body, headers)
         except httpx.HTTPError as exc:
-            raise transport_error(self.name, exc, self._client.timeout.read) from exc
+            raise transport_error(self.name, exc, self._post.client.timeout.read) from exc
         data = json_object(response)
         if response.is_success:
             provider_id = data.get("id")
