@@ -959,6 +959,15 @@ class Bench:
             ),
             Row("M4 to the call's start (PROTOCOL.md), p99", "ms", self.values("m4_start_p99")),
             Row(
+                "M4 floor: thinnest client, p50",
+                "ms",
+                self.values("m4floor_p50"),
+                note="sync psycopg + raw socket",
+                cpu=cpu("m4floor_p50", [("worker", "worker"), ("provider", "prov"), drain[1]]),
+            ),
+            Row("M4 floor: thinnest client, p99", "ms", self.values("m4floor_p99")),
+            Row("M4 floor: to the claim's return, p50", "ms", self.values("m4floor_start_p50")),
+            Row(
                 f"cost growth: M2 1 disp. + {old_rows} old rows",
                 "msg/s",
                 self.values("growth"),
