@@ -378,6 +378,28 @@ def test_http_signature_verifies_and_idempotency_key_is_the_task_id(
     }
 
 
+@pytest.mark.parametrize("which", ["cloud", "http"])
+def test_both_providers_send_the_clients_own_headers_and_json(
+    server: ScriptedServer, which: str
+) -> None:
+    """The request is built from the shared client's defaults (JsonPost): its headers
+    go out with every call, alongside the provider's own."""
+    server.script(Reply(200, {"id": "x", "messages": [{"id": "wamid.X"}]}))
+    settings = cloud_settings(server.url) if which == "cloud" else http_settings(server.url)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(headers={"User-Agent": "outbox-test/1"}) as client:
+            await create_provider(settings, client).send(MESSAGE)
+
+    asyncio.run(go())
+
+    [seen] = server.requests
+    assert seen.headers["user-agent"] == "outbox-test/1"
+    assert seen.headers["content-type"] == "application/json"
+    assert seen.headers["idempotency-key"] == str(MESSAGE.id)
+    assert int(seen.headers["content-length"]) == len(seen.body)
+
+
 def test_http_wrong_secret_is_rejected_by_the_server(server: ScriptedServer) -> None:
     server.script(verify_signature)
 
