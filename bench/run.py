@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql as pgsql
@@ -60,6 +60,8 @@ from bench.common import (
 from bench.httpclient import RawClient, build_post
 from bench.report import Row, render
 from bench.wrk import run_wrk
+
+T = TypeVar("T")
 
 SEND = "/api/v1/whatsapp/send/"
 SEND_BATCH = "/api/v1/whatsapp/send/batch"
@@ -669,9 +671,12 @@ class Bench:
         _wait_tcp(port, provider)
         return provider, port, arrivals
 
-    def paced(self, enqueue: Callable[[int], str]) -> tuple[list[tuple[str, float, float]], int]:
+    def paced(
+        self, enqueue: Callable[[int], T], key_of: Callable[[T], str]
+    ) -> tuple[list[tuple[str, float, float]], int]:
         """M4's producer: `enqueue(i)` at a steady rate (scheduled at t0 + i/rate, no
-        catch-up bursts), each awaited; (key, call, return) epochs and how many were late."""
+        catch-up bursts), each awaited; (key, call, return) epochs, the return stamped
+        before `key_of` reads the answer, and how many calls were late."""
         sent: list[tuple[str, float, float]] = []
         late = 0
         t0 = time.time() + 0.2
@@ -682,8 +687,9 @@ class Bench:
             elif delay < -0.005:
                 late += 1
             t_call = time.time()
-            key = enqueue(i)
-            sent.append((key, t_call, time.time()))
+            answer = enqueue(i)
+            t_ret = time.time()
+            sent.append((key_of(answer), t_call, t_ret))
         return sent, late
 
     def m4(self, rep: int) -> None:
@@ -721,13 +727,13 @@ class Bench:
                     self_cpu=True,
                 )
 
-                def post(i: int) -> str:
-                    status, body = client.request(requests[i])
+                def task_id(answer: tuple[int, bytes]) -> str:
+                    status, body = answer
                     if status != 202:
                         raise RuntimeError(f"M4 POST answered {status}: {body[:200]!r}")
                     return str(json.loads(body)["task_id"])
 
-                sent, late = self.paced(post)
+                sent, late = self.paced(lambda i: client.request(requests[i]), task_id)
             _wait_lines(arrivals, warm + len(sent), 15)
             cpu = meter.stop()
             cpu["loadgen"] = cpu.pop("bench")
@@ -781,8 +787,10 @@ class Bench:
             with psycopg.connect(self.db_url, autocommit=True) as producer:
                 args = {"to": TO, "payload": Jsonb({"body": TEXT, "preview_url": False})}
 
-                def enqueue(_i: int) -> str:
-                    row = producer.execute(m4_floor.ENQUEUE, args).fetchone()
+                def enqueue(_i: int) -> tuple[Any, ...] | None:
+                    return producer.execute(m4_floor.ENQUEUE, args).fetchone()
+
+                def row_id(row: tuple[Any, ...] | None) -> str:
                     assert row is not None
                     return str(row[0])
 
@@ -791,10 +799,13 @@ class Bench:
                     enqueue(i)
                 _wait_lines(arrivals, warm, 15)
                 time.sleep(1.0)
-                meter = CpuMeter({"worker": [worker.pid], "provider": [provider.pid]})
-                sent, late = self.paced(enqueue)
+                meter = CpuMeter(
+                    {"worker": [worker.pid], "provider": [provider.pid]}, self_cpu=True
+                )
+                sent, late = self.paced(enqueue, row_id)
                 _wait_lines(arrivals, warm + len(sent), 15)
                 cpu = meter.stop()
+                cpu["loadgen"] = cpu.pop("bench")
         finally:
             worker.stop()
             provider.stop()
@@ -963,7 +974,7 @@ class Bench:
                 "ms",
                 self.values("m4floor_p50"),
                 note="sync psycopg + raw socket",
-                cpu=cpu("m4floor_p50", [("worker", "worker"), ("provider", "prov"), drain[1]]),
+                cpu=cpu("m4floor_p50", [("loadgen", "gen"), ("worker", "worker"), *m4[-2:]]),
             ),
             Row("M4 floor: thinnest client, p99", "ms", self.values("m4floor_p99")),
             Row("M4 floor: to the claim's return, p50", "ms", self.values("m4floor_start_p50")),

@@ -72,20 +72,24 @@ class JsonPost:
     `client.post` first merges the client's defaults into each request: 70 of the
     ~450 µs that httpx spends before a call's first byte leaves, after an idle moment
     here (measured with the bench's provider server); done once here instead. The
-    client's headers, timeouts, pool and proxies all still apply."""
+    client's headers (a call's own replace them, names in any case), timeouts, pool,
+    proxies and cookies (a load balancer's sticky session) all still apply."""
 
     def __init__(self, client: httpx.AsyncClient, url: httpx.URL) -> None:
         self.client = client
         self.url = url
-        self._headers = {**client.headers, "Content-Type": "application/json"}
+        # httpx.Headers keys are lower case: the call's names are lowered to match.
+        self._headers = {**client.headers, "content-type": "application/json"}
         self._extensions: dict[str, Any] = {"timeout": client.timeout.as_dict()}
 
     async def __call__(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        merged = self._headers | {name.lower(): value for name, value in headers.items()}
         request = httpx.Request(
             "POST",
             self.url,
             content=body,
-            headers={**self._headers, **headers},
+            headers=merged,
+            cookies=self.client.cookies or None,  # empty but for a provider that sets one
             extensions=self._extensions,
         )
         return await self.client.send(request)

@@ -8,6 +8,7 @@ import asyncio
 import uuid
 
 import psycopg
+import pytest
 
 from outbox import db
 from outbox.settings import Settings
@@ -45,7 +46,8 @@ def test_a_statement_cancelled_while_waiting_leaves_the_pool_usable(
                     what="the cancel waiting on the row lock",
                 )
                 waiting.cancel()
-                await asyncio.gather(waiting, return_exceptions=True)
+                (outcome,) = await asyncio.gather(waiting, return_exceptions=True)
+                assert isinstance(outcome, asyncio.CancelledError), outcome
                 holder.rollback()
             # The pool's only connection serves the next statements, in a clean state.
             status = (await store.get_message(uuid.UUID(message_id), None) or {})["status"]
@@ -64,23 +66,24 @@ def test_a_failed_transaction_is_rolled_back_before_the_connection_is_reused(
 ) -> None:
     one_connection = settings.model_copy(update={"db_pool_size": 1, "db_pool_timeout": 5.0})
 
-    async def scenario() -> tuple[str, int]:
+    async def scenario() -> tuple[int, int, str, int]:
         pool = db.create_pool(one_connection)
         await pool.open(wait=True)
         try:
             store = Store(pool)
-            try:
+            with pytest.raises(psycopg.errors.DivisionByZero):  # the error reaches the caller
                 async with store._connection() as conn:
+                    first_backend = conn.info.backend_pid
                     await conn.execute("BEGIN")
                     await conn.execute("SELECT 1 / 0")
-            except psycopg.errors.DivisionByZero:
-                pass
             async with store._connection() as conn:
                 status = conn.info.transaction_status.name
-            return status, await store.schema_version()
+                second_backend = conn.info.backend_pid
+            return first_backend, second_backend, status, await store.schema_version()
         finally:
             await pool.close()
 
-    status, version = asyncio.run(scenario())
+    first_backend, second_backend, status, version = asyncio.run(scenario())
+    assert second_backend == first_backend, "the connection was not reused"
     assert status == "IDLE"
     assert version > 0

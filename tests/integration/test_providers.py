@@ -55,6 +55,7 @@ class Seen:
     path: str
     headers: dict[str, str]  # lower-case names
     body: bytes
+    header_lines: list[tuple[str, str]]  # every header line, in order, names lower-cased
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -91,6 +92,7 @@ class ScriptedServer:
                     self.path,
                     {k.lower(): v for k, v in self.headers.items()},
                     body,
+                    [(k.lower(), v) for k, v in self.headers.items()],
                 )
                 reply = server._next(seen)
                 if reply.hang:
@@ -379,25 +381,35 @@ def test_http_signature_verifies_and_idempotency_key_is_the_task_id(
 
 
 @pytest.mark.parametrize("which", ["cloud", "http"])
-def test_both_providers_send_the_clients_own_headers_and_json(
+def test_both_providers_send_the_clients_headers_and_cookies_with_their_own(
     server: ScriptedServer, which: str
 ) -> None:
-    """The request is built from the shared client's defaults (JsonPost): its headers
-    go out with every call, alongside the provider's own."""
-    server.script(Reply(200, {"id": "x", "messages": [{"id": "wamid.X"}]}))
+    """Requests are built from the shared client's defaults (JsonPost): its headers go
+    out with every call, a call's own header replaces the client's of the same name
+    (whatever its case), and a cookie the provider set comes back (a sticky session)."""
+    answer = {"id": "x", "messages": [{"id": "wamid.X"}]}
+    server.script(Reply(200, answer, {"Set-Cookie": "lb=node-7; Path=/"}), Reply(200, answer))
     settings = cloud_settings(server.url) if which == "cloud" else http_settings(server.url)
+    defaults = {"User-Agent": "outbox-test/1", "Content-Type": "text/plain", "IDEMPOTENCY-KEY": "x"}
 
     async def go() -> None:
-        async with httpx.AsyncClient(headers={"User-Agent": "outbox-test/1"}) as client:
-            await create_provider(settings, client).send(MESSAGE)
+        async with httpx.AsyncClient(headers=defaults) as client:
+            provider = create_provider(settings, client)
+            await provider.send(MESSAGE)
+            await provider.send(MESSAGE)
 
     asyncio.run(go())
 
-    [seen] = server.requests
-    assert seen.headers["user-agent"] == "outbox-test/1"
-    assert seen.headers["content-type"] == "application/json"
-    assert seen.headers["idempotency-key"] == str(MESSAGE.id)
-    assert int(seen.headers["content-length"]) == len(seen.body)
+    first, second = server.requests
+    for seen in (first, second):
+        names = [name for name, _ in seen.header_lines]
+        assert names.count("content-type") == names.count("idempotency-key") == 1, names
+        assert seen.headers["user-agent"] == "outbox-test/1"
+        assert seen.headers["content-type"] == "application/json"
+        assert seen.headers["idempotency-key"] == str(MESSAGE.id)
+        assert int(seen.headers["content-length"]) == len(seen.body)
+    assert "cookie" not in first.headers
+    assert second.headers["cookie"] == "lb=node-7"
 
 
 def test_http_wrong_secret_is_rejected_by_the_server(server: ScriptedServer) -> None:
