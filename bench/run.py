@@ -5,7 +5,8 @@ the raw data under bench/results/<timestamp>/, the table on stdout and in
 bench/results/<timestamp>.json. Knobs (environment): BENCH_QUICK=1 (small N, 1 repetition),
 BENCH_REPS, BENCH_M1_N, BENCH_M2_N, BENCH_M3_N, BENCH_M4_SECONDS, BENCH_GROWTH_SENT,
 BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840), BENCH_KEEP_DB=1,
-BENCH_ONLY=floor,m1,m2_1p,m2_2p,m3,m4,m4_floor,growth (a subset of the steps).
+BENCH_ONLY=floor,m1,m2_1p,m2_2p,m3,m4,m4_floor,growth (a subset of the steps; m1 includes
+M1's stack floor, bench/bare_app.py).
 OUTBOX_* variables that the bench does not set itself (e.g. OUTBOX_DB_POOL_SIZE,
 OUTBOX_DISPATCH_CONCURRENCY outside M3) are passed to the processes and recorded.
 """
@@ -431,7 +432,10 @@ class Bench:
             self._m1_warm_up(port)
             self.reset()
             self.checkpoint()
-            self._m1_single(serve, port, rep)
+            self._m1_single(serve, port, "m1_single")
+            self.reset()
+            self.checkpoint()
+            self._m1_bare(rep)
             self.reset()
             self.checkpoint()
             try:
@@ -463,7 +467,36 @@ class Bench:
             self._wrk(port, per_thread=250, label="warm")
             self.settle()
 
-    def _m1_single(self, serve: Proc, port: int, rep: int) -> None:
+    def _m1_bare(self, rep: int) -> None:
+        """The same sequential client against bench/bare_app.py (M1's stack floor)."""
+        port = free_port()
+        bare = Proc(
+            f"bare-{rep}",
+            [
+                *(sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--loop", "uvloop"),
+                *("--http", "httptools", "--no-access-log", "--log-level", "warning"),
+                *("--host", "127.0.0.1", "--port", str(port)),
+            ],
+            self.env(),
+            self.outdir / f"bare-{rep}.log",
+        )
+        try:
+            _wait_tcp(port, bare)
+            host = f"127.0.0.1:{port}"
+            with RawClient("127.0.0.1", port) as client:
+                for i in range(200):
+                    status, _ = client.request(
+                        build_post(SEND, host, self.token, payload_bytes(f"warm-{i:06d}"))
+                    )
+                    if status != 202:
+                        raise RuntimeError(f"bare app: warm-up POST answered {status}")
+            self.reset()
+            self.checkpoint()
+            self._m1_single(bare, port, "m1_bare")
+        finally:
+            bare.stop()
+
+    def _m1_single(self, serve: Proc, port: int, name: str) -> None:
         n = self.cfg.m1_n
         host = f"127.0.0.1:{port}"
         requests = [
@@ -483,7 +516,7 @@ class Bench:
         if bad or rows != n:
             raise RuntimeError(f"M1 single: non-202 answers {bad}, {rows} rows for {n} POSTs")
         cpu["loadgen"] = cpu.pop("bench")
-        self.record("m1_single", "req/s", n / elapsed, seconds=elapsed, rows=rows, cpu=cpu)
+        self.record(name, "req/s", n / elapsed, seconds=elapsed, rows=rows, cpu=cpu)
 
     def _wrk(self, port: int, per_thread: int, label: str) -> tuple[dict[str, Any], float, float]:
         if not self.wrk:
@@ -911,8 +944,22 @@ class Bench:
                 self.values("m1_single"),
                 bar="≥ 0.4× floor@1",
                 threshold=0.4 * floor1 if floor1 else None,
-                note=of(self.median("m1_single"), floor1, "floor@1"),
+                note="; ".join(
+                    part
+                    for part in (
+                        of(self.median("m1_single"), floor1, "floor@1"),
+                        of(self.median("m1_single"), self.median("m1_bare"), "bare app"),
+                    )
+                    if part
+                ),
                 cpu=cpu("m1_single", gen),
+            ),
+            Row(
+                "M1 floor: bare ASGI app, same INSERT, 1 client",
+                "req/s",
+                self.values("m1_bare"),
+                note=of(self.median("m1_bare"), floor1, "floor@1"),
+                cpu=cpu("m1_bare", gen),
             ),
             Row(
                 f"M1 ingest, {self.cfg.m1_clients} clients (wrk), 1 serve",
