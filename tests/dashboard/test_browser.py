@@ -125,6 +125,10 @@ def test_dashboard_shows_live_figures_retries_and_cancels(
     cancelled = page.locator(f'#tail li[data-message-id="{later}"]')
     expect(cancelled).to_contain_text("message_cancelled")
     expect(cancelled.locator(".badge.cancelled")).to_have_count(1)
+    # Each status has its own look: a cancelled badge is struck through and grey.
+    cancelled_badge = cancelled.locator(".badge.cancelled")
+    expect(cancelled_badge).to_have_css("text-decoration-line", "line-through")
+    expect(cancelled_badge).to_have_css("color", "rgb(93, 102, 112)")
 
     # Looking one up shows its history.
     page.fill("#lookup-input", failed)
