@@ -25,7 +25,8 @@ lint: $(STAMP)
 	$(BIN)/mypy outbox
 
 # Issue 5's workloads against the real processes on a fresh database of the local PostgreSQL
-# (or OUTBOX_BENCH_DATABASE_URL): table on stdout, bench/results/<timestamp>.json.
+# (or OUTBOX_BENCH_DATABASE_URL, whose outbox tables it empties): table on stdout,
+# bench/results/<timestamp>.json.
 # BENCH_QUICK=1 for a smoke run; `$(BIN)/python -m bench.selfcheck` checks the bench itself.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -186,6 +186,7 @@ class Bench:
         given = os.environ.get("OUTBOX_BENCH_DATABASE_URL", "")
         if given:
             self.db_url = given
+            self.log("OUTBOX_BENCH_DATABASE_URL given: its outbox tables are emptied (TRUNCATE)")
         else:
             name = f"outbox_bench_{self.stamp.replace('-', '_')}"
             self.admin_url = DEFAULT_SERVER
