@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8001, ge=0, le=65535)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # A connection that has not sent a whole request head within this is closed.
+    http_header_timeout: Seconds = Field(default=10.0, gt=0)
+    # Open connections (HTTP and WebSocket) per process; beyond it: 503 + Retry-After.
+    # Unset: derived from the process's descriptor limit (`ulimit -n`), leaving room for
+    # the pool, the provider calls and the logs.
+    max_connections: int | None = Field(default=None, ge=1)
+    # API queries run under this statement_timeout (SET LOCAL); beyond it: 503.
+    api_statement_timeout: Seconds = Field(default=5.0, gt=0)
 
     # JWT
     jwt_secret: str = ""
@@ -131,6 +139,7 @@ class Settings(BaseSettings):
     cloud_api_version: str = "v21.0"
     cloud_phone_number_id: str = ""
     cloud_token: str = ""
+    provider_max_response_bytes: int = Field(default=1024 * 1024, ge=1024)  # more: transient
 
     # Purge and retention (the scheduled job of the dispatchers, or pg_cron)
     error_retention: Seconds = 7 * 86400.0  # errored messages, by finished_at; 0 keeps
@@ -143,6 +152,9 @@ class Settings(BaseSettings):
     # Live status feed (WebSocket)
     ws_queue_size: int = Field(default=1000, ge=2, le=1_000_000)  # events held per client
     ws_ping_interval: Seconds = 20.0  # 0 = no pings
+    ws_max_frame: int = Field(default=4096, ge=125)  # bytes; clients only ping and close
+    ws_max_per_user: int = Field(default=20, ge=1)  # sockets per JWT sub per process; then 1008
+    ws_max_replays: int = Field(default=8, ge=1)  # concurrent `since` replays per process
 
     # Metrics: `outbox dispatch` serves /metrics on metrics_host:metrics_port (0 = none;
     # `serve` has /metrics on its own port); queue gauges are read at most every metrics_cache.
