@@ -15,19 +15,19 @@ import uuid_utils
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outbox import dashboard, db, models
 from outbox.auth import AuthError, Principal, TokenVerifier, bearer_token
+from outbox.body import BodyReader
 from outbox.errors import (
     EXCEPTION_HANDLERS,
     ApiError,
     error_response,
     forbidden,
-    is_malformed_json,
     unauthorized,
     unavailable,
     validation_fields,
@@ -42,12 +42,18 @@ from outbox.store import Conflict, Inserted, NewMessage, Store
 log = get_logger("outbox.api")
 
 BATCH_BODY_FACTOR = 16
+# JSON values a large body may hold (outbox/body.py): a message with the largest
+# template components, and a batch of 1,000 messages of 200 values each on average.
+MESSAGE_JSON_VALUES = models.MAX_COMPONENTS_VALUES + 100
+BATCH_JSON_VALUES = models.MAX_BATCH * 200
 # A batch goes to PostgreSQL in statements of this many rows, one transaction: each
 # runs while the next is built.
 BATCH_STATEMENT_ROWS = 250
 LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
 STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
+CLIENT_CLOSED = 499  # the request log's status for a client that left mid-request
+LIST_PARAMETERS = ("status", "limit", "after", "client_message_id")
 # The admin summary: where its counts stop (index-only counts of pending, in-flight and
 # errored rows; sent and cancelled rows, read from the heap: see the admin_summary
 # query), and how many recent failures and waiting messages it lists.
@@ -69,6 +75,7 @@ class Services:
     store: Store
     verifier: TokenVerifier
     ingest: InsertCoalescer
+    bodies: BodyReader
     metrics: ApiMetrics
     queue_gauges: QueueGauges
     metrics_registries: tuple[CollectorRegistry, ...]  # rendered together on /metrics
@@ -88,23 +95,6 @@ def _authenticate(request: Request) -> Principal:
         raise unauthorized(str(exc)) from exc
     request.state.user_id = principal.user_id
     return principal
-
-
-async def _read_json_body(request: Request, limit: int) -> bytes:
-    content_type = request.headers.get("content-type", "application/json")
-    media_type = content_type.partition(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise ApiError(415, f"expected Content-Type application/json, got {media_type!r}")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # counted while reading, never buffered past the limit
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _new_message(message: models.AnyMessage) -> NewMessage:
@@ -143,12 +133,12 @@ def _conflict(client_message_id: str | None, index: int | None = None) -> ApiErr
 async def send(request: Request) -> Response:
     principal = _authenticate(request)
     services = _services(request)
-    body = await _read_json_body(request, services.settings.max_body_bytes)
+    body = await services.bodies.read(request, services.settings.max_body_bytes)
     try:
-        message = models.SEND_REQUEST.validate_json(body)
+        message = await services.bodies.parse(
+            body, models.SEND_REQUEST, MESSAGE_JSON_VALUES, "a message"
+        )
     except ValidationError as exc:
-        if is_malformed_json(exc):
-            raise ApiError(400, "body is not valid JSON") from exc
         raise ApiError(422, "invalid message", fields=validation_fields(exc)) from exc
     new = _new_message(message)
     inserted = await services.ingest.insert(principal.user_id, new)
@@ -164,13 +154,14 @@ async def send(request: Request) -> Response:
 async def send_batch(request: Request) -> Response:
     principal = _authenticate(request)
     services = _services(request)
-    body = await _read_json_body(request, services.settings.max_body_bytes * BATCH_BODY_FACTOR)
+    bodies = services.bodies
+    body = await bodies.read(request, services.settings.max_body_bytes * BATCH_BODY_FACTOR)
     try:
-        raw = models.BATCH_ENVELOPE.validate_json(body).messages
+        envelope = await bodies.parse(body, models.BATCH_ENVELOPE, BATCH_JSON_VALUES, "a batch")
     except ValidationError as exc:
-        if is_malformed_json(exc):
-            raise ApiError(400, "body is not valid JSON") from exc
         raise ApiError(422, "invalid batch", fields=validation_fields(exc, batch=True)) from exc
+    del body  # the items are parsed: the bytes need not outlive them
+    raw = envelope.messages
     user_id = principal.user_id
     messages: list[models.AnyMessage] = []  # validated so far
     items: list[dict[str, Any]] = []
@@ -350,21 +341,24 @@ def _query_error(path: str, message: str) -> ApiError:
 async def list_messages(request: Request) -> Response:
     principal = _authenticate(request)
     params = request.query_params
-    status = params.get("status") or None
+    for name in LIST_PARAMETERS:  # `?limit=` is not `limit` left out: OpenAPI refuses it
+        if params.get(name) == "":
+            raise _query_error(name, "must not be empty (leave the parameter out instead)")
+    status = params.get("status")
     if status is not None and status not in STATUSES:
         raise _query_error("status", "must be one of " + ", ".join(STATUSES))
-    raw_limit = params.get("limit") or str(LIST_LIMIT_DEFAULT)
+    raw_limit = params.get("limit", str(LIST_LIMIT_DEFAULT))
     # isascii: str.isdigit() also accepts '²', which int() refuses.
     if (
         not (raw_limit.isascii() and raw_limit.isdigit())
         or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX
     ):
         raise _query_error("limit", f"must be an integer from 1 to {LIST_LIMIT_MAX}")
-    client_message_id = params.get("client_message_id") or None
+    client_message_id = params.get("client_message_id")
     if client_message_id is not None and "\x00" in client_message_id:
         raise _query_error("client_message_id", "must not contain the NUL character")
     after = None
-    if params.get("after"):
+    if "after" in params:
         try:
             after = uuid.UUID(params["after"])
         except ValueError as exc:
@@ -464,6 +458,10 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            # The client left before its body was read: nothing to answer, nothing wrong
+            # here. Counted apart from server errors under nginx's "client closed" code.
+            status = CLIENT_CLOSED
         finally:
             duration = time.perf_counter() - started
             route = scope.get("route")  # set by the router on a match (also a 405's)
@@ -503,6 +501,7 @@ def create_app(
             store=store,
             verifier=verifier,
             ingest=InsertCoalescer(store, settings.max_attempts),
+            bodies=BodyReader(),
             metrics=api_metrics,
             queue_gauges=queue_gauges,
             metrics_registries=(api_metrics.registry, *extra_registries),

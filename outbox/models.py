@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -12,8 +13,10 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     TypeAdapter,
     ValidationInfo,
     field_validator,
@@ -39,27 +42,86 @@ def _no_nul(value: str) -> str:
     return value
 
 
+# Template components are passed through as the Cloud API defines them (a carousel of
+# cards, each with buttons and parameters, nests 7 levels and holds a few hundred values):
+# bounded so that one message cannot hold a large tree.
+MAX_COMPONENTS_DEPTH = 10
+MAX_COMPONENTS_VALUES = 2000
+
+
 def _storable_json(value: Any) -> Any:
-    """Free-form JSON (template components) that jsonb can store: no NUL, no NaN/Infinity."""
-    if isinstance(value, str):
-        _no_nul(value)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("numbers must be finite (no NaN or Infinity)")
-    elif isinstance(value, int) and not -(2**63) <= value < 2**64:
-        raise ValueError("integers must fit in 64 bits")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _storable_json(key)
-            _storable_json(item)
-    elif isinstance(value, list):
-        for item in value:
-            _storable_json(item)
+    """Free-form JSON (template components) that jsonb can store: no NUL, no NaN/Infinity,
+    at most MAX_COMPONENTS_DEPTH levels and MAX_COMPONENTS_VALUES values."""
+    budget = MAX_COMPONENTS_VALUES
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ValueError(f"must hold at most {MAX_COMPONENTS_VALUES} JSON values")
+        if isinstance(item, str):
+            _no_nul(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite (no NaN or Infinity)")
+        elif isinstance(item, int) and not -(2**63) <= item < 2**64:
+            raise ValueError("integers must fit in 64 bits")
+        elif isinstance(item, dict | list):
+            if depth > MAX_COMPONENTS_DEPTH:
+                raise ValueError(f"must nest at most {MAX_COMPONENTS_DEPTH} levels deep")
+            if isinstance(item, dict):
+                for key in item:
+                    _no_nul(key)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_nul)]
-Phone = Annotated[str, AfterValidator(_normalise_phone)]
-Link = Annotated[Text, Field(pattern=r"^https?://\S+$", max_length=2048)]
+# PostgreSQL's timestamptz takes UTC offsets up to ±15:59:59.
+MAX_UTC_OFFSET = timedelta(hours=15, minutes=59, seconds=59)
+_ISO_HINT = "an ISO 8601 date-time with a timezone, e.g. 2025-10-11T18:00:00Z"
+
+
+_ISO_START = re.compile(r"[0-9]{4}-")
+
+
+def _datetime_text(value: Any) -> Any:
+    """Only an ISO 8601 string: pydantic's lax mode would read 0 or "0" as 1970."""
+    if not isinstance(value, str) or not _ISO_START.match(value):
+        raise ValueError(f"must be {_ISO_HINT}")
+    return value
+
+
+def _utc_instant(value: datetime) -> datetime:
+    """The same instant in UTC, refused when PostgreSQL could not store it."""
+    offset = value.utcoffset()
+    if offset is not None and abs(offset) > MAX_UTC_OFFSET:
+        raise ValueError("UTC offset must be within ±15:59")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must fall between years 1 and 9999 in UTC") from None
+
+
+# The rules of these strings, as /openapi.json publishes them: JSON Schema patterns
+# (ECMA-262), which pydantic's Rust regex reads alike. `\s` is spelled out (Unicode
+# White_Space, what the link rule has always refused): each engine reads it differently.
+NO_NUL_PATTERN = r"^[^\u0000]*$"
+PHONE_PATTERN = r"^\+?[0-9]{8,15}$"
+_WHITE_SPACE = r"\u0009-\u000d \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+LINK_PATTERN = rf"^https?://[^\u0000{_WHITE_SPACE}]+$"
+
+# json_schema_extra: documented only; the validator enforces the rule.
+Text = Annotated[str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": NO_NUL_PATTERN})]
+Phone = Annotated[
+    str,
+    AfterValidator(_normalise_phone),
+    Field(
+        description="8 to 15 digits, optionally after a leading '+' (stored without it)",
+        json_schema_extra={"pattern": PHONE_PATTERN},
+    ),
+]
+Link = Annotated[str, Field(pattern=LINK_PATTERN, max_length=2048)]
 
 
 class _Strict(BaseModel):
@@ -91,11 +153,31 @@ class Audio(_Strict):
     link: Link
 
 
+# RFC 3339 allows offsets up to ±23:59; PostgreSQL stores up to ±15:59.
+INSTANT_OFFSET_PATTERN = r"(?:[Zz]|[+-](?:0[0-9]|1[0-5]):[0-5][0-9])$"
+Instant = Annotated[
+    AwareDatetime,
+    BeforeValidator(_datetime_text),
+    AfterValidator(_utc_instant),
+    Field(json_schema_extra={"pattern": INSTANT_OFFSET_PATTERN}),
+]
+
+
 class _Common(_Strict):
     to: Phone
     client_message_id: Text | None = Field(default=None, min_length=1, max_length=128)
-    send_at: AwareDatetime | None = None
-    expires_at: AwareDatetime | None = None
+    send_at: Instant | None = Field(
+        default=None,
+        description="When to send: RFC 3339 with a UTC offset within ±15:59, between years 1"
+        f" and 9999 in UTC; at most {MAX_SCHEDULE_AHEAD.days} days ahead (422 beyond);"
+        " in the past or absent: now",
+    )
+    expires_at: Instant | None = Field(
+        default=None,
+        description="Not sent after this instant (the message ends `error`, `expired`):"
+        " RFC 3339 with a UTC offset within ±15:59; later than `send_at` and than now, at"
+        f" most {MAX_EXPIRY_AHEAD.days} days ahead (422 otherwise)",
+    )
 
     # Field validators (not a model validator) so that a 422 names the field.
     @field_validator("send_at")
@@ -128,7 +210,7 @@ class _Common(_Strict):
 class TextMessage(_Common):
     type: Literal["text"]
     text: Text = Field(min_length=1, max_length=4096)
-    preview_url: bool = False
+    preview_url: StrictBool = False
 
     def content(self) -> dict[str, Any]:
         return {"body": self.text, "preview_url": self.preview_url}
@@ -187,9 +269,9 @@ class BatchRequest(_Strict):
 class BatchEnvelope(_Strict):
     """A batch body with its items not yet validated: the endpoint validates them in
     chunks, each while the database inserts the chunk before (same rules as
-    BatchRequest, which documents the body)."""
+    BatchRequest, which documents the body). Items must be objects."""
 
-    messages: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 SEND_REQUEST = TypeAdapter[SendRequest](SendRequest)
@@ -350,6 +432,9 @@ def iso_utc(value: datetime | None) -> str | None:
     """UTC, ISO 8601 with milliseconds and `Z`: the one timestamp format on the wire."""
     if value is None:
         return None
+    # Formatted by hand: strftime's %Y writes year 999 as "999", not "0999".
+    v = value.astimezone(UTC)
     return (
-        value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
+        f".{v.microsecond // 1000:03d}Z"
     )

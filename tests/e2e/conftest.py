@@ -11,8 +11,10 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import IO
 
+import httpx
 import pytest
 
+from tests.conftest import JWT_SECRET
 from tests.support import wait_for
 
 OUTBOX = [sys.executable, "-m", "outbox"]
@@ -107,3 +109,28 @@ def start() -> Iterator[type[Process]]:
     yield Tracked
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def serve(start: type[Process], database_url: str) -> Iterator[tuple[Process, str]]:
+    """A real `outbox serve` on a free port and a database of its own; (process, url)."""
+    port = free_port()
+    env = clean_env(
+        OUTBOX_DATABASE_URL=database_url,
+        OUTBOX_JWT_SECRET=JWT_SECRET,
+        OUTBOX_PORT=str(port),
+        OUTBOX_LOG_FORMAT="json",
+    )
+    process = start(["serve"], env)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if process.popen.poll() is not None:
+            raise AssertionError("serve exited:\n" + "\n".join(process.stderr))
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, timeout=30, what="outbox serve to answer")
+    yield process, url

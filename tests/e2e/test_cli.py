@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,30 +100,6 @@ def test_a_bad_duration_for_token_is_one_line() -> None:
 
 
 # serve -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def serve(start: type[Process], database_url: str) -> Iterator[tuple[Process, str]]:
-    port = free_port()
-    env = clean_env(
-        OUTBOX_DATABASE_URL=database_url,
-        OUTBOX_JWT_SECRET=JWT_SECRET,
-        OUTBOX_PORT=str(port),
-        OUTBOX_LOG_FORMAT="json",
-    )
-    process = start(["serve"], env)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if process.popen.poll() is not None:
-            raise AssertionError("serve exited:\n" + "\n".join(process.stderr))
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, timeout=30, what="outbox serve to answer")
-    yield process, url
 
 
 def token_from_cli(*args: str) -> str:
