@@ -244,7 +244,14 @@ def cmd_token(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise UsageError(f"--ttl: {exc}") from exc
     print(
-        mint_token(secret, args.sub, admin=args.admin, ttl=ttl, role_claim=settings.jwt_admin_claim)
+        mint_token(
+            secret,
+            args.sub,
+            admin=args.admin,
+            ttl=ttl,
+            role_claim=settings.jwt_admin_claim,
+            admin_value=settings.jwt_admin_value,
+        )
     )
 
 

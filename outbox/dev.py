@@ -110,6 +110,7 @@ def run_dev(settings: Settings) -> None:
                 admin=True,
                 ttl=86400,
                 role_claim=settings.jwt_admin_claim,
+                admin_value=settings.jwt_admin_value,
             )
             banner = _banner(settings, token)
         process.run(_serve_and_announce(settings, banner))

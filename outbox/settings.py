@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     jwt_issuer: str = ""
     jwt_require_exp: bool = True
     jwt_admin_claim: str = "role"
+    jwt_admin_value: str = Field(default="admin", min_length=1)  # the claim's value for admins
+    jwt_max_age: Seconds = 0.0  # refuse tokens issued (`iat`) longer ago; 0 = no limit
     jwt_leeway: Seconds = 0.0
 
     # Queue and retries

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from outbox.cli import build_parser
 from tests.conftest import JWT_SECRET
@@ -239,6 +241,17 @@ def test_dev_runs_on_an_embedded_postgres_and_keeps_messages(
     wait_for(lambda: not postgres_processes(data_dir), timeout=30, what="postgres to stop")
 
 
+_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+_PUBLIC_PEM = (
+    _RSA_KEY.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+_PRIVATE_PEM = _RSA_KEY.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+).decode()
+
+
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
@@ -260,8 +273,40 @@ def test_dev_runs_on_an_embedded_postgres_and_keeps_messages(
             },
             "OUTBOX_JWT_ALGORITHMS",
         ),
+        (
+            {
+                "OUTBOX_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x",
+                "OUTBOX_JWT_SECRET": "a",
+            },
+            "OUTBOX_JWT_SECRET must be at least 32 bytes",
+        ),
+        (
+            {
+                "OUTBOX_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x",
+                "OUTBOX_JWT_ALGORITHMS": "RS256",
+                "OUTBOX_JWT_PUBLIC_KEY": _PUBLIC_PEM,
+            },
+            "OUTBOX_JWT_AUDIENCE is required",
+        ),
+        (
+            {
+                "OUTBOX_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x",
+                "OUTBOX_JWT_ALGORITHMS": "RS256",
+                "OUTBOX_JWT_PUBLIC_KEY": _PRIVATE_PEM,
+                "OUTBOX_JWT_AUDIENCE": "outbox-api",
+            },
+            "OUTBOX_JWT_PUBLIC_KEY holds a private key",
+        ),
     ],
-    ids=["no-database", "no-key", "bad-public-key", "unknown-algorithm"],
+    ids=[
+        "no-database",
+        "no-key",
+        "bad-public-key",
+        "unknown-algorithm",
+        "short-secret",
+        "public-key-without-audience",
+        "private-key-as-public-key",
+    ],
 )
 def test_serve_refuses_to_start_without_what_it_needs(settings: dict[str, str], named: str) -> None:
     result = run("serve", env=clean_env(**settings))

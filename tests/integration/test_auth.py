@@ -25,6 +25,7 @@ SEND = "/api/v1/whatsapp/send/"
 MESSAGES = "/api/v1/whatsapp/messages"
 TEXT = {"to": "5511999999999", "type": "text", "text": "hi"}
 Auth = Callable[..., dict[str, str]]
+AUDIENCE = "outbox-api"
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
@@ -103,6 +104,46 @@ def test_malformed_token_is_401(
 ) -> None:
     assert_401(client.post(SEND, json=TEXT, headers=bearer(token)), "token")
     assert_no_rows(sql_conn)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [b64(b"\xff\xfe\xfd") + ".e30.sig", "abc", "a.b.c", b64(b'{"alg":"HS256"}') + ".!!.sig"],
+)
+def test_a_garbage_token_says_malformed_without_the_parser_s_internals(
+    client: httpx.Client, token: str
+) -> None:
+    response = client.post(SEND, json=TEXT, headers=bearer(token))
+    assert_401(response)
+    assert response.json()["error"]["message"] == "malformed token"
+    assert "codec" not in response.headers["www-authenticate"]
+
+
+def test_admin_claim_value_is_configurable(client_with: ClientFactory) -> None:
+    with client_with(jwt_admin_value="outbox:admin") as http:
+        summary = "/api/v1/admin/summary"
+        admin = bearer(hs256(claims(sub="x", role="outbox:admin")))
+        assert http.get(summary, headers=admin).status_code == 200
+        plain = bearer(hs256(claims(sub="x", role="admin")))
+        assert http.get(summary, headers=plain).status_code == 403
+
+
+def test_max_age_refuses_old_tokens_and_tokens_without_iat(client_with: ClientFactory) -> None:
+    now = int(time.time())
+    with client_with(jwt_max_age=60) as http:
+        fresh = hs256(claims(iat=now - 5))
+        assert http.post(SEND, json=TEXT, headers=bearer(fresh)).status_code == 202
+        old = hs256(claims(iat=now - 120, exp=now + 600))
+        assert_401(http.post(SEND, json=TEXT, headers=bearer(old)), "too old")
+        assert_401(http.post(SEND, json=TEXT, headers=bearer(hs256(claims(iat=None)))), "iat")
+        # The same token ages out between two requests (verified tokens are cached).
+        ageing = hs256(claims(iat=now - 59))
+        assert http.post(SEND, json=TEXT, headers=bearer(ageing)).status_code == 202
+        wait_for(
+            lambda: http.post(SEND, json=TEXT, headers=bearer(ageing)).status_code == 401,
+            timeout=10,
+            what="the cached token to age out",
+        )
 
 
 def test_bad_signature_is_401(client: httpx.Client, sql_conn: psycopg.Connection) -> None:
@@ -276,13 +317,16 @@ def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
 @pytest.fixture
 def rs256(client_with: ClientFactory, rsa_key: rsa.RSAPrivateKey) -> Iterator[httpx.Client]:
     with client_with(
-        jwt_public_key=public_pem(rsa_key), jwt_algorithms=["RS256"], jwt_secret=""
+        jwt_public_key=public_pem(rsa_key),
+        jwt_algorithms=["RS256"],
+        jwt_secret="",
+        jwt_audience=AUDIENCE,
     ) as http:
         yield http
 
 
 def test_rs256_token_is_accepted(rs256: httpx.Client, rsa_key: rsa.RSAPrivateKey) -> None:
-    token = jwt.encode(claims(), rsa_key, algorithm="RS256")
+    token = jwt.encode(claims(aud=AUDIENCE), rsa_key, algorithm="RS256")
     assert rs256.post(SEND, json=TEXT, headers=bearer(token)).status_code == 202
 
 
@@ -292,7 +336,7 @@ def test_hs256_signed_with_the_public_key_is_401(
     # The classic key-confusion attack: HMAC keyed with the server's public key.
     pem = public_pem(rsa_key).encode()
     for key in (pem, pem.strip()):
-        confused = handmade({"alg": "HS256", "typ": "JWT"}, claims(), key=key)
+        confused = handmade({"alg": "HS256", "typ": "JWT"}, claims(aud=AUDIENCE), key=key)
         assert_401(rs256.post(SEND, json=TEXT, headers=bearer(confused)), "algorithm")
     assert_no_rows(sql_conn)
 
@@ -302,19 +346,27 @@ def test_rs256_rejects_another_key_and_the_hs256_secret(
 ) -> None:
     stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     assert_401(
-        rs256.post(SEND, json=TEXT, headers=bearer(jwt.encode(claims(), stranger, "RS256"))),
+        rs256.post(
+            SEND, json=TEXT, headers=bearer(jwt.encode(claims(aud=AUDIENCE), stranger, "RS256"))
+        ),
         "signature",
     )
-    assert_401(rs256.post(SEND, json=TEXT, headers=bearer(hs256(claims()))), "algorithm")
+    assert_401(
+        rs256.post(SEND, json=TEXT, headers=bearer(hs256(claims(aud=AUDIENCE)))), "algorithm"
+    )
     assert_no_rows(sql_conn)
 
 
 def test_es256_with_a_public_key(client_with: ClientFactory) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    with client_with(jwt_public_key=public_pem(key), jwt_algorithms=["ES256"]) as http:
-        good = jwt.encode(claims(), key, algorithm="ES256")
+    with client_with(
+        jwt_public_key=public_pem(key), jwt_algorithms=["ES256"], jwt_audience=AUDIENCE
+    ) as http:
+        good = jwt.encode(claims(aud=AUDIENCE), key, algorithm="ES256")
         assert http.post(SEND, json=TEXT, headers=bearer(good)).status_code == 202
-        assert_401(http.post(SEND, json=TEXT, headers=bearer(hs256(claims()))), "algorithm")
+        assert_401(
+            http.post(SEND, json=TEXT, headers=bearer(hs256(claims(aud=AUDIENCE)))), "algorithm"
+        )
 
 
 def test_a_hostile_token_header_does_not_break_the_challenge(client: httpx.Client) -> None:
@@ -336,6 +388,8 @@ def test_a_public_key_with_escaped_newlines_is_accepted(
     # As it arrives from many secret stores: one line, with literal backslash-n.
     one_line = public_pem(rsa_key).replace("\n", "\\n")
     assert "\n" not in one_line
-    with client_with(jwt_public_key=one_line, jwt_algorithms=["RS256"], jwt_secret="") as http:
-        token = jwt.encode(claims(), rsa_key, algorithm="RS256")
+    with client_with(
+        jwt_public_key=one_line, jwt_algorithms=["RS256"], jwt_secret="", jwt_audience=AUDIENCE
+    ) as http:
+        token = jwt.encode(claims(aud=AUDIENCE), rsa_key, algorithm="RS256")
         assert http.post(SEND, json=TEXT, headers=bearer(token)).status_code == 202
