@@ -15,6 +15,7 @@ import uvloop
 
 from outbox import db
 from outbox.api import create_app
+from outbox.connections import http_protocol
 from outbox.dispatcher import run_dispatcher
 from outbox.gateway import going_away
 from outbox.metrics import DispatchMetrics, MetricsServer, QueueGauges
@@ -54,6 +55,9 @@ def uvicorn_server(app: Any, settings: Settings) -> Server:
         access_log=False,  # RequestLog writes one structured line per request
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # Pinned (never uvicorn's h11 fallback): httptools' protocol with a deadline for the
+        # request head and a cap on open connections.
+        http=http_protocol(settings),
         # Pings keep idle feeds open through proxies and drop peers that stopped answering.
         ws_ping_interval=settings.ws_ping_interval or None,
         ws_ping_timeout=settings.ws_ping_interval or None,
