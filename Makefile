@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint migrate venv clean bench bench-peers
+.PHONY: run test lint migrate venv clean bench bench-peers fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ lint: $(STAMP)
 # BENCH_QUICK=1 for a smoke run; `$(BIN)/python -m bench.selfcheck` checks the bench itself.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Schemathesis from the published /openapi.json against a real `outbox serve` on a fresh
+# database of the local PostgreSQL (or OUTBOX_TEST_DATABASE_URL's server): every phase
+# and check, as a user and as an admin; totals on stdout, exit 1 on any failure or 5xx.
+# FUZZ_EXAMPLES (cases per operation and phase, default 100) and FUZZ_SEED tune it;
+# `make test` runs a short version (tests/fuzz).
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz
 
 # The peers (floor, PgQueuer, graphile-worker) with the harness beside the checkout.
 PEERS := ../shared/peers

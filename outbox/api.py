@@ -407,7 +407,7 @@ async def metrics(request: Request) -> Response:
 async def openapi(request: Request) -> Response:
     from outbox.openapi import openapi_document
 
-    return OrjsonResponse(openapi_document())
+    return OrjsonResponse(openapi_document(_services(request).settings.max_body_bytes))
 
 
 ROUTES = [

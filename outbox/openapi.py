@@ -9,6 +9,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from outbox import models
+from outbox.body import PARSE_INLINE_BYTES
 
 _REF = "#/components/schemas/{model}"
 
@@ -21,14 +22,14 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
+def _errors(*statuses: int, body_bytes: int | None = None) -> dict[str, Any]:
     text = {
         400: "Malformed JSON",
         401: "Missing, invalid or expired token",
         403: "Admin only",
         404: "Not found",
         409: "Conflict",
-        413: "Body too large",
+        413: f"Body larger than {body_bytes} bytes, or holding too many JSON values",
         415: "Not JSON",
         422: "Validation error",
         503: "Database unavailable",
@@ -36,8 +37,68 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(status): _json(_ref("ErrorResponse"), text[status]) for status in statuses}
 
 
+def _json_body(schema: str, limit: int, setting: str, max_values: int) -> dict[str, Any]:
+    """A JSON request body and its bounds (413 beyond them), in words and as numbers."""
+    return {
+        "required": True,
+        "description": f"JSON, at most {limit} bytes ({setting}); a larger body is refused"
+        f" with 413 before it is parsed, and so is one over {PARSE_INLINE_BYTES} bytes that"
+        f" holds more than {max_values} JSON values",
+        "content": {"application/json": {"schema": _ref(schema)}},
+        "x-max-body-bytes": limit,
+        "x-max-json-values": max_values,
+    }
+
+
+def _storable_json() -> dict[str, Any]:
+    """Any JSON value that jsonb stores: what models._storable_json lets through, where
+    JSON Schema can say it (it cannot tell `1e30` from an integer literal: the server
+    bounds only the latter, so the document is the stricter)."""
+    value = _ref("StorableJson")
+    key = {"pattern": models.NO_NUL_PATTERN}
+    return {
+        "anyOf": [
+            {"type": "string", "pattern": models.NO_NUL_PATTERN},
+            {"type": "number", "minimum": -(2**63), "maximum": 2**64 - 1},
+            {"type": "boolean"},
+            {"type": "null"},
+            {"type": "array", "items": value},
+            {"type": "object", "propertyNames": key, "additionalProperties": value},
+        ],
+    }
+
+
+def _components() -> dict[str, Any]:
+    """Template components: objects of storable JSON, bounded in depth and size."""
+    return {
+        "anyOf": [
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "propertyNames": {"pattern": models.NO_NUL_PATTERN},
+                    "additionalProperties": _ref("StorableJson"),
+                },
+            },
+            {"type": "null"},
+        ],
+        "default": None,
+        "title": "Components",
+        "description": "Passed through as the Cloud API defines them: no NUL character,"
+        " integers within 64 bits, at most"
+        f" {models.MAX_COMPONENTS_DEPTH} levels deep and {models.MAX_COMPONENTS_VALUES}"
+        " JSON values in all (422 otherwise)",
+    }
+
+
 @functools.cache
-def openapi_document() -> dict[str, Any]:
+def openapi_document(max_body_bytes: int) -> dict[str, Any]:
+    """The document for a server whose body limit is `max_body_bytes`
+    (OUTBOX_MAX_BODY_BYTES; the batch route's is BATCH_BODY_FACTOR times it)."""
+    # outbox.api imports this module only when called.
+    from outbox.api import BATCH_BODY_FACTOR, BATCH_JSON_VALUES, MESSAGE_JSON_VALUES
+
+    batch_body_bytes = max_body_bytes * BATCH_BODY_FACTOR
     response_models: list[type[BaseModel]] = [
         models.SendResponse,
         models.BatchResponse,
@@ -54,6 +115,8 @@ def openapi_document() -> dict[str, Any]:
     send_schema = TypeAdapter(models.SendRequest).json_schema(ref_template=_REF)
     schemas.update(send_schema.pop("$defs", {}))
     schemas["SendRequest"] = send_schema
+    schemas["StorableJson"] = _storable_json()
+    schemas["Template"]["properties"]["components"] = _components()
 
     task_id = {
         "name": "task_id",
@@ -104,26 +167,27 @@ def openapi_document() -> dict[str, Any]:
     send_op = {
         "post": {
             "summary": "Queue one WhatsApp message",
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref("SendRequest")}},
-            },
+            "requestBody": _json_body(
+                "SendRequest", max_body_bytes, "OUTBOX_MAX_BODY_BYTES", MESSAGE_JSON_VALUES
+            ),
             "responses": {
                 "202": _json(_ref("SendResponse"), "Committed to the outbox"),
-                **_errors(400, 401, 409, 413, 415, 422, 503),
+                **_errors(400, 401, 409, 413, 415, 422, 503, body_bytes=max_body_bytes),
             },
         }
     }
     batch_op = {
         "post": {
             "summary": "Queue 1 to 1,000 messages, all or nothing",
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref("BatchRequest")}},
-            },
+            "requestBody": _json_body(
+                "BatchRequest",
+                batch_body_bytes,
+                f"{BATCH_BODY_FACTOR} × OUTBOX_MAX_BODY_BYTES",
+                BATCH_JSON_VALUES,
+            ),
             "responses": {
                 "202": _json(_ref("BatchResponse"), "All committed to the outbox"),
-                **_errors(400, 401, 409, 413, 415, 422, 503),
+                **_errors(400, 401, 409, 413, 415, 422, 503, body_bytes=batch_body_bytes),
             },
         }
     }
@@ -139,7 +203,11 @@ def openapi_document() -> dict[str, Any]:
                         "enum": ["pending", "in_flight", "sent", "error", "cancelled"],
                     },
                 },
-                {"name": "client_message_id", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "client_message_id",
+                    "in": "query",
+                    "schema": {"type": "string", "minLength": 1, "pattern": models.NO_NUL_PATTERN},
+                },
                 {
                     "name": "limit",
                     "in": "query",
