@@ -8,6 +8,9 @@ import secrets
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbox import db, process
 from outbox.auth import mint_token
@@ -44,6 +47,20 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
         print("outbox dev: embedded PostgreSQL stopped", flush=True)
 
 
+def without_password(conninfo: str) -> str:
+    """A connection string fit to print: its password, if any, replaced by `***`."""
+    if "://" not in conninfo:
+        if "password" not in conninfo_to_dict(conninfo):
+            return conninfo
+        return make_conninfo(conninfo, password="***")
+    parts = urlsplit(conninfo)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
+
+
 def _banner(settings: Settings, token: str) -> str:
     base = f"http://{settings.host}:{settings.port}"
     body = '{"to": "5511999999999", "type": "text", "text": "Hello from outbox"}'
@@ -55,7 +72,7 @@ def _banner(settings: Settings, token: str) -> str:
         [
             "",
             f"outbox dev is serving on {base}  (Ctrl-C stops everything)",
-            f"database: {settings.database_url}",
+            f"database: {without_password(settings.database_url)}",
             "",
             "dev token (user dev-user, admin, 24 h):",
             f"  {token}",

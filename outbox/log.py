@@ -18,35 +18,66 @@ import structlog
 
 from outbox.settings import Settings
 
-# A run of 8 to 15 digits (optionally after '+') that is not part of a longer word
-# (a UUID, a hex id, a longer number).
-_PHONE = re.compile(r"(?<![0-9A-Za-z-])(\+?)(\d{8,15})(?![0-9A-Za-z-])")
-_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
-_PHONE_BYTES = re.compile(rb"(?<![0-9A-Za-z-])(\+?)(\d{8,15})(?![0-9A-Za-z-])")
+# A phone number as people write it: 8 to 15 digits, perhaps split by spaces, dashes or
+# parentheses (`+55 (11) 99999-9999`, `55-11999999999`), not inside a longer word (a
+# UUID's hex, an ISO timestamp's date). A leading `+` stays where it is.
+_CANDIDATE = r"[0-9](?<![\w\-][0-9])[0-9 \-()]{6,}[0-9](?![\w\-])"
+_CANDIDATE_STR = re.compile(_CANDIDATE)
+_CANDIDATE_BYTES = re.compile(_CANDIDATE.encode())
+_DATE_STR = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?![0-9])")
+_DATE_BYTES = re.compile(rb"[0-9]{4}-[0-9]{2}-[0-9]{2}(?![0-9])")
+_ANSI = re.compile(r"(\x1b\[[0-9;]*m)")
+# The fast path's look: digits and separators as one symbol, then a run of eight.
+_FOLD = bytes.maketrans(b"0123456789 -()", b"0" * 14)
+# JSON lines end with our timestamp (`"timestamp":"2026-12-04T15:31:15.743950Z"}`),
+# whose date the fast path would always see: it looks before it.
+_TIMESTAMP_TAIL = len(b'"timestamp":"2026-12-04T15:31:15.743950Z"}')
+
+
+def _masked_digits(digits: Any) -> Any:
+    keep = 4 if len(digits) >= 12 else 2  # never show more than half of a short number
+    stars = ("*" if isinstance(digits, str) else b"*") * (len(digits) - 2 * keep)
+    return digits[:keep] + stars + digits[-keep:]
 
 
 def _mask_match(match: re.Match[Any]) -> Any:
-    sign, digits = match.group(1), match.group(2)
-    keep = 4 if len(digits) >= 12 else 2  # never show more than half of a short number
-    stars = ("*" if isinstance(digits, str) else b"*") * (len(digits) - 2 * keep)
-    return sign + digits[:keep] + stars + digits[-keep:]
+    text = match.group()
+    if isinstance(text, bytes):
+        if _DATE_BYTES.match(text):
+            return text  # `2026-12-05 03…`: a date and what follows it
+        digits: Any = bytes(c for c in text if 48 <= c <= 57)
+    else:
+        if _DATE_STR.match(text):
+            return text
+        digits = "".join(c for c in text if "0" <= c <= "9")
+    if len(digits) > 15 and len(digits) == len(text):
+        return text  # one long number: an id, not a phone
+    # A phone, or several written side by side (`55 11 99999-9999 55 11 88888-8888`).
+    return _masked_digits(digits)
 
 
 def mask_phone(text: str) -> str:
-    """`5511999999999` → `5511*****9999`, `12345678` → `12****78`: only the ends stay."""
-    return _PHONE.sub(_mask_match, text)
+    """`5511999999999` → `5511*****9999`, `+55 11 99999-9999` → `+5511*****9999`,
+    `12345678` → `12****78`: only the ends stay, whatever the spelling."""
+    if "\x1b" in text:  # console colours: `\x1b[35m` must not hide the number after it
+        parts = _ANSI.split(text)
+        return "".join(
+            part if i % 2 else _CANDIDATE_STR.sub(_mask_match, part) for i, part in enumerate(parts)
+        )
+    return _CANDIDATE_STR.sub(_mask_match, text)
 
 
 def _mask_rendered(_: Any, __: str, line: Any) -> Any:
     """The last processor: one pass over the whole rendered line, whatever field or
     traceback a number hides in (cheaper than visiting every value)."""
     if isinstance(line, bytes):
-        # Fast path: most lines hold no run of 8 digits at all (callers mask the
-        # numbers they know of when binding them), so look before running the regex.
-        if line.translate(_DIGITS_TO_ZERO).find(b"00000000") < 0:
+        # Fast path: most lines hold no run of 8 digits and separators at all (callers
+        # mask the numbers they know of when binding them): look before the regex.
+        end = len(line) - _TIMESTAMP_TAIL if line.endswith(b'Z"}') else len(line)
+        if line.translate(_FOLD).find(b"00000000", 0, end) < 0:
             return line
-        return _PHONE_BYTES.sub(_mask_match, line)
-    return _PHONE.sub(_mask_match, line)
+        return _CANDIDATE_BYTES.sub(_mask_match, line)
+    return mask_phone(line)
 
 
 class _UtcTimestamp:

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.leaks import leaks
 from tests.support import ServerThread, wait_for
 
 PROVIDER_SECRET = "provider-secret"
@@ -176,6 +177,10 @@ def start_dispatcher(
     yield start
     for process in started:
         process.close()
+    leaked = [
+        line for process in started for line in leaks(process.log().splitlines(), PROVIDER_SECRET)
+    ]
+    assert leaked == [], f"log lines that leak a phone, a token or a secret: {leaked[:5]}"
 
 
 def insert_messages(

@@ -114,14 +114,18 @@ def test_permanent_error_is_final_at_once(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:
     scripted, _ = provider
+    # The provider's reason spells the number its own way: logged, it is masked all the
+    # same (start_dispatcher scans every line for phones, tokens and secrets).
+    reason = "Message undeliverable to +55 11 99999-9999"
     scripted.script = lambda call, n: Reply(
-        status=400, body={"error": {"code": 131026, "message": "Message undeliverable"}}
+        status=400, body={"error": {"code": 131026, "message": reason}}
     )
-    start_dispatcher()
+    process = start_dispatcher()
     [task_id] = insert_messages(sql_conn, 1)
     wait_all(sql_conn, "error", 1)
     assert [a[1] for a in attempts_of(sql_conn, task_id)] == ["permanent"]
     assert len(scripted.calls_for(task_id)) == 1
+    wait_for(lambda: "+5511*****9999" in process.log(), what="the reason logged, masked")
 
 
 def test_retry_after_is_honoured(

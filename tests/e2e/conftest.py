@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import JWT_SECRET
+from tests.leaks import leaks
 from tests.support import wait_for
 
 OUTBOX = [sys.executable, "-m", "outbox"]
@@ -109,6 +110,9 @@ def start() -> Iterator[type[Process]]:
     yield Tracked
     for process in started:
         process.kill()
+    # Logs go to stderr (stdout has what a command prints for its user, e.g. dev's token).
+    leaked = [line for process in started for line in leaks(process.stderr)]
+    assert leaked == [], f"log lines that leak a phone, a token or a secret: {leaked[:5]}"
 
 
 @pytest.fixture

@@ -13,8 +13,10 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from psycopg.conninfo import make_conninfo
 
 from outbox.cli import build_parser
+from outbox.dev import without_password
 from tests.conftest import JWT_SECRET
 from tests.e2e.conftest import OUTBOX, Process, clean_env, free_port
 from tests.support import wait_for
@@ -314,3 +316,39 @@ def test_serve_refuses_to_start_without_what_it_needs(settings: dict[str, str], 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert named in lines[0]
+
+
+def test_dev_banner_never_prints_the_database_password(
+    start: type[Process], tmp_path: Path, database_url: str
+) -> None:
+    # The local server trusts 127.0.0.1, so any password connects: the banner must hide it.
+    password = "hunter2-not-for-the-terminal"
+    with_password = make_conninfo(database_url, password=password)
+    env = clean_env(
+        OUTBOX_DATABASE_URL=with_password,
+        OUTBOX_DEV_DATA_DIR=str(tmp_path / "dev-data"),
+        OUTBOX_PORT=str(free_port()),
+    )
+    process = start(["dev"], env)
+    banner(process)
+    printed = "\n".join(process.stdout + process.stderr)
+    assert password not in printed
+    assert "password=***" in printed
+    assert process.interrupt() == 0
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "shown"),
+    [
+        ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        (
+            "postgresql://h/db?password=secret&sslmode=require",
+            "postgresql://h/db?password=***&sslmode=require",
+        ),
+        ("host=h user=u password=secret dbname=d", "user=u password=*** dbname=d host=h"),
+        ("host=h dbname=d", "host=h dbname=d"),
+    ],
+)
+def test_a_printed_connection_string_hides_its_password(conninfo: str, shown: str) -> None:
+    assert without_password(conninfo) == shown
