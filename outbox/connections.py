@@ -3,8 +3,10 @@ a cap on the connections a process holds open.
 
 An idle socket costs a client nothing and the server a file descriptor: without a deadline
 a peer that sends nothing, or half a head, holds one for good, and once `ulimit -n` is
-reached every accept and every new database or provider connection fails. The cap answers
-beyond it with our JSON 503 instead, while the descriptors the process needs stay free.
+reached every accept and every new database or provider connection fails. At the cap a new
+connection takes the place of the oldest one still waiting for its head (idle sockets cannot
+lock clients out); when every connection is busy it gets our JSON 503 instead. Either way
+the descriptors the process needs for itself stay free.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ RESERVED_DESCRIPTORS = 100
 # take the descriptors kept in reserve, and a client that sends nothing loses no answer.
 REFUSAL_LINGER = 1.0
 MAX_LINGERING = RESERVED_DESCRIPTORS // 2
-# One warning line per interval, however many connections are refused in between.
-REFUSAL_LOG_INTERVAL = 10.0
+# One warning line per interval, however many connections are refused or evicted.
+OVERFLOW_LOG_INTERVAL = 10.0
 
 _REFUSAL_BODY = orjson.dumps(
     {"error": {"code": "unavailable", "message": "too many open connections; retry later"}}
@@ -59,13 +61,44 @@ def default_max_connections(settings: Settings, soft_limit: int | None = None) -
     return max(soft_limit - reserved, soft_limit // 2)
 
 
-class _Refusals:
-    """Refused connections of one server: those lingering, and a count for the log."""
+class _Overflow:
+    """One server's state at its cap: the connections that could make room, the refused
+    ones lingering, and counts for the log."""
 
     def __init__(self) -> None:
+        # Connections waiting for a request head, oldest first: the first to make room.
+        self.waiting: dict[GuardedHttpProtocol, None] = {}
         self.lingering: dict[asyncio.BaseTransport, None] = {}  # oldest first
-        self.unlogged = 0
+        self.refused = 0
+        self.evicted = 0
         self.next_log = 0.0
+
+    def make_room(self, now: float, open_connections: int, cap: int | None) -> bool:
+        """Close the oldest connection waiting for a head (none serving a response);
+        False when every connection is busy: the new one is refused."""
+        room = False
+        for victim in self.waiting:
+            cycle = victim.cycle
+            if cycle is None or cycle.response_complete:
+                del self.waiting[victim]
+                victim.transport.close()
+                room = True
+                break
+        if room:
+            self.evicted += 1
+        else:
+            self.refused += 1
+        if now >= self.next_log:
+            log.warning(
+                "connection cap reached",
+                evicted=self.evicted,
+                refused=self.refused,
+                open=open_connections,
+                max_connections=cap,
+            )
+            self.refused = self.evicted = 0
+            self.next_log = now + OVERFLOW_LOG_INTERVAL
+        return room
 
     def linger(self, transport: asyncio.BaseTransport) -> None:
         if len(self.lingering) >= MAX_LINGERING:
@@ -74,25 +107,13 @@ class _Refusals:
             oldest.close()
         self.lingering[transport] = None
 
-    def count(self, now: float, open_connections: int, cap: int) -> None:
-        self.unlogged += 1
-        if now >= self.next_log:
-            log.warning(
-                "connections refused: too many open",
-                refused=self.unlogged,
-                open=open_connections,
-                max_connections=cap,
-            )
-            self.unlogged = 0
-            self.next_log = now + REFUSAL_LOG_INTERVAL
-
 
 class _Refusal(asyncio.Protocol):
     """A connection beyond the cap: the 503, then close once the client is done (or soon)."""
 
-    def __init__(self, head: bytes, refusals: _Refusals, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, head: bytes, overflow: _Overflow, loop: asyncio.AbstractEventLoop) -> None:
         self.head = head
-        self.refusals = refusals
+        self.overflow = overflow
         self.loop = loop
         self.transport: asyncio.BaseTransport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -104,7 +125,7 @@ class _Refusal(asyncio.Protocol):
             return
         transport.write_eof()
         self.transport = transport
-        self.refusals.linger(transport)
+        self.overflow.linger(transport)
         self.timer = self.loop.call_later(REFUSAL_LINGER, transport.close)
 
     def data_received(self, data: bytes) -> None:
@@ -114,7 +135,7 @@ class _Refusal(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         if self.transport is not None:
-            self.refusals.lingering.pop(self.transport, None)
+            self.overflow.lingering.pop(self.transport, None)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -128,7 +149,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     header_timeout: ClassVar[float] = 10.0
     max_connections: ClassVar[int | None] = None
-    refusals: ClassVar[_Refusals]
+    overflow: ClassVar[_Overflow]
 
     # A request only sets and clears the deadline; the one timer of the connection looks at
     # it when it fires (a timer armed and cancelled per request cost 2.4 µs, this 0.3 µs).
@@ -137,14 +158,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         cap = self.max_connections
-        if cap is not None and len(self.connections) >= cap:
-            self._refuse(transport, cap)
+        at_cap = cap is not None and len(self.connections) >= cap
+        if at_cap and not self.overflow.make_room(self.loop.time(), len(self.connections), cap):
+            self._refuse(transport)
             return
         super().connection_made(transport)
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_timer()
+        self._stop_waiting()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -154,14 +176,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_deadline = None
+        self.overflow.waiting.pop(self, None)
         super().on_headers_complete()
 
     def handle_websocket_upgrade(self) -> None:
-        self._stop_timer()  # the WebSocket protocol takes over; let this one go now
+        self._stop_waiting()  # the WebSocket protocol takes over; let this one go now
         super().handle_websocket_upgrade()
 
     def _await_head(self) -> None:
         self._head_deadline = self.loop.time() + self.header_timeout
+        self.overflow.waiting[self] = None
         if self._head_timer is None:
             self._head_timer = self.loop.call_later(self.header_timeout, self._check_head)
 
@@ -179,20 +203,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
-    def _stop_timer(self) -> None:
+    def _stop_waiting(self) -> None:
+        self.overflow.waiting.pop(self, None)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse(self, transport: asyncio.Transport, cap: int) -> None:
+    def _refuse(self, transport: asyncio.Transport) -> None:
         head = [_REFUSAL_HEAD]
         for name, value in self.server_state.default_headers:  # date, server
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
-        refusal = _Refusal(b"".join(head), self.refusals, self.loop)
+        refusal = _Refusal(b"".join(head), self.overflow, self.loop)
         transport.set_protocol(refusal)
         refusal.connection_made(transport)
-        self.refusals.count(self.loop.time(), len(self.connections), cap)
 
 
 def http_protocol(settings: Settings) -> type[GuardedHttpProtocol]:
@@ -202,6 +226,6 @@ def http_protocol(settings: Settings) -> type[GuardedHttpProtocol]:
     class Protocol(GuardedHttpProtocol):
         header_timeout = settings.http_header_timeout
         max_connections = cap
-        refusals = _Refusals()
+        overflow = _Overflow()
 
     return Protocol
