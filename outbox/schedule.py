@@ -59,11 +59,13 @@ class Outcome(StrEnum):
 
 
 def pg_cron_command(settings: Settings) -> str:
-    """The SQL pg_cron runs: the same purge with the same retention settings."""
+    """The SQL pg_cron runs: the same purge with the same retention settings. A retention
+    of 0 keeps: it is written NULL, which every purge procedure reads as keep (migration 009
+    gave purge_errored the guard the others had; NULL kept before it too)."""
 
     def interval(seconds: float) -> str:
         text = f"{seconds:.3f}".rstrip("0").rstrip(".")
-        return f"interval '{text} seconds'"
+        return "NULL" if text == "0" else f"interval '{text} seconds'"
 
     return (
         f"CALL outbox.purge({interval(settings.error_retention)}, "

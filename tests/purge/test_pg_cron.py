@@ -19,7 +19,7 @@ import pytest
 
 from outbox.schedule import PG_CRON_JOB_NAME, Scheduler
 from tests.e2e.conftest import OUTBOX, clean_env, free_port
-from tests.purge.conftest import make_settings, open_store
+from tests.purge.conftest import add_message, count, make_settings, open_store
 
 PG_BIN = Path(os.environ.get("OUTBOX_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -134,7 +134,7 @@ def test_migrate_registers_the_purge_in_pg_cron(pg_cron_url: str) -> None:
     with psycopg.connect(pg_cron_url) as conn:
         again = conn.execute("SELECT jobid, schedule, command FROM cron.job").fetchall()
     assert again[0][:2] == (jobid, "30 4 * * 1") and len(again) == 1
-    assert "interval '0 seconds'" in again[0][2]
+    assert again[0][2].startswith("CALL outbox.purge(interval '604800 seconds', NULL, ")
 
     # The dispatchers see it and leave the job to pg_cron.
     settings = make_settings(pg_cron_url)
@@ -144,6 +144,29 @@ def test_migrate_registers_the_purge_in_pg_cron(pg_cron_url: str) -> None:
             return await Scheduler(settings, store).pg_cron_owns_job()
 
     assert asyncio.run(owned()) is True
+
+
+def test_a_zero_retention_registered_in_pg_cron_keeps_those_rows(pg_cron_url: str) -> None:
+    """OUTBOX_ERROR_RETENTION=0 and OUTBOX_EVENT_RETENTION=0 keep; the sent retention still
+    applies. Until migration 009 the job's first run deleted every errored message."""
+    result = _migrate(pg_cron_url, OUTBOX_ERROR_RETENTION="0", OUTBOX_EVENT_RETENTION="0")
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(pg_cron_url, autocommit=True) as conn:
+        errored = add_message(conn, "error", finished_ago="400 days", attempts=4, events=1)
+        add_message(conn, "sent", finished_ago="400 days", attempts=1)
+        conn.execute("UPDATE outbox.events SET created_at = now() - interval '400 days'")
+        row = conn.execute(
+            "SELECT command FROM cron.job WHERE jobname = %s", [PG_CRON_JOB_NAME]
+        ).fetchone()
+    assert row is not None
+    # As pg_cron runs it: one simple-protocol query on a connection of its own.
+    with psycopg.connect(pg_cron_url, autocommit=True) as conn:
+        done = conn.pgconn.exec_(row[0].encode())
+        assert done.status == psycopg.pq.ExecStatus.TUPLES_OK, done.error_message
+        assert count(conn, "SELECT count(*) FROM outbox.messages WHERE id = %s", errored) == 1
+        assert count(conn, "SELECT count(*) FROM outbox.attempts") == 4
+        assert count(conn, "SELECT count(*) FROM outbox.events") == 1
+        assert count(conn, "SELECT count(*) FROM outbox.messages WHERE status = 'sent'") == 0
 
 
 def test_migrate_pg_cron_where_it_is_not_preloaded_is_one_line(database_url: str) -> None:
