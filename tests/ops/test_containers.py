@@ -27,7 +27,12 @@ PGBOUNCER_ENV = ROOT / "deploy" / "pgbouncer.env"
 DOCKERFILE = ROOT / "Dockerfile"
 SPEC = Path(__file__).with_name("compose_spec.json")
 # Placeholders for the variables compose.yaml requires (`${…:?…}`); not real secrets.
-REQUIRED_ENV = {"POSTGRES_PASSWORD": "pw-placeholder", "OUTBOX_JWT_SECRET": "jwt-placeholder"}
+REQUIRED_ENV = {
+    "POSTGRES_PASSWORD": "owner-pw-placeholder",
+    "POSTGRES_APP_PASSWORD": "app-pw-placeholder",
+    "OUTBOX_JWT_SECRET": "jwt-placeholder",
+    "OUTBOX_PROVIDER": "fake",
+}
 
 
 def compose_config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -54,6 +59,14 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
+def volume_pair(volume: str | dict[str, str]) -> tuple[str, str]:
+    """(target, source) of a volume, in the short (`src:dst:ro`) or the long syntax."""
+    if isinstance(volume, str):
+        source, target = volume.split(":")[:2]
+        return target, source
+    return volume["target"], volume["source"]
+
+
 # compose.yaml ---------------------------------------------------------------------------
 
 
@@ -75,6 +88,18 @@ def test_compose_config_accepts_the_file_and_wires_the_roles() -> None:
         assert "@postgres:5432/" in env["OUTBOX_DATABASE_URL"]
         assert "@postgres:5432/" in env["OUTBOX_LISTEN_DATABASE_URL"]
         assert env["OUTBOX_DB_PGBOUNCER"] == "false"
+        # The runtime role, with data access only; the owner's password is not theirs.
+        for url in (env["OUTBOX_DATABASE_URL"], env["OUTBOX_LISTEN_DATABASE_URL"]):
+            assert url.startswith("postgresql://outbox_app:app-pw-placeholder@"), url
+        assert REQUIRED_ENV["POSTGRES_PASSWORD"] not in str(env)
+    migrate_url = environment(services["migrate"])["OUTBOX_DATABASE_URL"]
+    assert migrate_url.startswith("postgresql://outbox:owner-pw-placeholder@"), migrate_url
+    postgres = services["postgres"]
+    assert environment(postgres)["POSTGRES_APP_PASSWORD"] == "app-pw-placeholder"
+    mounts = dict(volume_pair(volume) for volume in postgres["volumes"])
+    assert mounts["/docker-entrypoint-initdb.d"] == str(ROOT / "deploy" / "initdb")
+    assert mounts["/outbox/runtime-role.sql"] == str(ROOT / "deploy" / "runtime-role.sql")
+    assert environment(services["pgbouncer"])["DB_USER"] == "outbox_app"
 
     serve_env = environment(services["serve"])
     assert serve_env["OUTBOX_HOST"] == "0.0.0.0"
@@ -135,7 +160,31 @@ def test_compose_refuses_to_run_without_the_secrets() -> None:
     assert result.returncode != 0
     assert "set POSTGRES_PASSWORD" in result.stderr or "set OUTBOX_JWT_SECRET" in result.stderr
     text = COMPOSE.read_text()
-    assert "${OUTBOX_JWT_SECRET:?" in text and "${POSTGRES_PASSWORD:?" in text
+    for name in REQUIRED_ENV:
+        assert "${" + name + ":?" in text, name
+
+
+def test_compose_needs_the_provider_named() -> None:
+    """No silent `fake`: without OUTBOX_PROVIDER compose stops, naming it."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "COMPOSE_"))}
+    env = {k: v for k, v in REQUIRED_ENV.items() if k != "OUTBOX_PROVIDER"}
+    result = subprocess.run(
+        [need("docker-compose"), "-f", str(COMPOSE), "config"],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "set OUTBOX_PROVIDER" in result.stderr
+
+
+def test_git_ignores_the_env_file() -> None:
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", ".env"], cwd=ROOT, capture_output=True, timeout=30
+    )
+    assert ignored.returncode == 0, ".env must be git-ignored: it holds the deployment's secrets"
 
 
 def _spec_validator() -> jsonschema.protocols.Validator:
