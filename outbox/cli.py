@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -35,6 +36,21 @@ def _settings() -> Settings:
 def _require_database(settings: Settings) -> None:
     if not settings.database_url:
         raise UsageError("OUTBOX_DATABASE_URL is required (or use `outbox dev`)")
+
+
+@contextlib.contextmanager
+def _database_or_dev(settings: Settings) -> Iterator[None]:
+    """OUTBOX_DATABASE_URL, else the embedded database of `outbox dev` (`make run`) when
+    one exists: joined while it runs, started and stopped again when it does not."""
+    if settings.database_url or not (settings.dev_data_dir / "pg").is_dir():
+        _require_database(settings)
+        yield
+        return
+    from outbox.dev import embedded_postgres
+
+    with embedded_postgres(settings.dev_data_dir, announce=False) as url:
+        settings.database_url = settings.listen_database_url = url
+        yield
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -119,10 +135,10 @@ def _positive_duration(option: str, value: str) -> float:
 
 def cmd_purge(args: argparse.Namespace) -> None:
     settings = _settings()
-    _require_database(settings)
     configure_logging(settings)
     older_than = _positive_duration("--older-than", args.older_than) if args.older_than else None
-    asyncio.run(_purge(settings, older_than, dry_run=args.dry_run))
+    with _database_or_dev(settings):
+        asyncio.run(_purge(settings, older_than, dry_run=args.dry_run))
 
 
 def _counts_line(counts: PurgeCounts) -> str:
@@ -154,11 +170,11 @@ async def _purge(settings: Settings, older_than: float | None, *, dry_run: bool)
 
 def cmd_status(args: argparse.Namespace) -> None:
     settings = _settings()
-    _require_database(settings)
     configure_logging(settings)
     if args.watch is not None and args.watch <= 0:
         raise UsageError("--watch: must be a positive number of seconds")
-    asyncio.run(_status(settings, as_json=args.json, watch=args.watch))
+    with _database_or_dev(settings):
+        asyncio.run(_status(settings, as_json=args.json, watch=args.watch))
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import secrets
 import shlex
 from collections.abc import Iterator
@@ -33,18 +35,45 @@ def dev_jwt_secret(data_dir: Path, *, create: bool = True) -> str:
     return path.read_text().strip()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def forget_dead_handles(pgdata: Path) -> None:
+    """pgserver stops the server when the last process that holds it lets go, counting
+    them in a file: a process killed with SIGKILL stays listed, and the server would then
+    outlive every later `outbox dev`. Keep only the processes still alive."""
+    handles = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
 @contextlib.contextmanager
-def embedded_postgres(data_dir: Path) -> Iterator[str]:
-    """Start (or join) the embedded server under <data_dir>/pg; stop it on exit."""
+def embedded_postgres(data_dir: Path, *, announce: bool = True) -> Iterator[str]:
+    """Start (or join) the embedded server under <data_dir>/pg; on exit, stop it unless
+    another process still uses it."""
     from pgserver import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
+    forget_dead_handles(data_dir / "pg")
     server = get_server(data_dir / "pg", cleanup_mode="stop")
     try:
         yield server.get_uri()
     finally:
         server.cleanup()
-        print("outbox dev: embedded PostgreSQL stopped", flush=True)
+        if announce:
+            print("outbox dev: embedded PostgreSQL stopped", flush=True)
 
 
 def without_password(conninfo: str) -> str:

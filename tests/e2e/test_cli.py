@@ -352,3 +352,35 @@ def test_dev_banner_never_prints_the_database_password(
 )
 def test_a_printed_connection_string_hides_its_password(conninfo: str, shown: str) -> None:
     assert without_password(conninfo) == shown
+
+
+def test_status_and_purge_find_the_dev_database_and_a_killed_dev_leaves_no_server(
+    start: type[Process], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "dev-data"
+    port = free_port()
+    first = start(["dev"], clean_env(OUTBOX_DEV_DATA_DIR=str(data_dir), OUTBOX_PORT=str(port)))
+    token, _ = banner(first)
+    sent = httpx.post(
+        f"http://127.0.0.1:{port}{SEND}",
+        json={"to": PHONE, "type": "text", "text": "hi"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert sent.status_code == 202, sent.text
+    first.popen.kill()  # kill -9: no clean-up; its pid stays in pgserver's handle file
+    first.finish(timeout=10)
+    assert postgres_processes(data_dir), "the embedded server outlives a killed dev"
+
+    # No OUTBOX_DATABASE_URL: both find the dev database, as `outbox token` finds its secret.
+    env = clean_env(OUTBOX_DEV_DATA_DIR=str(data_dir))
+    status = run("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    counts = {name: v["count"] for name, v in json.loads(status.stdout)["statuses"].items()}
+    assert sum(counts.values()) == 1, counts  # the message sent through the killed dev
+    # The dead dev's handle was forgotten, so status, the last holder, stopped the server.
+    wait_for(lambda: not postgres_processes(data_dir), timeout=30, what="postgres to stop")
+    purge = run("purge", "--dry-run", env=env)
+    assert purge.returncode == 0, purge.stderr
+    assert "dry run: would delete" in purge.stdout
+    wait_for(lambda: not postgres_processes(data_dir), timeout=30, what="postgres to stop")
