@@ -152,7 +152,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     overflow: ClassVar[_Overflow]
 
     # A request only sets and clears the deadline; the one timer of the connection looks at
-    # it when it fires (a timer armed and cancelled per request cost 2.4 µs, this 0.3 µs).
+    # it when it fires (a timer armed and cancelled per request: 2.4 µs; this: ~0.5 µs).
     _head_deadline: float | None = None
     _head_timer: asyncio.TimerHandle | None = None
 
