@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -222,9 +223,20 @@ async def send_batch(request: Request) -> Response:
     return OrjsonResponse({"messages": items}, status_code=202)
 
 
+# A task id as the API writes it (uuid.UUID alone also reads `{…}`, `urn:uuid:…` and
+# bare hex, which OpenAPI's `format: uuid` refuses).
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
+def _uuid(text: str) -> uuid.UUID:
+    if not _UUID.fullmatch(text):
+        raise ValueError("not a UUID in its 8-4-4-4-12 form")
+    return uuid.UUID(text)
+
+
 def _parse_task_id(request: Request) -> uuid.UUID:
     try:
-        return uuid.UUID(request.path_params["task_id"])
+        return _uuid(request.path_params["task_id"])
     except ValueError as exc:
         raise ApiError(404, "no such message") from exc
 
@@ -360,7 +372,7 @@ async def list_messages(request: Request) -> Response:
     after = None
     if "after" in params:
         try:
-            after = uuid.UUID(params["after"])
+            after = _uuid(params["after"])
         except ValueError as exc:
             raise _query_error("after", "must be a task_id") from exc
     limit = int(raw_limit)

@@ -63,8 +63,8 @@ def _storable_json(value: Any) -> Any:
             _no_nul(item)
         elif isinstance(item, float) and not math.isfinite(item):
             raise ValueError("numbers must be finite (no NaN or Infinity)")
-        elif isinstance(item, int) and not -(2**63) <= item < 2**64:
-            raise ValueError("integers must fit in 64 bits")
+        elif isinstance(item, int | float) and not -(2**63) <= item < 2**64:
+            raise ValueError("numbers must fit in 64-bit integers' range")
         elif isinstance(item, dict | list):
             if depth > MAX_COMPONENTS_DEPTH:
                 raise ValueError(f"must nest at most {MAX_COMPONENTS_DEPTH} levels deep")
@@ -79,15 +79,19 @@ def _storable_json(value: Any) -> Any:
 
 # PostgreSQL's timestamptz takes UTC offsets up to ±15:59:59.
 MAX_UTC_OFFSET = timedelta(hours=15, minutes=59, seconds=59)
-_ISO_HINT = "an ISO 8601 date-time with a timezone, e.g. 2025-10-11T18:00:00Z"
-
-
-_ISO_START = re.compile(r"[0-9]{4}-")
+_ISO_HINT = "an RFC 3339 date-time with a timezone, e.g. 2025-10-11T18:00:00Z"
+# RFC 3339's date-time, as OpenAPI's `format: date-time` means it (the offset's range is
+# checked by _utc_instant, with its own message).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 def _datetime_text(value: Any) -> Any:
-    """Only an ISO 8601 string: pydantic's lax mode would read 0 or "0" as 1970."""
-    if not isinstance(value, str) or not _ISO_START.match(value):
+    """Only an RFC 3339 string: pydantic's lax mode would read 0 or "0" as 1970, and
+    takes forms (a space for `T`, no seconds, `+0100`) that the document refuses."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise ValueError(f"must be {_ISO_HINT}")
     return value
 

@@ -51,9 +51,13 @@ def refused_field(response: httpx.Response, route: str) -> dict[str, Any]:
         # Before year 1 once in UTC (was an OverflowError, a 500).
         ("send_at", "0001-01-01T00:00:00+01:00", "year"),
         # What lax parsing read as 1970 though the OpenAPI document says date-time.
-        ("send_at", 0, "ISO 8601"),
-        ("send_at", "0", "ISO 8601"),
-        ("expires_at", 1e12, "ISO 8601"),
+        ("send_at", 0, "RFC 3339"),
+        ("send_at", "0", "RFC 3339"),
+        ("expires_at", 1e12, "RFC 3339"),
+        # RFC 3339 only, as the document's `format: date-time` says.
+        ("send_at", "2026-12-05 10:00:00Z", "RFC 3339"),
+        ("send_at", "2026-12-05T10:00Z", "RFC 3339"),
+        ("send_at", "2026-12-05T10:00:00+0100", "RFC 3339"),
         ("preview_url", "yes", "boolean"),
         ("preview_url", 1, "boolean"),
     ],
@@ -99,6 +103,22 @@ def test_an_empty_list_parameter_is_refused(client: httpx.Client, auth: Auth, na
     ]
 
 
+@pytest.mark.parametrize(
+    "after",
+    [
+        "0123456789abcdef0123456789abcdef",
+        "{01936a2e-1234-7d8e-9f01-123456789012}",
+        "urn:uuid:01936a2e-1234-7d8e-9f01-123456789012",
+    ],
+)
+def test_after_is_a_uuid_in_its_usual_form_only(
+    client: httpx.Client, auth: Auth, after: str
+) -> None:
+    response = client.get(LIST, params={"after": after}, headers=auth())
+    error = assert_error(response, 422, "validation_error")
+    assert [field["path"] for field in error["fields"]] == ["after"]
+
+
 def nested(depth: int) -> Any:
     value: Any = "x"
     for _ in range(depth):
@@ -114,6 +134,8 @@ def nested(depth: int) -> Any:
             [{"type": "body", "parameters": list(range(models.MAX_COMPONENTS_VALUES))}],
             "JSON values",
         ),
+        # The document bounds numbers to 64-bit integers' range; floats too.
+        ([{"type": "body", "parameters": [2.193074345450636e307]}], "64-bit"),
     ],
 )
 def test_template_components_are_bounded(
