@@ -5,15 +5,18 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # Build: a venv with the dependencies (all wheels: psycopg[binary] bundles libpq, so no
 # compiler or libpq-dev) and outbox installed from /app, the path it keeps at run time
-# (the SQL files are read from /app/sql, beside the package).
+# (the SQL files are read from /app/sql, beside the package). The dependencies are the
+# pinned, hash-checked set of requirements.lock (`make lock`), the versions the tests ran.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /app
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY outbox ./outbox
 COPY sql ./sql
-RUN /opt/venv/bin/pip install --editable . \
+RUN /opt/venv/bin/pip install --no-deps --editable . \
     && /opt/venv/bin/python -m compileall -q /app/outbox
 
 # Run: the slim base, the venv and the source; no build tools, no root.

@@ -3,15 +3,49 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The pinned, hash-checked dependency set (`make lock` writes both from pyproject.toml):
+# LOCK is what the image installs, DEV_LOCK the same pins plus the dev extra.
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+UV := $(BIN)/uv
+UV_STAMP := $(VENV)/.uv
 
-.PHONY: run test lint migrate venv clean bench bench-peers fuzz
+.PHONY: run test lint migrate venv clean bench bench-peers fuzz lock audit
 
-$(STAMP): pyproject.toml
+# uv installs the locked set in seconds where pip takes most of a minute. It is itself
+# pinned in DEV_LOCK: the venv's pip installs that one entry, hashes checked.
+$(UV_STAMP): $(DEV_LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	awk '/^uv==/ { keep = 1 } keep { print } keep && !/\\$$/ { exit }' $(DEV_LOCK) > $(VENV)/uv.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(VENV)/uv.txt
+	touch $(UV_STAMP)
+
+# Exactly the locked set (sync also removes what the lock no longer has), then outbox
+# itself, editable. A dependency added to pyproject.toml without `make lock` is not
+# installed: tests/ops/test_lock.py fails, naming it.
+$(STAMP): $(DEV_LOCK) pyproject.toml $(UV_STAMP)
+	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes $(DEV_LOCK)
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-resolve after editing pyproject.toml's dependencies: pins already in the locks are
+# kept where they still fit; UPGRADE=1 moves every pin to the newest release that does.
+# One universal resolution (any OS, Python >= 3.11); the runtime lock is constrained to
+# the dev lock's pins, so the image runs the versions the tests ran.
+LOCK_ARGS = --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade)
+lock: $(UV_STAMP)
+	$(UV) pip compile $(LOCK_ARGS) --extra dev pyproject.toml -o $(DEV_LOCK)
+	$(UV) pip compile $(LOCK_ARGS) --constraint $(DEV_LOCK) pyproject.toml -o $(LOCK)
+
+# Known vulnerabilities in the locked set (pip-audit against PyPI's advisory data, else
+# OSV's). Not part of `make test`: a newly published advisory must not turn CI red.
+# Exit 1 when a pinned release has one; where neither database answers, one line says
+# so and nothing is audited: exit 0, or 2 with AUDIT_STRICT=1 (for a job that must know).
+audit: $(STAMP)
+	$(BIN)/python -m tests.ops.audit $(DEV_LOCK)
 
 run: $(STAMP)
 	$(BIN)/outbox dev
