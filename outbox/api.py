@@ -245,7 +245,7 @@ def _iso_from_json(value: str | None) -> str | None:
     return models.iso_utc(datetime.fromisoformat(value)) if value else None
 
 
-def message_view(row: dict[str, Any]) -> dict[str, Any]:
+def listed_message(row: dict[str, Any]) -> dict[str, Any]:
     live = row["status"] in ("pending", "in_flight")
     return {
         "task_id": str(row["id"]),
@@ -263,17 +263,22 @@ def message_view(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": models.iso_utc(row["created_at"]),
         "updated_at": models.iso_utc(row["updated_at"]),
         "finished_at": models.iso_utc(row["finished_at"]),
-        "history": [
-            {
-                "attempt": attempt["attempt"],
-                "started_at": _iso_from_json(attempt["started_at"]),
-                "finished_at": _iso_from_json(attempt["finished_at"]),
-                "outcome": attempt["outcome"],
-                "error": attempt["error"],
-            }
-            for attempt in row["history"]
-        ],
     }
+
+
+def message_view(row: dict[str, Any]) -> dict[str, Any]:
+    view = listed_message(row)
+    view["history"] = [
+        {
+            "attempt": attempt["attempt"],
+            "started_at": _iso_from_json(attempt["started_at"]),
+            "finished_at": _iso_from_json(attempt["finished_at"]),
+            "outcome": attempt["outcome"],
+            "error": attempt["error"],
+        }
+        for attempt in row["history"]
+    ]
+    return view
 
 
 def _owner_filter(principal: Principal) -> str | None:
@@ -383,7 +388,7 @@ async def list_messages(request: Request) -> Response:
         after=after,
         limit=limit,
     )
-    views = [message_view(row) for row in rows]
+    views = [listed_message(row) for row in rows]
     next_after = views[-1]["task_id"] if len(views) == limit else None
     return OrjsonResponse({"messages": views, "next_after": next_after})
 

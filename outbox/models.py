@@ -325,7 +325,9 @@ class AttemptView(BaseModel):
     error: str | None
 
 
-class MessageView(BaseModel):
+class ListedMessage(BaseModel):
+    """A message as the list shows it: its attempts are in GET …/messages/{task_id}."""
+
     task_id: str
     status: Status
     to: str
@@ -341,11 +343,14 @@ class MessageView(BaseModel):
     created_at: str
     updated_at: str
     finished_at: str | None
+
+
+class MessageView(ListedMessage):
     history: list[AttemptView] = Field(default_factory=list)
 
 
 class MessageList(BaseModel):
-    messages: list[MessageView]
+    messages: list[ListedMessage]
     next_after: str | None = Field(description="Pass as `after` for the next page; null at the end")
 
 
