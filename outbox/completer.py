@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 
 import psycopg
 
@@ -24,7 +25,10 @@ class Completer:
     """Collects outcomes from the attempt tasks and writes them in batches.
 
     A write that fails (database away) keeps its outcomes and retries with
-    backoff: an outcome is only dropped once PostgreSQL has it.
+    backoff: an outcome is only dropped once PostgreSQL has it. A success the
+    batch could not apply (the lease ran out and the row was reaped) is written
+    again as a late success, recorded unless a later attempt has started.
+    `settled` is told of each batch once it is written or dropped.
     """
 
     def __init__(
@@ -33,11 +37,13 @@ class Completer:
         dispatcher_id: str,
         metrics: DispatchMetrics | None = None,
         calls_running: Callable[[], bool] = lambda: True,
+        settled: Callable[[list[Completion]], None] = lambda batch: None,
     ) -> None:
         self._store = store
         self._dispatcher_id = dispatcher_id
         self._metrics = metrics or DispatchMetrics()
         self._calls_running = calls_running  # whether more outcomes are on their way
+        self._settled = settled
         self._calls_ended = asyncio.Event()
         self._queue: asyncio.Queue[Completion] = asyncio.Queue()
         self._idle = asyncio.Event()
@@ -79,15 +85,56 @@ class Completer:
                         await self._write([completion])
                     except Exception:
                         log.exception("outcome dropped", message_id=str(completion.id))
+            self._settled(batch)
             if self._queue.empty():
                 self._idle.set()
 
     async def _write(self, batch: list[Completion]) -> None:
+        applied = await self._until_written(self._store.complete, batch)
+        if len(applied) == len(batch):  # the hot path: every row still held
+            self._metrics.count_outcomes(batch)
+            return
+        unapplied = [c for c in batch if c.id not in applied]
+        late = [c for c in unapplied if c.status == "sent"]
+        if late:
+            # The lease ran out first (the database away longer than it): the provider
+            # took the message, so it is sent, unless attempt N+1 has started already.
+            recorded = await self._until_written(self._store.record_late_successes, late)
+            if recorded:
+                applied = applied | recorded
+                self._metrics.late_successes.inc(len(recorded))
+                for completion in late:
+                    if completion.id in recorded:
+                        log.warning(
+                            "late success recorded: the lease had expired",
+                            message_id=str(completion.id),
+                            attempt=completion.attempt,
+                        )
+        # Counted once per batch and outcome, as written (a lost outcome did not happen).
+        self._metrics.count_outcomes(c for c in batch if c.id in applied)
+        lost = [c for c in unapplied if c.id not in applied]
+        if lost:
+            self._metrics.outcomes_lost.inc(len(lost))
+            # The lease expired and the row was reclaimed: a failure after a reap changes
+            # nothing, and a success arrived after a newer attempt had started.
+            for completion in lost:
+                log.warning(
+                    "outcome dropped: lease lost",
+                    message_id=str(completion.id),
+                    attempt=completion.attempt,
+                    outcome=completion.outcome,
+                )
+
+    async def _until_written(
+        self,
+        write: Callable[[str, list[Completion]], Awaitable[set[uuid.UUID]]],
+        batch: list[Completion],
+    ) -> set[uuid.UUID]:
+        """`write(dispatcher, batch)`, retried with backoff while the database is away."""
         delay = RETRY_MIN
         while True:
             try:
-                applied = await self._store.complete(self._dispatcher_id, batch)
-                break
+                return await write(self._dispatcher_id, batch)
             except psycopg.OperationalError as exc:
                 log.warning(
                     "could not record outcomes, retrying",
@@ -97,16 +144,3 @@ class Completer:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
-        lost = [c for c in batch if c.id not in applied]
-        # Counted once per batch and outcome, as written (a lost outcome did not happen).
-        self._metrics.count_outcomes(batch if not lost else (c for c in batch if c.id in applied))
-        if lost:
-            self._metrics.outcomes_lost.inc(len(lost))
-            # The lease expired and the row was reclaimed: a newer attempt owns it now.
-            for completion in lost:
-                log.warning(
-                    "outcome dropped: lease lost",
-                    message_id=str(completion.id),
-                    attempt=completion.attempt,
-                    outcome=completion.outcome,
-                )

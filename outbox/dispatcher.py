@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -59,7 +60,12 @@ class Dispatcher:
         self.provider = provider
         self.id = settings.dispatcher_id or default_dispatcher_id()
         self.metrics = metrics or DispatchMetrics()
-        self.completer = Completer(store, self.id, self.metrics, lambda: self.calls_in_flight > 0)
+        self.completer = Completer(
+            store, self.id, self.metrics, lambda: self.calls_in_flight > 0, self._settled
+        )
+        # (id, attempt) of every row claimed whose outcome is not written yet: this
+        # process's reaper leaves them alone, however long the database was away.
+        self._held_rows: set[tuple[uuid.UUID, int]] = set()
         self.calls_in_flight = 0
         self.metrics.track_in_flight(lambda: self.calls_in_flight)
         self._wake = asyncio.Event()
@@ -178,6 +184,7 @@ class Dispatcher:
         lease_end = time.monotonic() + self.settings.lease_seconds
         claimed, next_due_at = await self.store.claim(self.id, limit, self.settings.lease_seconds)
         self.metrics.claim_size.observe(len(claimed))
+        self._held_rows.update((message.id, message.attempt) for message in claimed)
         self._buffer.extend((message, lease_end) for message in claimed)
         if self._paused_until > time.monotonic():
             # A sender-level error arrived during the claim: these rows wait for the pause.
@@ -477,6 +484,11 @@ class Dispatcher:
             next_attempt_at=now,
         )
 
+    def _settled(self, batch: list[Completion]) -> None:
+        """The completer wrote (or dropped) these outcomes: the rows are no longer ours."""
+        for completion in batch:
+            self._held_rows.discard((completion.id, completion.attempt))
+
     # Shutdown and maintenance -----------------------------------------------------
 
     async def _drain(self) -> None:
@@ -497,8 +509,12 @@ class Dispatcher:
         interval = max(0.05, min(self.settings.lease_seconds / 4, 30.0))
         while True:
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            # Never a row of ours: its outcome, a success perhaps, is on its way (a lease
+            # runs out while the database is away). Other dispatchers' rows, and those of
+            # a predecessor under the same id, are reaped as usual.
+            keep = {message_id for message_id, _ in self._held_rows}
             try:
-                reaped = await self.store.reap_expired_leases()
+                reaped = await self.store.reap_expired_leases(keep=keep)
             except psycopg.OperationalError as exc:
                 log.warning("lease reaper failed", error=str(exc).strip())
                 continue

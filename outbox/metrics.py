@@ -147,7 +147,14 @@ class DispatchMetrics:
         )
         self.outcomes_lost = Counter(
             "outbox_outcomes_lost_total",
-            "Outcomes not recorded because the lease had expired and the row was reclaimed.",
+            "Outcomes not recorded because the lease had expired and the row was reclaimed "
+            "(a success: only once a later attempt had started).",
+            registry=registry,
+        )
+        self.late_successes = Counter(
+            "outbox_late_successes_recorded_total",
+            "Successes recorded after the lease had expired and the row was reaped, no "
+            "later attempt having started: the message became sent after all.",
             registry=registry,
         )
         self.purge_runs = Counter(

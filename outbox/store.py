@@ -381,9 +381,25 @@ class Store:
             rows = await cursor.fetchall()
         return {row[0] for row in rows}
 
-    async def reap_expired_leases(self, limit: int = 1000) -> int:
+    async def record_late_successes(
+        self, dispatcher: str, completions: list[Completion]
+    ) -> set[uuid.UUID]:
+        """Successes `complete` did not apply, recorded where their attempt was reaped and no
+        later one has started; return the ids recorded."""
         async with self._connection() as conn:
-            cursor = await conn.execute(QUERIES["reap_expired_leases"], {"limit": limit})
+            cursor = await conn.execute(
+                QUERIES["record_late_successes"],
+                {"dispatcher": dispatcher, "outcomes": orjson.dumps(completions).decode()},
+            )
+            rows = await cursor.fetchall()
+        return {row[0] for row in rows}
+
+    async def reap_expired_leases(self, limit: int = 1000, keep: Iterable[uuid.UUID] = ()) -> int:
+        """Return rows whose lease expired, except those in `keep`; how many were returned."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                QUERIES["reap_expired_leases"], {"limit": limit, "keep": list(keep)}
+            )
             return len(await cursor.fetchall())
 
     # Purge, schedule and inspection (issue 7) -------------------------------------------

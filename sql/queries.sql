@@ -112,8 +112,14 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
 -- Batched completion, with its events and one NOTIFY (sql/migrations/003_events.sql).
 SELECT outbox.complete_attempts(%(outcomes)s::json, %(dispatcher)s);
 
+-- name: record_late_successes
+-- The successes complete_attempts did not apply: recorded when their attempt was reaped
+-- and no later one has started (sql/migrations/010_late_success.sql).
+SELECT outbox.record_late_successes(%(outcomes)s::json, %(dispatcher)s);
+
 -- name: reap_expired_leases
-SELECT outbox.reap_expired_leases(%(limit)s);
+-- Rows in `keep` are this dispatcher's own, their outcome still on its way.
+SELECT outbox.reap_expired_leases(%(limit)s::int, %(keep)s::uuid[]);
 
 -- Purge and schedule (issue 7) ------------------------------------------------------
 

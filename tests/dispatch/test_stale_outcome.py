@@ -1,5 +1,6 @@
-"""An outcome that arrives after its dispatcher lost the lease changes nothing: the row
-belongs to the attempt that reclaimed it, and the late outcome is counted as lost."""
+"""An outcome that arrives after its dispatcher lost the lease and another attempt started
+changes nothing, a success included: the row belongs to the attempt that reclaimed it, and
+the late outcome is counted as lost (before attempt N+1: tests/dispatch/test_late_success.py)."""
 
 from __future__ import annotations
 
