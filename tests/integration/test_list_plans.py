@@ -1,0 +1,94 @@
+"""GET /messages reads an index range in id order for every filter combination a user or
+an admin can send (migration 008): what one listing reads does not grow with the rows the
+table holds of other users and other statuses, such as a long history of sent messages."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import psycopg
+
+from outbox.store import QUERIES
+
+LIMIT = 20
+LIVE = 10_000  # the recent rows, every status
+HISTORY = 60_000  # older rows, all sent: a queue's past
+SOME_HISTORY = 15_000  # of which the newest are there at the first look
+
+
+def fill(conn: psycopg.Connection, first: int, last: int, *, history: bool) -> None:
+    """Rows first..last, ids in that order. A user `big` has most of them, 100 others the
+    rest; half have a client_message_id, and 40 users sent one each under `shared`.
+    Recent rows are mostly sent, some pending, in flight, errored, a few cancelled."""
+    conn.execute(
+        """INSERT INTO outbox.messages
+               (id, user_id, client_message_id, "to", type, payload, request_hash,
+                max_attempts, status, locked_until, finished_at)
+           SELECT (lpad(to_hex(1700000000000 + n), 12, '0') || '7000' || '8'
+                   || lpad(to_hex(n), 15, '0'))::uuid,
+                  CASE WHEN n %% 5 = 0 THEN 'user-' || (n / 5) %% 100 ELSE 'big' END,
+                  CASE WHEN n %% 5 = 0 AND n < %(first)s + 200 AND NOT %(history)s
+                       THEN 'shared'
+                       WHEN n %% 2 = 0 THEN 'c-' || n END,
+                  '5511999999999', 'text', '{}'::jsonb, '\\x00'::bytea, 4, s,
+                  CASE WHEN s = 'in_flight' THEN now() + interval '1 minute' END,
+                  CASE WHEN s IN ('sent', 'error', 'cancelled') THEN now() END
+           FROM (SELECT n, CASE WHEN %(history)s THEN 'sent'
+                                WHEN n %% 997 = 1 THEN 'cancelled'
+                                WHEN n %% 101 = 2 THEN 'error'
+                                WHEN n %% 53 = 3 THEN 'pending'
+                                WHEN n %% 499 = 4 THEN 'in_flight'
+                                ELSE 'sent' END AS s
+                 FROM generate_series(%(first)s, %(last)s) AS n) g""",
+        {"first": first, "last": last, "history": history},
+    )
+    conn.execute("VACUUM ANALYZE outbox.messages")
+
+
+def pages_read(conn: psycopg.Connection, params: dict[str, Any]) -> tuple[int, str]:
+    """Shared pages the list query touches with these parameters, as the API runs it
+    (unprepared: planned for these values), and the plan."""
+    rows = conn.execute(
+        "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) " + QUERIES["list_messages"],
+        params,
+        prepare=False,
+    ).fetchall()
+    plan = "\n".join(row[0] for row in rows)
+    top = next(line for line in plan.splitlines() if "Buffers: shared" in line)
+    pages = sum(
+        int(part.split("=")[1]) for part in top.split() if part.startswith(("hit=", "read="))
+    )
+    return pages, plan
+
+
+def every_combination(after: Any) -> list[dict[str, Any]]:
+    owners = ["big", "user-7", None]  # None: an admin's listing, everyone's rows
+    statuses = [None, "pending", "in_flight", "sent", "error", "cancelled"]
+    client_message_ids = [None, "shared", f"c-{HISTORY + 4}"]
+    return [
+        {"user_id": o, "status": s, "client_message_id": c, "after": a, "limit": LIMIT}
+        for o, s, c, a in itertools.product(owners, statuses, client_message_ids, [None, after])
+    ]
+
+
+def test_no_listing_reads_more_when_the_history_grows(sql_conn: psycopg.Connection) -> None:
+    fill(sql_conn, HISTORY + 1, HISTORY + LIVE, history=False)
+    middle = sql_conn.execute(
+        "SELECT id FROM outbox.messages ORDER BY id OFFSET %s LIMIT 1", [LIVE // 2]
+    ).fetchone()
+    assert middle is not None
+    combinations = every_combination(middle[0])
+    fill(sql_conn, HISTORY - SOME_HISTORY + 1, HISTORY, history=True)
+    before = [pages_read(sql_conn, params)[0] for params in combinations]
+
+    fill(sql_conn, 1, HISTORY - SOME_HISTORY, history=True)  # 2.8 times as many rows
+
+    failures = []
+    for params, pages_then in zip(combinations, before, strict=True):
+        pages, plan = pages_read(sql_conn, params)
+        # An index one level deeper costs a page or two per descent; reading the user's
+        # whole range, or the table, grows with it.
+        if pages > 1.5 * pages_then + 10:
+            failures.append(f"{pages_then} → {pages} pages for {params}:\n{plan}")
+    assert not failures, f"{len(failures)} combinations read more:\n" + "\n\n".join(failures[:4])
