@@ -163,7 +163,7 @@ def test_both_paths_and_a_bearer_header(
     ("make_token", "reason"),
     [
         (lambda token: None, "missing Authorization header"),
-        (lambda token: "not-a-jwt", "token invalid"),
+        (lambda token: "not-a-jwt", "malformed token"),
         (lambda token: token("user-1")[:-4] + "AAAA", "token signature invalid"),
         (lambda token: token("user-1", ttl=-30), "token expired"),
     ],
