@@ -510,7 +510,7 @@ def create_app(
         pool = db.create_pool(settings)
         # Not waiting: the API starts while the database is away and answers 503.
         await pool.open(wait=False)
-        store = Store(pool)
+        store = Store(pool, statement_timeout=settings.api_statement_timeout)
         queue_gauges = QueueGauges(store, settings.metrics_cache)
         api_metrics.registry.register(queue_gauges)
         app.state.services = Services(

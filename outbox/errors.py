@@ -134,6 +134,14 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     return error_response(unavailable("database unavailable, try again shortly"))
 
 
+async def _query_canceled(request: Request, exc: Exception) -> Response:
+    # The API's statement_timeout (OUTBOX_API_STATEMENT_TIMEOUT) cut a query short, or an
+    # operator cancelled it: the database is busy, not broken, and the request may succeed
+    # later. The transaction was rolled back and the connection is idle again.
+    log.warning("query cancelled", path=request.url.path, error=str(exc).splitlines()[0:1])
+    return error_response(unavailable("the database took too long to answer, try again shortly"))
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", path=request.url.path)
     return error_response(ApiError(500, "internal error", code="internal"))
@@ -142,6 +150,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: _api_error,
     HTTPException: _http_error,
+    psycopg.errors.QueryCanceled: _query_canceled,  # an OperationalError: looked up first
     psycopg.OperationalError: _database_error,
     psycopg_pool.PoolTimeout: _database_error,
     Exception: _unexpected,
