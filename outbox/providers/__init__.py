@@ -29,7 +29,12 @@ def create_provider(settings: Settings, client: httpx.AsyncClient) -> Provider:
                 latency_ms=settings.fake_latency_ms, failure_rate=settings.fake_failure_rate
             )
         case "http":
-            return HttpProvider(client, url=settings.provider_url, secret=settings.provider_secret)
+            return HttpProvider(
+                client,
+                url=settings.provider_url,
+                secret=settings.provider_secret,
+                max_response_bytes=settings.provider_max_response_bytes,
+            )
         case "cloud":
             return CloudProvider(
                 client,
@@ -37,4 +42,5 @@ def create_provider(settings: Settings, client: httpx.AsyncClient) -> Provider:
                 api_version=settings.cloud_api_version,
                 phone_number_id=settings.cloud_phone_number_id,
                 token=settings.cloud_token,
+                max_response_bytes=settings.provider_max_response_bytes,
             )

@@ -10,10 +10,12 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import httpx
+import orjson
 
 from outbox.retry import ErrorKind
 
 _MAX_REASON = 300  # `last_error` is for people: keep it to one readable line
+MAX_RESPONSE_BYTES = 1024 * 1024  # OUTBOX_PROVIDER_MAX_RESPONSE_BYTES' default
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 5× more, per message
@@ -66,6 +68,19 @@ class Provider(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class ProviderResponse:
+    """A provider's answer with its whole body, read within the size limit."""
+
+    status_code: int
+    headers: httpx.Headers
+    body: bytes
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
 class JsonPost:
     """POSTs JSON bodies to one URL with the client's settings, by `client.send`.
 
@@ -73,16 +88,30 @@ class JsonPost:
     ~450 µs that httpx spends before a call's first byte leaves, after an idle moment
     here (measured with the bench's provider server); done once here instead. The
     client's headers (a call's own replace them, names in any case), timeouts, pool,
-    proxies and cookies (a load balancer's sticky session) all still apply."""
+    proxies and cookies (a load balancer's sticky session) all still apply.
 
-    def __init__(self, client: httpx.AsyncClient, url: httpx.URL) -> None:
+    The answer is streamed and read up to `max_response_bytes` (decoded, so a small
+    compressed body that inflates is stopped too): a provider, or whatever answers at
+    its address, cannot make a dispatcher hold an unbounded body. Beyond it the call is
+    a transient error; the connection is closed, not reused."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: httpx.URL,
+        *,
+        name: str,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         self.client = client
         self.url = url
+        self.name = name
+        self.max_response_bytes = max_response_bytes
         # httpx.Headers keys are lower case: the call's names are lowered to match.
         self._headers = {**client.headers, "content-type": "application/json"}
         self._extensions: dict[str, Any] = {"timeout": client.timeout.as_dict()}
 
-    async def __call__(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    async def __call__(self, body: bytes, headers: dict[str, str]) -> ProviderResponse:
         merged = self._headers | {name.lower(): value for name, value in headers.items()}
         request = httpx.Request(
             "POST",
@@ -92,7 +121,35 @@ class JsonPost:
             cookies=self.client.cookies or None,  # empty but for a provider that sets one
             extensions=self._extensions,
         )
-        return await self.client.send(request)
+        response = await self.client.send(request, stream=True)
+        try:
+            content = await self._read(response)
+        finally:
+            await response.aclose()
+        return ProviderResponse(response.status_code, response.headers, content)
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        limit = self.max_response_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._too_large(response, f"declares {declared} bytes, over")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(response, "is over")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, response: httpx.Response, what: str) -> ProviderError:
+        return ProviderError(
+            ErrorKind.TRANSIENT,
+            f"{self.name}: the HTTP {response.status_code} answer {what} the "
+            f"{self.max_response_bytes}-byte limit (OUTBOX_PROVIDER_MAX_RESPONSE_BYTES); "
+            "not read further",
+            http_status=response.status_code,
+        )
 
 
 def transport_error(name: str, exc: httpx.HTTPError, timeout: float | None) -> ProviderError:
@@ -136,11 +193,11 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, seconds)
 
 
-def json_object(response: httpx.Response) -> dict[str, Any]:
-    """The response body as a JSON object, or {} when it is empty or anything else."""
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or {} when it is empty or anything else."""
     try:
-        data = response.json()
-    except ValueError:
+        data = orjson.loads(body)
+    except ValueError:  # orjson.JSONDecodeError, and text that is not UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -14,9 +14,11 @@ import httpx
 import orjson
 
 from outbox.providers.base import (
+    MAX_RESPONSE_BYTES,
     JsonPost,
     OutgoingMessage,
     ProviderError,
+    ProviderResponse,
     check_url,
     int_code,
     json_object,
@@ -37,6 +39,7 @@ class CloudProvider:
         api_version: str,
         phone_number_id: str,
         token: str,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         if not phone_number_id or not token:
             raise ValueError(
@@ -45,7 +48,9 @@ class CloudProvider:
         check_url(base_url, "OUTBOX_CLOUD_BASE_URL")
         url = f"{base_url.rstrip('/')}/{api_version.strip('/')}/{phone_number_id}/messages"
         try:
-            self._post = JsonPost(client, httpx.URL(url))  # the URL parsed once
+            self._post = JsonPost(  # the URL parsed once
+                client, httpx.URL(url), name=self.name, max_response_bytes=max_response_bytes
+            )
         except httpx.InvalidURL as exc:  # a stray newline in a mounted secret, say
             raise ValueError(
                 f"OUTBOX_CLOUD_PHONE_NUMBER_ID or OUTBOX_CLOUD_API_VERSION makes an invalid "
@@ -70,7 +75,7 @@ class CloudProvider:
             response = await self._post(self.encode(message), headers)
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc, self._post.client.timeout.read) from exc
-        data = json_object(response)
+        data = json_object(response.body)
         if response.is_success:
             return _message_id(data)
         raise _error(response, data)
@@ -85,7 +90,7 @@ def _message_id(data: dict[str, Any]) -> str | None:
     return None  # accepted (2xx) without an id: still sent, nothing to record
 
 
-def _error(response: httpx.Response, data: dict[str, Any]) -> ProviderError:
+def _error(response: ProviderResponse, data: dict[str, Any]) -> ProviderError:
     error = data.get("error")
     error = error if isinstance(error, dict) else {}
     code = int_code(error.get("code"))

@@ -20,9 +20,11 @@ import httpx
 import orjson
 
 from outbox.providers.base import (
+    MAX_RESPONSE_BYTES,
     JsonPost,
     OutgoingMessage,
     ProviderError,
+    ProviderResponse,
     check_url,
     int_code,
     json_object,
@@ -42,9 +44,19 @@ def sign(secret: str, body: bytes) -> str:
 class HttpProvider:
     name = "http"
 
-    def __init__(self, client: httpx.AsyncClient, *, url: str, secret: str = "") -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        url: str,
+        secret: str = "",
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         check_url(url, "OUTBOX_PROVIDER_URL")
-        self._post = JsonPost(client, httpx.URL(url))  # the URL parsed once
+        # The URL parsed once.
+        self._post = JsonPost(
+            client, httpx.URL(url), name=self.name, max_response_bytes=max_response_bytes
+        )
         self._secret = secret
 
     def encode(self, message: OutgoingMessage) -> bytes:
@@ -68,14 +80,14 @@ class HttpProvider:
             response = await self._post(body, headers)
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc, self._post.client.timeout.read) from exc
-        data = json_object(response)
+        data = json_object(response.body)
         if response.is_success:
             provider_id = data.get("id")
             return str(provider_id) if provider_id not in (None, "") else None
         raise _error(response, data)
 
 
-def _error(response: httpx.Response, data: dict[str, Any]) -> ProviderError:
+def _error(response: ProviderResponse, data: dict[str, Any]) -> ProviderError:
     error = data.get("error")
     word: str | None = None
     code: int | None = None

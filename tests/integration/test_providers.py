@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import json
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -30,6 +31,7 @@ from outbox.providers import (
 from outbox.providers.base import parse_retry_after
 from outbox.retry import ErrorKind
 from outbox.settings import Settings
+from tests.support import wait_for
 
 SECRET = "s3cret"
 TOKEN = "EAAG-test-token"
@@ -67,6 +69,7 @@ class Reply:
     body: bytes | dict[str, Any] = b""
     headers: dict[str, str] = field(default_factory=dict)
     hang: bool = False  # hold the answer until the test ends (a provider that never answers)
+    chunks: Iterable[bytes] | None = None  # the body, chunked (no Content-Length), instead
 
 
 Script = Reply | Callable[[Seen], Reply]
@@ -78,6 +81,8 @@ class ScriptedServer:
     def __init__(self) -> None:
         self.requests: list[Seen] = []
         self.release = threading.Event()
+        self.written = 0  # body bytes of chunked answers that the socket took
+        self.cut_off = threading.Event()  # the client closed a chunked answer mid-body
         self._script: list[Script] = []
         self._lock = threading.Lock()
         server = self
@@ -97,6 +102,9 @@ class ScriptedServer:
                 reply = server._next(seen)
                 if reply.hang:
                     server.release.wait(timeout=60)
+                if reply.chunks is not None:
+                    self._send_chunked(reply)
+                    return
                 payload = (
                     json.dumps(reply.body).encode() if isinstance(reply.body, dict) else reply.body
                 )
@@ -110,6 +118,21 @@ class ScriptedServer:
                     self.end_headers()
                     self.wfile.write(payload)
                 except OSError:  # the client gave up (timeout test)
+                    self.close_connection = True
+
+            def _send_chunked(self, reply: Reply) -> None:
+                assert reply.chunks is not None
+                self.send_response(reply.status)
+                for name, value in {**reply.headers, "Transfer-Encoding": "chunked"}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                try:
+                    for chunk in reply.chunks:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        server.written += len(chunk)
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    server.cut_off.set()
                     self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -487,6 +510,71 @@ def test_http_timeout_is_transient(server: ScriptedServer) -> None:
 
     assert error.kind is ErrorKind.TRANSIENT
     assert "timeout" in error.reason
+
+
+# The size of an answer ------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def capped_settings(which: str, url: str, **extra: Any) -> Settings:
+    if which == "cloud":
+        return cloud_settings(url, **extra)
+    return Settings(provider="http", provider_url=url, provider_secret=SECRET, **extra)
+
+
+def success_body(size: int) -> bytes:
+    """A 2xx answer both providers would take (an id each reads), `size` bytes long."""
+    head = b'{"id": "gw-1", "messages": [{"id": "wamid.X"}], "padding": "'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def assert_too_large(error: ProviderError, limit: int) -> None:
+    assert error.kind is ErrorKind.TRANSIENT
+    assert f"{limit}-byte limit" in error.reason, error.reason
+    assert "OUTBOX_PROVIDER_MAX_RESPONSE_BYTES" in error.reason
+
+
+@pytest.mark.parametrize("which", ["cloud", "http"])
+def test_an_answer_over_the_limit_is_a_transient_error(server: ScriptedServer, which: str) -> None:
+    """2 MiB against the default 1 MiB: declared by Content-Length, or chunked (read until
+    the limit), or a small gzip body that inflates past it."""
+    server.script(
+        Reply(200, success_body(2 * MIB)),
+        Reply(200, chunks=[success_body(2 * MIB)[i : i + 65536] for i in range(0, 2 * MIB, 65536)]),
+        Reply(200, gzip.compress(success_body(2 * MIB)), {"Content-Encoding": "gzip"}),
+    )
+    settings = capped_settings(which, server.url)
+
+    for _ in range(3):
+        error = send_error(settings)
+        assert_too_large(error, MIB)
+        assert error.http_status == 200
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("which", ["cloud", "http"])
+def test_the_limit_is_the_setting_and_an_answer_of_that_size_is_read(
+    server: ScriptedServer, which: str
+) -> None:
+    server.script(Reply(200, success_body(4096)), Reply(200, success_body(4097)))
+    settings = capped_settings(which, server.url, provider_max_response_bytes=4096)
+
+    assert send(settings) in ("gw-1", "wamid.X")
+    assert_too_large(send_error(settings), 4096)
+
+
+def test_an_endless_answer_is_not_read_to_its_end(server: ScriptedServer) -> None:
+    """A provider (or whatever answers at its address) streaming without end: the call ends
+    at the limit and closes the connection; the server cannot write the rest."""
+    total = 64 * MIB
+    server.script(Reply(200, chunks=(b"x" * 65536 for _ in range(total // 65536))))
+
+    error = send_error(capped_settings("http", server.url))
+
+    assert_too_large(error, MIB)
+    wait_for(server.cut_off.is_set, what="the server to see the connection closed")
+    assert server.written < total / 2, server.written
 
 
 # Fake -------------------------------------------------------------------------------
