@@ -45,7 +45,7 @@ lock: $(UV_STAMP)
 # Exit 1 when a pinned release has one; where neither database answers, one line says
 # so and nothing is audited: exit 0, or 2 with AUDIT_STRICT=1 (for a job that must know).
 audit: $(STAMP)
-	$(BIN)/python -m tests.ops.audit $(DEV_LOCK)
+	@$(BIN)/python -m tests.ops.audit $(DEV_LOCK)
 
 run: $(STAMP)
 	$(BIN)/outbox dev
