@@ -739,6 +739,7 @@ class Bench:
                 1,
                 OUTBOX_PROVIDER="http",
                 OUTBOX_PROVIDER_URL=f"http://127.0.0.1:{provider_port}/send",
+                OUTBOX_PROVIDER_SECRET=self.secret,  # signed, as a deployment's calls are
             )
             wait_ready([dispatcher])
             host = f"127.0.0.1:{port}"

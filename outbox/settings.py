@@ -71,6 +71,24 @@ def _check_timezone(value: str) -> str:
 CronExpression = Annotated[str, AfterValidator(_check_cron)]
 TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
 
+
+def _https_or_loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SQL_DIR = PROJECT_DIR / "sql"
 DEV_DATA_DIR = PROJECT_DIR / ".outbox-data"
@@ -135,6 +153,7 @@ class Settings(BaseSettings):
     provider_timeout: Seconds = 10.0
     provider_url: str = ""
     provider_secret: str = ""
+    provider_allow_unsigned: bool = False  # `http` without a secret: calls go unsigned
     fake_latency_ms: float = Field(default=0.0, ge=0)
     fake_failure_rate: float = Field(default=0.0, ge=0, le=1)
     cloud_base_url: str = "https://graph.facebook.com"
@@ -184,6 +203,21 @@ class Settings(BaseSettings):
             )
         if self.provider == "http" and not self.provider_url:
             raise ValueError("OUTBOX_PROVIDER_URL is required with OUTBOX_PROVIDER=http")
+        if (
+            self.provider == "http"
+            and not self.provider_secret
+            and not self.provider_allow_unsigned
+        ):
+            raise ValueError(
+                "OUTBOX_PROVIDER_SECRET is required with OUTBOX_PROVIDER=http (the gateway"
+                " checks the calls' signature); OUTBOX_PROVIDER_ALLOW_UNSIGNED=true sends"
+                " unsigned calls"
+            )
+        if self.provider == "cloud" and not _https_or_loopback(self.cloud_base_url):
+            raise ValueError(
+                "OUTBOX_CLOUD_BASE_URL must be https:// (the access token travels in every"
+                " call); http:// only to a loopback address"
+            )
         if any(alg.lower() == "none" for alg in self.jwt_algorithms):
             raise ValueError("OUTBOX_JWT_ALGORITHMS must not include 'none'")
         return self

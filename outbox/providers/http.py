@@ -3,7 +3,9 @@
 Request: `POST OUTBOX_PROVIDER_URL` with the JSON body
 `{"task_id", "user_id", "to", "type", <type>: <content>, "client_message_id", "attempt"}`,
 headers `Idempotency-Key: <task_id>` and, when `OUTBOX_PROVIDER_SECRET` is set,
-`X-Outbox-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes>`.
+`X-Outbox-Signature-256: t=<unix seconds>,v1=<hex HMAC-SHA256 of t + "." + body>` (a
+receiver refuses a stale `t`, so a captured call cannot be replayed later) beside the
+older `X-Outbox-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes>`.
 Response: any 2xx is success, with the provider id in an optional JSON `{"id": "..."}`.
 Errors: classified by `outbox.retry.classify_gateway` from the status and the body's
 `error` (a word such as "session_not_ready", or `{"code", "message"}`); `Retry-After`
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from typing import Any
 
 import httpx
@@ -34,11 +37,19 @@ from outbox.providers.base import (
 from outbox.retry import classify_gateway
 
 SIGNATURE_HEADER = "X-Outbox-Signature"
+TIMESTAMPED_SIGNATURE_HEADER = "X-Outbox-Signature-256"
 
 
 def sign(secret: str, body: bytes) -> str:
-    """The signature header's value; a receiver recomputes it over the raw body."""
+    """The older header's value; a receiver recomputes it over the raw body."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def sign_timestamped(secret: str, body: bytes, timestamp: int) -> str:
+    """`t=<timestamp>,v1=<hex HMAC-SHA256 of "<timestamp>." + body>`: the timestamp is
+    signed with the body, so a receiver that refuses old ones refuses replays."""
+    signed = str(timestamp).encode() + b"." + body
+    return f"t={timestamp},v1=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
 class HttpProvider:
@@ -76,6 +87,9 @@ class HttpProvider:
         headers = {"Idempotency-Key": str(message.id)}
         if self._secret:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)
+            headers[TIMESTAMPED_SIGNATURE_HEADER] = sign_timestamped(
+                self._secret, body, int(time.time())
+            )
         try:
             response = await self._post(body, headers)
         except httpx.HTTPError as exc:

@@ -34,6 +34,7 @@ class Call:
     attempt: int
     idempotency_key: str
     signature: str
+    signature_256: str
     body: bytes
     at: float  # time.time() when the call arrived
 
@@ -68,6 +69,7 @@ class ScriptedProvider:
             attempt=data["attempt"],
             idempotency_key=request.headers.get("idempotency-key", ""),
             signature=request.headers.get("x-outbox-signature", ""),
+            signature_256=request.headers.get("x-outbox-signature-256", ""),
             body=body,
             at=time.time(),
         )

@@ -60,6 +60,12 @@ def test_success_records_the_provider_id_and_signs_the_call(
     assert call.idempotency_key == task_id
     expected = hmac.new(PROVIDER_SECRET.encode(), call.body, hashlib.sha256).hexdigest()
     assert call.signature == f"sha256={expected}"
+    # The timestamped scheme: t and the body signed together, t the time of the call.
+    stamp, _, v1 = call.signature_256.partition(",")
+    assert stamp.startswith("t=") and v1.startswith("v1="), call.signature_256
+    signed = stamp[2:].encode() + b"." + call.body
+    assert v1[3:] == hmac.new(PROVIDER_SECRET.encode(), signed, hashlib.sha256).hexdigest()
+    assert abs(int(stamp[2:]) - call.at) < 30
     [(attempt, outcome, *_rest, dispatcher)] = attempts_of(sql_conn, task_id)
     assert (attempt, outcome, dispatcher) == (1, "sent", "d1")
 

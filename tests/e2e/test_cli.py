@@ -96,6 +96,36 @@ def test_a_cloud_phone_number_id_with_a_newline_stops_dispatch_with_one_line(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        (
+            {"OUTBOX_PROVIDER": "http", "OUTBOX_PROVIDER_URL": "https://gateway.example/send"},
+            "OUTBOX_PROVIDER_SECRET is required",
+        ),
+        (
+            {
+                "OUTBOX_PROVIDER": "cloud",
+                "OUTBOX_CLOUD_TOKEN": "token",
+                "OUTBOX_CLOUD_PHONE_NUMBER_ID": "123",
+                "OUTBOX_CLOUD_BASE_URL": "http://graph.example.com",
+            },
+            "OUTBOX_CLOUD_BASE_URL must be https://",
+        ),
+    ],
+    ids=["http-unsigned", "cloud-plain-http"],
+)
+def test_dispatch_refuses_unsafe_provider_settings_with_one_line(
+    database_url: str, settings: dict[str, str], named: str
+) -> None:
+    env = clean_env(OUTBOX_DATABASE_URL=database_url, OUTBOX_METRICS_PORT="0", **settings)
+    result = run("dispatch", env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+
+
 def test_a_bad_duration_for_token_is_one_line() -> None:
     result = run("token", "--ttl", "soon", env=clean_env(OUTBOX_JWT_SECRET=JWT_SECRET))
     assert result.returncode == 2

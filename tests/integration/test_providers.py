@@ -192,7 +192,9 @@ def cloud_settings(base_url: str, **extra: Any) -> Settings:
 
 
 def http_settings(url: str, secret: str = SECRET) -> Settings:
-    return Settings(provider="http", provider_url=url, provider_secret=secret)
+    return Settings(
+        provider="http", provider_url=url, provider_secret=secret, provider_allow_unsigned=True
+    )
 
 
 def send(
@@ -449,6 +451,7 @@ def test_http_without_a_secret_sends_no_signature(server: ScriptedServer) -> Non
 
     assert send(http_settings(server.url, secret="")) is None
     assert "x-outbox-signature" not in server.requests[0].headers
+    assert "x-outbox-signature-256" not in server.requests[0].headers
 
 
 def test_http_retry_after_in_seconds(server: ScriptedServer) -> None:
