@@ -1,10 +1,15 @@
 """The live status feed: one LISTEN per process, events read once, fanned out per user.
 
 `Gateway` follows `outbox.events` (woken by `NOTIFY outbox_events`, whose payload is the
-highest new id) and hands each event, serialised once, to the bounded queue of every
-client allowed to see it. Each WebSocket has its own sender task, so a slow client
-never delays the others: when its queue is full it is closed with 1013 and resumes
-with `?since=<event_id>`.
+highest new id) and hands each event, serialised once, to every client allowed to see
+it. A client that is sent something gets a sender task until its backlog is out, so a
+slow client never delays the others: when its backlog reaches OUTBOX_WS_QUEUE_SIZE it is
+closed with 1013 and resumes with `?since=<event_id>`. A resume replays the table in
+pages, each sent before the next is read, at most OUTBOX_WS_MAX_REPLAYS at once.
+
+An idle socket costs what is needed to notice its end and nothing more (thousands are
+normal): no task, queue or parsed handshake of ours, only the ASGI handler awaiting
+`receive()` and a small `Client`.
 """
 
 from __future__ import annotations
@@ -13,25 +18,31 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
-from starlette.websockets import WebSocket, WebSocketState
 
-from outbox import notifier
+from outbox import memory, notifier
 from outbox.auth import AuthError, Principal, TokenVerifier, bearer_token
+from outbox.cancellation import cancel_and_wait
 from outbox.log import get_logger
 from outbox.metrics import ApiMetrics
 from outbox.settings import Settings
 from outbox.store import EventRow, Store
 
 log = get_logger("outbox.gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 CHANNEL = "outbox_events"
 APPLICATION_NAME = "outbox-gateway"  # names the LISTEN connection in pg_stat_activity
@@ -54,14 +65,21 @@ RETRY_MIN = 0.1
 RETRY_MAX = 10.0
 SHUTDOWN_WAIT = 5.0
 MAX_EVENT_ID = 2**63 - 1
+# Once this many clients have left since the peak, and at most half remain, the freed heap
+# goes back to the system (outbox/memory.py), a moment later: a wave leaves together.
+RELEASE_AFTER = 1000
+RELEASE_DELAY = 2.0
 
 # Close codes (RFC 6455 and the 4000–4999 private range).
 GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 BAD_REQUEST = 4400
 UNAUTHORIZED = 4401
 GONE = 4410
+
+TOO_SLOW = "too slow: reconnect with ?since=<last event_id>"
 
 
 def wire_message(event_id: int, event: str, data: dict[str, Any]) -> str:
@@ -72,44 +90,29 @@ def wire_message(event_id: int, event: str, data: dict[str, Any]) -> str:
     return orjson.dumps({"event": event, "data": ordered, "version": WIRE_VERSION}).decode()
 
 
-# What Client.offer did with an event (counted per page for the metrics).
+# What Gateway.offer did with an event (counted per page for the metrics).
 SKIPPED, QUEUED, DROPPED = 0, 1, 2
 
+# Where a client stands. A resuming client WAITs for a replay slot (live events skipped:
+# the replay reads them from the table), REPLAYs (live events held back in `held`), or
+# LAGs (more live events came during the replay than `held` may keep: dropped, the
+# replay reads the table again); then it is LIVE.
+WAITING, REPLAYING, LAGGING, LIVE = "waiting", "replaying", "lagging", "live"
 
-@dataclass(eq=False)
+
+@dataclass(eq=False, slots=True)
 class Client:
-    """One connected socket: whose events it gets, and its bounded queue."""
+    """One connected socket: whose events it gets, and what is on its way to it."""
 
     principal: Principal
-    queue: asyncio.Queue[str]
-    last_id: int  # highest event id handed to the queue: anything at or below is skipped
-    buffer: deque[tuple[int, str]] | None = None  # live events held back while replaying
-    closed: asyncio.Future[tuple[int, str]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-    def offer(self, event_id: int, text: str) -> int:
-        """Hand over a live event without ever waiting (fan-out must not block).
-        Returns QUEUED, SKIPPED or DROPPED (this event cut the client off: too slow)."""
-        if event_id <= self.last_id or self.closed.done():
-            return SKIPPED
-        if self.buffer is not None:
-            if len(self.buffer) >= self.queue.maxsize:
-                self.cut(TRY_AGAIN_LATER, "too slow: reconnect with ?since=<last event_id>")
-                return DROPPED
-            self.buffer.append((event_id, text))
-            return QUEUED
-        try:
-            self.queue.put_nowait(text)
-        except asyncio.QueueFull:
-            self.cut(TRY_AGAIN_LATER, "too slow: reconnect with ?since=<last event_id>")
-            return DROPPED
-        self.last_id = event_id
-        return QUEUED
-
-    def cut(self, code: int, reason: str) -> None:
-        if not self.closed.done():
-            self.closed.set_result((code, reason))
+    send: Send
+    last_id: int  # highest event id handed over: anything at or below is skipped
+    state: str = LIVE
+    backlog: deque[str] | None = None  # live events not sent yet (None while there are none)
+    held: deque[tuple[int, str]] | None = None  # live events held back while replaying
+    task: asyncio.Task[None] | None = None  # the replay, or the sender of the backlog
+    closing: bool = False  # a close is on its way: nothing more is handed over
+    expiry: asyncio.TimerHandle | None = None
 
 
 class Gateway:
@@ -131,12 +134,20 @@ class Gateway:
         self.last_seen: int | None = None  # None until the first read of the table
         self._by_user: dict[str, set[Client]] = {}
         self._admins: set[Client] = set()
+        self._per_user: dict[str, int] = {}  # sockets per JWT sub, admins included
+        self.client_count = 0
+        self.peak_clients = 0  # since the heap was last trimmed
+        self.release_after, self.release_delay = RELEASE_AFTER, RELEASE_DELAY
+        self.heap_trims = 0
+        self._trim_timer: asyncio.TimerHandle | None = None
+        self._replay_slots = asyncio.Semaphore(settings.ws_max_replays)
         self._wake = asyncio.Event()
         self._reading = False  # a read of the table is running: notifications wake it
         self._positioned = asyncio.Event()  # set once last_seen is known
         self.listening = False  # the LISTEN connection is up (it has been, at least once)
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._closers: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     # Lifecycle -------------------------------------------------------------------------
@@ -157,19 +168,19 @@ class Gateway:
     async def going_away(self) -> None:
         """Close every socket with 1001 and give the handlers a moment to send it."""
         self._stopping = True
-        for client in self._clients():
-            client.cut(GOING_AWAY, "server shutting down")
+        for client in list(self._clients()):
+            self.cut(client, GOING_AWAY, "server shutting down")
         handlers = [task for task in self._handlers if not task.done()]
         if handlers:
             await asyncio.wait(handlers, timeout=SHUTDOWN_WAIT)
 
     async def stop(self) -> None:
         await self.going_away()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+        # Cancelled until they end (outbox/cancellation.py): a cancellation swallowed
+        # once left the follower waiting for its next wake-up and this stop forever.
+        await cancel_and_wait(self._tasks)
 
     # Following the table ---------------------------------------------------------------
 
@@ -238,10 +249,113 @@ class Gateway:
         if not users and not self._admins:
             return
         text = wire_message(row.id, row.event, row.data)
-        for client in users or ():
-            tally[client.offer(row.id, text)] += 1
-        for client in self._admins:
-            tally[client.offer(row.id, text)] += 1
+        for client in tuple(users or ()):  # an offer may cut a client (and unregister it)
+            tally[self.offer(client, row.id, text)] += 1
+        for client in tuple(self._admins):
+            tally[self.offer(client, row.id, text)] += 1
+
+    # Handing events over ---------------------------------------------------------------
+
+    def offer(self, client: Client, event_id: int, text: str) -> int:
+        """Hand over a live event without ever waiting (fan-out must not block).
+        Returns QUEUED, SKIPPED or DROPPED (this event cut the client off: too slow)."""
+        if event_id <= client.last_id or client.closing:
+            return SKIPPED
+        if client.state != LIVE:
+            if client.state == REPLAYING:
+                assert client.held is not None
+                if len(client.held) < self.queue_size:
+                    client.held.append((event_id, text))
+                    return QUEUED
+                # Too many to hold: they are in the table, which the replay reads again.
+                client.held, client.state = None, LAGGING
+            return SKIPPED
+        backlog = client.backlog
+        if backlog is None:
+            backlog = client.backlog = deque()
+        elif len(backlog) >= self.queue_size:
+            self.cut(client, TRY_AGAIN_LATER, TOO_SLOW)
+            return DROPPED
+        backlog.append(text)
+        client.last_id = event_id
+        if client.task is None:
+            client.task = asyncio.create_task(self._send_backlog(client))
+        return QUEUED
+
+    async def _send_backlog(self, client: Client) -> None:
+        backlog = client.backlog
+        try:
+            while backlog:
+                await client.send({"type": "websocket.send", "text": backlog.popleft()})
+        except OSError:
+            return  # the client is gone: its handler hears the disconnect
+        except Exception as exc:
+            log.error("websocket sender failed", error=repr(exc))
+            client.task = None
+            self.cut(client, INTERNAL_ERROR, "internal error")
+            return
+        # Sent: the next event starts a new sender (an idle client holds no task).
+        client.task = client.backlog = None
+
+    async def _replay(self, client: Client, since: int) -> None:
+        """Stored events after `since` page by page, then the held-back live ones, then live.
+        Each page is sent (at the client's pace) before the next is read: any number of
+        events can follow `since`, the process holds one page per replaying client."""
+        try:
+            async with self._replay_slots:
+                # From here on live events are held back (before, they are in the table).
+                client.state, client.held = REPLAYING, deque()
+                oldest = await self.store.oldest_event_id()
+                if oldest is not None and since < oldest - 1:
+                    self.cut(client, GONE, f"events after {since} were purged: oldest is {oldest}")
+                    return
+                user_id = None if client.principal.is_admin else client.principal.user_id
+                while not client.closing:
+                    await self._send_stored(client, user_id)
+                    held = client.held
+                    while held and client.state == REPLAYING and not client.closing:
+                        event_id, text = held.popleft()
+                        if event_id > client.last_id:
+                            await client.send({"type": "websocket.send", "text": text})
+                            client.last_id = event_id
+                    if client.state == REPLAYING:
+                        # Caught up, in one synchronous step: the next event goes live.
+                        client.state, client.held, client.task = LIVE, None, None
+                        return
+                    # It lagged: read the table again, holding back what comes from now on.
+                    client.state, client.held = REPLAYING, deque()
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("replay failed", error=str(exc).strip())
+            self.cut(client, TRY_AGAIN_LATER, "database unavailable: retry with ?since=")
+        except OSError:
+            return  # the client is gone: its handler hears the disconnect
+        except Exception as exc:
+            log.error("websocket replay failed", error=repr(exc))
+            client.task = None
+            self.cut(client, INTERNAL_ERROR, "internal error")
+
+    async def _send_stored(self, client: Client, user_id: str | None) -> None:
+        while not client.closing:
+            rows = await self.store.events_after(client.last_id, self.page_size, user_id)
+            for row in rows:
+                text = wire_message(row.id, row.event, row.data)
+                await client.send({"type": "websocket.send", "text": text})
+                client.last_id = row.id
+            if len(rows) < self.page_size:
+                return
+
+    def cut(self, client: Client, code: int, reason: str) -> None:
+        """Stop handing events to this client and close its socket with `code`."""
+        if client.closing:
+            return
+        client.closing = True
+        self._unregister(client)
+        if client.task is not None and client.task is not asyncio.current_task():
+            client.task.cancel()
+        client.task = None
+        closer = asyncio.create_task(close(client.send, code, reason))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
 
     # Clients ---------------------------------------------------------------------------
 
@@ -250,138 +364,134 @@ class Gateway:
         for users in self._by_user.values():
             yield from users
 
-    @property
-    def client_count(self) -> int:
-        return len(self._admins) + sum(len(users) for users in self._by_user.values())
-
     def _register(self, client: Client) -> None:
         if client.principal.is_admin:
             self._admins.add(client)
         else:
             self._by_user.setdefault(client.principal.user_id, set()).add(client)
+        user_id = client.principal.user_id
+        self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
+        self.client_count += 1
+        self.peak_clients = max(self.peak_clients, self.client_count)
+        self.metrics.websocket_clients.inc()
 
     def _unregister(self, client: Client) -> None:
-        self._admins.discard(client)
-        users = self._by_user.get(client.principal.user_id)
-        if users is not None:
+        if client.principal.is_admin:
+            if client not in self._admins:
+                return
+            self._admins.discard(client)
+        else:
+            users = self._by_user.get(client.principal.user_id)
+            if users is None or client not in users:
+                return
             users.discard(client)
             if not users:
                 del self._by_user[client.principal.user_id]
+        user_id = client.principal.user_id
+        self._per_user[user_id] -= 1
+        if not self._per_user[user_id]:
+            del self._per_user[user_id]
+        self.client_count -= 1
+        self.metrics.websocket_clients.dec()
+        if client.expiry is not None:
+            client.expiry.cancel()
+            client.expiry = None
+        gone = self.peak_clients - self.client_count
+        wave = gone >= self.release_after and 2 * self.client_count <= self.peak_clients
+        if wave and self._trim_timer is None:
+            loop = asyncio.get_running_loop()
+            self._trim_timer = loop.call_later(self.release_delay, self._trim_heap)
 
-    def authenticate(self, websocket: WebSocket) -> Principal:
-        token = websocket.query_params.get("token")
+    def _trim_heap(self) -> None:
+        self._trim_timer = None
+        before, started = memory.rss_mb(), time.perf_counter()
+        if memory.trim_heap():
+            self.heap_trims += 1
+            after = memory.rss_mb()
+            log.info(
+                "heap trimmed after websocket clients left",
+                clients=self.client_count,
+                peak=self.peak_clients,
+                rss_mb_before=round(before or 0),
+                rss_mb_after=round(after or 0),
+                took_ms=round(1000 * (time.perf_counter() - started), 1),
+            )
+        self.peak_clients = self.client_count
+
+    def authenticate(self, scope: Scope) -> Principal:
+        token = query_param(scope, "token")
         if not token:
-            token = bearer_token(websocket.headers.get("authorization"))
+            token = bearer_token(header(scope, b"authorization"))
         return self.verifier.authenticate(token)
 
-    async def handle(self, websocket: WebSocket) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """One socket, from the handshake to its close."""
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         try:
-            await self._handle(websocket)
+            await self._handle(scope, receive, send)
         finally:
             self._handlers.discard(task)
 
-    async def _handle(self, websocket: WebSocket) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return  # gone before the handshake
         # Accept first, then close: browsers see the close code and reason, not a bare 403.
-        await websocket.accept()
+        await send({"type": "websocket.accept"})
         if self._stopping:
-            await close(websocket, GOING_AWAY, "server shutting down")
+            await close(send, GOING_AWAY, "server shutting down")
             return
         try:
-            principal = self.authenticate(websocket)
+            principal = self.authenticate(scope)
         except AuthError as exc:
-            await close(websocket, UNAUTHORIZED, str(exc))
+            await close(send, UNAUTHORIZED, str(exc))
             return
         try:
-            since = parse_since(websocket.query_params.get("since"))
+            since = parse_since(query_param(scope, "since"))
         except ValueError as exc:
-            await close(websocket, BAD_REQUEST, str(exc))
+            await close(send, BAD_REQUEST, str(exc))
             return
+        # uvicorn keeps the scope for the socket's life: its headers (a browser's, with
+        # cookies, run to kilobytes) and the token are not needed any more.
+        scope["headers"], scope["query_string"] = [], b""
         # A client is registered only once the reader has a position: before that, events
         # committed meanwhile could fall between the replay and the live stream.
         try:
             await asyncio.wait_for(self._positioned.wait(), self.settings.db_pool_timeout)
         except TimeoutError:
-            await close(websocket, TRY_AGAIN_LATER, "database unavailable: try again later")
+            await close(send, TRY_AGAIN_LATER, "database unavailable: try again later")
+            return
+        cap = self.settings.ws_max_per_user
+        if self._per_user.get(principal.user_id, 0) >= cap:
+            await close(send, POLICY_VIOLATION, f"more than {cap} feeds for this user")
             return
         client = Client(
             principal=principal,
-            queue=asyncio.Queue(self.queue_size),
+            send=send,
             last_id=since if since is not None else (self.last_seen or 0),
-            # Registered (buffering) before the replay reads the table: no gap at the switch.
-            buffer=deque() if since is not None else None,
+            # Registered before the replay reads the table: no gap at the switch.
+            state=WAITING if since is not None else LIVE,
         )
         self._register(client)
-        self.metrics.websocket_clients.inc()
-        expiry = None
         if principal.expires_at is not None:
             delay = principal.expires_at + self.settings.jwt_leeway - time.time()
-            expiry = asyncio.get_running_loop().call_later(
-                max(0.0, delay), client.cut, UNAUTHORIZED, "token expired"
+            client.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, delay), self.cut, client, UNAUTHORIZED, "token expired"
             )
-        sender = asyncio.create_task(self._send(websocket, client, since))
-        receiver = asyncio.create_task(_drain(websocket))
-        try:
-            waiting: set[asyncio.Future[Any]] = {sender, receiver, client.closed}
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._unregister(client)
-            self.metrics.websocket_clients.dec()
-            if expiry is not None:
-                expiry.cancel()
-            for task in (sender, receiver):
-                task.cancel()
-            for task in (sender, receiver):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if client.closed.done():
-            code, reason = client.closed.result()
-            await close(websocket, code, reason)
-        elif not receiver.done() and sender.done() and not sender.cancelled():
-            error = sender.exception()
-            if error is not None:
-                log.error("websocket sender failed", error=repr(error))
-                await close(websocket, INTERNAL_ERROR, "internal error")
-
-    async def _send(self, websocket: WebSocket, client: Client, since: int | None) -> None:
         if since is not None:
-            try:
-                await self._replay(client, since)
-            except (psycopg.Error, PoolTimeout) as exc:
-                log.warning("replay failed", error=str(exc).strip())
-                client.cut(TRY_AGAIN_LATER, "database unavailable: retry with ?since=")
-                return
-            if client.closed.done():
-                return
-        while True:
-            await websocket.send_text(await client.queue.get())
-
-    async def _replay(self, client: Client, since: int) -> None:
-        """Stored events after `since`, then the buffered live ones past the last replayed."""
-        oldest = await self.store.oldest_event_id()
-        if oldest is not None and since < oldest - 1:
-            client.cut(GONE, f"events after {since} were purged: oldest kept is {oldest}")
-            return
-        user_id = None if client.principal.is_admin else client.principal.user_id
-        while not client.closed.done():
-            rows = await self.store.events_after(client.last_id, self.page_size, user_id)
-            for row in rows:
-                # Waiting here is fine: this is the client's own task and its own pace.
-                await client.queue.put(wire_message(row.id, row.event, row.data))
-                client.last_id = row.id
-            if len(rows) < self.page_size:
-                break
-        # Still buffering while the held-back events go in (at the client's pace); the
-        # switch to live is one synchronous step once the buffer is empty.
-        while client.buffer and not client.closed.done():
-            event_id, text = client.buffer.popleft()
-            if event_id > client.last_id:
-                await client.queue.put(text)
-                client.last_id = event_id
-        client.buffer = None
+            client.task = asyncio.create_task(self._replay(client, since))
+        try:
+            # Clients only ping and close; a close of ours ends this too (the server
+            # reports it as a disconnect).
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+        finally:
+            client.closing = True
+            self._unregister(client)
+            if client.task is not None:
+                client.task.cancel()
+                client.task = None
 
 
 def parse_since(raw: str | None) -> int | None:
@@ -392,12 +502,20 @@ def parse_since(raw: str | None) -> int | None:
     return int(raw)
 
 
-async def _drain(websocket: WebSocket) -> None:
-    """Read (and ignore) what the client sends, until it disconnects."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
+def query_param(scope: Scope, name: str) -> str | None:
+    """The last value of `name` in the query string (as starlette's QueryParams.get)."""
+    found = None
+    for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True):
+        if key == name:
+            found = value
+    return found
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _clip(reason: str) -> str:
@@ -405,17 +523,22 @@ def _clip(reason: str) -> str:
     return reason.encode()[:123].decode(errors="ignore")
 
 
-async def close(websocket: WebSocket, code: int, reason: str) -> None:
-    if websocket.application_state == WebSocketState.DISCONNECTED:
-        return
+async def close(send: Send, code: int, reason: str) -> None:
     # The peer may be gone already; there is no one left to tell.
     with contextlib.suppress(Exception):
-        await websocket.close(code, _clip(reason))
+        await send({"type": "websocket.close", "code": code, "reason": _clip(reason)})
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    gateway: Gateway = websocket.app.state.gateway
-    await gateway.handle(websocket)
+class FeedEndpoint:
+    """The feed as a plain ASGI app (starlette mounts a non-function endpoint as is): no
+    request/WebSocket wrappers kept for the socket's life."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway: Gateway = scope["app"].state.gateway
+        await gateway.handle(scope, receive, send)
+
+
+websocket_endpoint = FeedEndpoint()
 
 
 async def going_away(app: Any) -> None:

@@ -22,6 +22,7 @@ from outbox.metrics import DispatchMetrics, MetricsServer, QueueGauges
 from outbox.schedule import Scheduler
 from outbox.settings import Settings
 from outbox.store import Store
+from outbox.wsprotocol import FeedWebSocketProtocol
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -58,11 +59,23 @@ def uvicorn_server(app: Any, settings: Settings) -> Server:
         # Pinned (never uvicorn's h11 fallback): httptools' protocol with a deadline for the
         # request head and a cap on open connections.
         http=http_protocol(settings),
-        # Pings keep idle feeds open through proxies and drop peers that stopped answering.
-        ws_ping_interval=settings.ws_ping_interval or None,
-        ws_ping_timeout=settings.ws_ping_interval or None,
+        **websocket_options(settings),
     )
     return Server(config)
+
+
+def websocket_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's WebSocket settings for the status feed (whose clients only ping and close)."""
+    return {
+        "ws": FeedWebSocketProtocol,
+        # A client frame beyond this closes the socket with 1009 (uvicorn's default: 16 MiB).
+        "ws_max_size": settings.ws_max_frame,
+        # Off: see README "Live status feed" for the measured cost.
+        "ws_per_message_deflate": False,
+        # Pings keep idle feeds open through proxies and drop peers that stopped answering.
+        "ws_ping_interval": settings.ws_ping_interval or None,
+        "ws_ping_timeout": settings.ws_ping_interval or None,
+    }
 
 
 def _on_stop_signals(callback: Callable[[], None]) -> None:

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from outbox.api import create_app
+from outbox.process import websocket_options
 from outbox.settings import Settings
 
 # The dispatcher fixtures (a scripted provider, real `outbox dispatch` processes).
@@ -27,12 +28,17 @@ Serve = Callable[..., ServerThread]
 
 @pytest.fixture
 def serve(settings: Settings) -> Iterator[Serve]:
-    """`serve(ws_queue_size=10, ws="websockets")`: a real uvicorn on altered settings."""
+    """`serve(ws_queue_size=10, ws="websockets")`: a real uvicorn on altered settings, with
+    `outbox serve`'s WebSocket options (frame limit, no compression, its protocol) unless
+    `ws` names another implementation."""
     with ExitStack() as stack:
 
-        def start(ws: str = "auto", **overrides: Any) -> ServerThread:
+        def start(ws: str | None = None, **overrides: Any) -> ServerThread:
             changed = Settings(**{**settings.model_dump(), **overrides})
-            return stack.enter_context(ServerThread(create_app(changed), ws=ws))
+            options = websocket_options(changed)
+            if ws is not None:
+                options["ws"] = ws
+            return stack.enter_context(ServerThread(create_app(changed), **options))
 
         yield start
 
