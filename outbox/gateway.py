@@ -419,7 +419,7 @@ class Gateway:
         self.peak_clients = self.client_count
 
     def authenticate(self, scope: Scope) -> Principal:
-        token = query_param(scope, "token")
+        token = query_param(scope, "token") or subprotocol_token(scope)
         if not token:
             token = bearer_token(header(scope, b"authorization"))
         return self.verifier.authenticate(token)
@@ -438,7 +438,11 @@ class Gateway:
         if (await receive())["type"] != "websocket.connect":
             return  # gone before the handshake
         # Accept first, then close: browsers see the close code and reason, not a bare 403.
-        await send({"type": "websocket.accept"})
+        # A client that offered the `outbox` subprotocol (its token beside it) gets it.
+        if SUBPROTOCOL in scope.get("subprotocols", ()):
+            await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL})
+        else:
+            await send({"type": "websocket.accept"})
         if self._stopping:
             await close(send, GOING_AWAY, "server shutting down")
             return
@@ -500,6 +504,19 @@ def parse_since(raw: str | None) -> int | None:
     if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_EVENT_ID:
         raise ValueError("since must be an event id (a non-negative integer)")
     return int(raw)
+
+
+# The token may travel as a subprotocol, out of the URL that proxies log: the client
+# offers `outbox, bearer.<JWT>` in Sec-WebSocket-Protocol and the server selects `outbox`.
+SUBPROTOCOL = "outbox"
+TOKEN_SUBPROTOCOL_PREFIX = "bearer."
+
+
+def subprotocol_token(scope: Scope) -> str | None:
+    for offered in scope.get("subprotocols", ()):
+        if offered.startswith(TOKEN_SUBPROTOCOL_PREFIX):
+            return str(offered[len(TOKEN_SUBPROTOCOL_PREFIX) :]) or None
+    return None
 
 
 def query_param(scope: Scope, name: str) -> str | None:

@@ -322,11 +322,18 @@
     reconnectTimer = null;
     if (!running) return;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    let url = `${scheme}//${location.host}/ws/whatsapp/?token=${encodeURIComponent(token)}`;
+    let url = `${scheme}//${location.host}/ws/whatsapp/`;
     // Resume after a drop: the feed replays what was missed, with no gap.
-    if (lastEventId !== null) url += `&since=${lastEventId}`;
+    if (lastEventId !== null) url += `?since=${lastEventId}`;
     setFeed("connecting", "feed: connecting…");
-    const ws = new WebSocket(url);
+    // The token travels as a subprotocol, not in the URL that proxies log.
+    let ws;
+    try {
+      ws = new WebSocket(url, ["outbox", `bearer.${token}`]);
+    } catch (error) {
+      askForToken("This token cannot be sent to the feed. Enter an admin token.");
+      return;
+    }
     let openedAt = null;
     socket = ws;
     ws.onopen = () => {

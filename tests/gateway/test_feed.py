@@ -11,6 +11,7 @@ import httpx
 import orjson
 import psycopg
 import pytest
+from websockets.typing import Subprotocol
 
 from tests.dispatch.conftest import DispatcherProcess, Reply, ScriptedProvider, wait_all
 from tests.gateway.conftest import (
@@ -157,6 +158,20 @@ def test_both_paths_and_a_bearer_header(
         [task_id] = write_events(sql_conn, 1)
         assert next_event(with_slash)["data"]["message_id"] == task_id
         assert next_event(without_slash)["data"]["message_id"] == task_id
+
+
+def test_the_token_as_a_subprotocol_keeps_it_out_of_the_url(
+    serve: Serve, token: Token, sql_conn: psycopg.Connection
+) -> None:
+    server = serve()
+    offered = [Subprotocol("outbox"), Subprotocol(f"bearer.{token('user-1')}")]
+    with open_feed(server, None, subprotocols=offered) as feed:
+        assert feed.subprotocol == "outbox"  # selected, so browsers accept the handshake
+        [task_id] = write_events(sql_conn, 1)
+        assert next_event(feed)["data"]["message_id"] == task_id
+    forged = [Subprotocol("outbox"), Subprotocol(f"bearer.{token('user-1')[:-4]}AAAA")]
+    with open_feed(server, None, subprotocols=forged) as feed:
+        assert close_of(feed) == (4401, "token signature invalid")
 
 
 @pytest.mark.parametrize(
