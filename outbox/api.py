@@ -529,7 +529,7 @@ def create_app(
             yield
         finally:
             await gateway.stop()
-            await pool.close()
+            await pool.close(timeout=0.2)  # a worker still connecting is cancelled at exit
             api_metrics.registry.unregister(queue_gauges)
 
     app = Starlette(

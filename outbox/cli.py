@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,10 @@ from outbox.store import PurgeCounts
 
 class UsageError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
+
+
+class StartError(Exception):
+    """The process could not start (its address in use, say): one line, exit status 1."""
 
 
 def _settings() -> Settings:
@@ -68,7 +73,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         TokenVerifier(settings)  # refuse to start without a usable key
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    process.run(process.serve(settings))
+    sockets = _bind(settings)
+    try:
+        process.run(process.serve(settings, sockets))
+    except process.StartupFailed as exc:
+        raise StartError(f"{exc} (see the log above)") from None
+
+
+def _bind(settings: Settings) -> list[socket.socket]:
+    """The API's sockets, bound before anything starts (outbox/bind.py)."""
+    from outbox.bind import CannotListen, bind
+
+    try:
+        sockets = bind(settings.host, settings.port)
+    except CannotListen as exc:
+        raise StartError(str(exc)) from None
+    settings.port = sockets[0].getsockname()[1]  # port 0: the one the system chose
+    return sockets
 
 
 def cmd_dispatch(args: argparse.Namespace) -> None:
@@ -272,12 +293,17 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
+    from outbox import process
     from outbox.dev import run_dev
 
     settings = _settings()
     if args.port is not None:
         settings.port = args.port
-    run_dev(settings)
+    sockets = _bind(settings)  # before the embedded database starts
+    try:
+        run_dev(settings, sockets)
+    except process.StartupFailed as exc:
+        raise StartError(f"{exc} (see the log above)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,5 +402,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         flush_logs()  # the error line comes last
         print(f"outbox: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StartError as exc:
+        flush_logs()
+        print(f"outbox: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         pass

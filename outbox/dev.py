@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import json
 import os
 import secrets
 import shlex
+import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -115,32 +118,16 @@ def _banner(settings: Settings, token: str) -> str:
     )
 
 
-async def _listening(host: str, port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection(host, port)
-    except OSError:
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # as Ctrl-C: the embedded database is stopped on the way out
 
 
-async def _serve_and_announce(settings: Settings, banner: str | None) -> None:
-    """Serve; print the banner once the port accepts connections, so its curl works."""
-    serving = asyncio.create_task(process.serve(settings, with_dispatcher=True))
-    if banner:
-        while True:
-            if serving.done() or await _listening(settings.host, settings.port):
-                break
-            await asyncio.sleep(0.05)
-        if not serving.done():
-            print(banner, flush=True)
-    await serving
-
-
-def run_dev(settings: Settings) -> None:
+def run_dev(settings: Settings, sockets: list[socket.socket]) -> None:
+    """Every role in one process on `sockets` (bound already: outbox/bind.py)."""
     configure_logging(settings)
+    # SIGTERM during start-up (the embedded database starting, migrations) unwinds like
+    # Ctrl-C; once serving, the event loop's handlers take over.
+    signal.signal(signal.SIGTERM, _interrupt)
     with contextlib.ExitStack() as stack:
         if not settings.database_url:
             settings.database_url = stack.enter_context(embedded_postgres(settings.dev_data_dir))
@@ -159,4 +146,6 @@ def run_dev(settings: Settings) -> None:
                 admin_value=settings.jwt_admin_value,
             )
             banner = _banner(settings, token)
-        process.run(_serve_and_announce(settings, banner))
+        # Printed once this process's own sockets accept connections, so its curl works.
+        announce = None if banner is None else functools.partial(print, banner, flush=True)
+        process.run(process.serve(settings, sockets, with_dispatcher=True, on_started=announce))

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from outbox.cancellation import RECANCEL_AFTER, cancel_and_wait
 from outbox.completer import Completer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import DispatchMetrics
@@ -39,6 +40,9 @@ LEASE_MARGIN = 0.5  # seconds kept between a call's deadline and its lease's end
 ERROR_BACKOFF_MAX = 5.0
 RECORD_DELAY = 0.001  # seconds: "the loop's next turn" (a zero delay would be call_soon)
 HELD_ROW_RECHECK = 0.05  # seconds until a claim looks again at a due row another holds
+WRITE_RESERVE = 2.0  # seconds of the shutdown grace kept to write the last outcomes (at most)
+EXIT_MARGIN = 1.0  # seconds of the shutdown grace left for closing the process (at most)
+BACKSTOP_MARGIN = 1.0  # seconds past the grace before a dispatcher still stopping is cancelled
 
 
 def default_dispatcher_id() -> str:
@@ -85,11 +89,31 @@ class Dispatcher:
         self._paused_until = 0.0  # monotonic time; sender-level errors pause all sending
         self._resume_at = datetime.now(UTC)  # the same moment, as a wall-clock time
         self._ready_logged = False
+        self._claiming: asyncio.Task[Any] | None = None  # the producer, while it claims
+        self._claim_cuts = 0  # cancellations stop() sent to a claim
+        self.deadline = float("inf")  # monotonic time by which a stopped dispatcher is done
 
     def stop(self) -> None:
+        if not self._stopping.is_set():
+            grace = self.settings.shutdown_grace
+            # Done a moment before the grace ends: the process still has to close and exit.
+            self.deadline = time.monotonic() + grace - min(EXIT_MARGIN, grace / 4)
         self._stopping.set()
         self._wake.set()
         self._room.set()  # each wait of the producer ends at once
+        if not self._claim_cuts:
+            self._cut_claim()
+
+    def _cut_claim(self) -> None:
+        """A claim waiting on the database (away, or slow to give a connection) ends now;
+        rows it may have taken come back after their lease, never called. Cancelled again
+        while it lasts: psycopg waits up to 10 s for the server to confirm a cancelled
+        query (a second cancellation closes the connection instead)."""
+        if self._claiming is None:
+            return
+        self._claim_cuts += 1
+        self._claiming.cancel()
+        asyncio.get_running_loop().call_later(RECANCEL_AFTER, self._cut_claim)
 
     def wake(self) -> None:
         self._wake.set()
@@ -112,9 +136,7 @@ class Dispatcher:
             await self._produce()
             await self._drain()
         finally:
-            for task in side_tasks:
-                task.cancel()
-            await asyncio.gather(*side_tasks, return_exceptions=True)
+            await cancel_and_wait(side_tasks)
         log.info("stopped", dispatcher=self.id)
 
     # Producer ---------------------------------------------------------------------
@@ -149,13 +171,16 @@ class Dispatcher:
                 continue
             want = self._capacity - self._held()
             try:
-                claimed, next_due_at = await self._claim(want)
+                outcome = await self._claim_unless_stopped(want)
                 error_delay = 0.1
             except psycopg.OperationalError as exc:
                 log.warning("claim failed, retrying", error=str(exc).strip(), retry_in=error_delay)
                 await self._wait_for(self._stopping, error_delay)
                 error_delay = min(error_delay * 2, ERROR_BACKOFF_MAX)
                 continue
+            if outcome is None:
+                return  # stop() cut the claim short
+            claimed, next_due_at = outcome
             if claimed == want:
                 continue  # maybe more is due: claim again when there is room
             if next_due_at is not None:
@@ -164,6 +189,22 @@ class Dispatcher:
                 # claim, or a transaction that may roll back): look again shortly.
                 timeout = min(timeout, due_in if due_in > 0 else HELD_ROW_RECHECK)
             await self._wait_for(self._wake, timeout)
+
+    async def _claim_unless_stopped(self, limit: int) -> tuple[int, datetime | None] | None:
+        """`_claim`, or None when stop() cut it short (see `_cut_claim`)."""
+        producer = self._claiming = asyncio.current_task()
+        try:
+            return await self._claim(limit)
+        except asyncio.CancelledError:
+            if producer is None or not self._claim_cuts:
+                raise
+            for _ in range(self._claim_cuts):
+                others = producer.uncancel()
+            if others:
+                raise  # not only stop()'s doing
+            return None
+        finally:
+            self._claiming = None
 
     async def _claim(self, limit: int) -> tuple[int, datetime | None]:
         """Claim up to `limit` rows and start what slots allow; returns how many were
@@ -492,18 +533,31 @@ class Dispatcher:
     # Shutdown and maintenance -----------------------------------------------------
 
     async def _drain(self) -> None:
-        """Let in-flight calls finish within the grace period, then write every outcome."""
+        """Let in-flight calls finish, then write every outcome, all by the end of the
+        grace period counted from stop(): even with PostgreSQL away, the process exits."""
+        grace = self.settings.shutdown_grace
         self._hand_back_buffer("dispatcher shutting down", datetime.now(UTC))
         if self._running:
-            log.info("draining", in_flight=len(self._running), grace=self.settings.shutdown_grace)
-            _, late = await asyncio.wait(self._running, timeout=self.settings.shutdown_grace)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            # The calls' share of the grace; the rest is for writing their outcomes.
+            calls_end = self.deadline - min(WRITE_RESERVE, grace / 3)
+            log.info("draining", in_flight=len(self._running), grace=grace)
+            _, late = await asyncio.wait(
+                self._running, timeout=max(0.0, calls_end - time.monotonic())
+            )
+            await cancel_and_wait(late)  # each hands its row back (interrupted)
         if self._recording is not None:
             self._recording.cancel()
             self._record_calls()
-        await self.completer.wait_idle()
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                await self.completer.wait_idle()
+        except TimeoutError:
+            # PostgreSQL away: these rows stay in flight and come back after their lease.
+            log.error(
+                "shutdown grace over before every outcome was written",
+                unwritten=len(self._held_rows),
+                grace=grace,
+            )
 
     async def _reap_forever(self) -> None:
         interval = max(0.05, min(self.settings.lease_seconds / 4, 30.0))
@@ -543,7 +597,18 @@ async def run_dispatcher(
         dispatcher = Dispatcher(settings, store, create_provider(settings, client), metrics)
         run = asyncio.create_task(dispatcher.run())
         stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        dispatcher.stop()
-        stopper.cancel()
-        await run
+        cut = False
+        try:
+            await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            dispatcher.stop()
+            # The drain ends by the deadline; this bounds only what nobody foresaw.
+            left = dispatcher.deadline - time.monotonic() + BACKSTOP_MARGIN
+            await asyncio.wait({run}, timeout=max(0.0, left))
+        finally:
+            stopper.cancel()
+            if not run.done():
+                log.error("dispatcher still running at the end of the shutdown grace: cancelled")
+                cut = True
+                await cancel_and_wait([run])
+        if not (cut and run.cancelled()):
+            run.result()  # a dispatcher that failed (or was cancelled) fails the process

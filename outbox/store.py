@@ -132,7 +132,14 @@ class _Pooled:
         self._pool = pool
 
     async def __aenter__(self) -> AsyncConnection[Any]:
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         self._conn: AsyncConnection[Any] = await self._pool.getconn()
+        if task is not None and task.cancelling() > cancelling:
+            # Cancelled as the connection arrived, and psycopg_pool's wait returned it
+            # anyway (asyncio.wait_for on 3.11: outbox/cancellation.py): cancelled it is.
+            await self._pool.putconn(self._conn)
+            raise asyncio.CancelledError
         return self._conn
 
     async def __aexit__(self, *exc_info: object) -> None:
