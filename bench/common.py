@@ -107,15 +107,24 @@ def machine_cpu() -> tuple[float, float]:
     return float(sum(values) - idle), float(sum(values))
 
 
-def vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set size (VmHWM) of a live process, in MB."""
+def _status_mb(pid: int, field: str) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident set size (VmHWM) of a live process, in MB."""
+    return _status_mb(pid, "VmHWM:")
+
+
+def vm_rss_mb(pid: int) -> float | None:
+    """Resident set size now (VmRSS) of a live process, in MB."""
+    return _status_mb(pid, "VmRSS:")
 
 
 class CpuMeter:

@@ -5,14 +5,15 @@ the raw data under bench/results/<timestamp>/, the table on stdout and in
 bench/results/<timestamp>.json. Knobs (environment): BENCH_QUICK=1 (small N, 1 repetition),
 BENCH_REPS, BENCH_M1_N, BENCH_M2_N, BENCH_M3_N, BENCH_M4_SECONDS, BENCH_GROWTH_SENT,
 BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840), BENCH_KEEP_DB=1,
-BENCH_ONLY=floor,m1,m2_1p,m2_2p,m3,m4,m4_floor,growth (a subset of the steps; m1 includes
-M1's stack floor, bench/bare_app.py).
+BENCH_ONLY=floor,m1,m2_1p,m2_2p,m3,m4,m4_floor,growth,ws (a subset of the steps; m1 includes
+M1's stack floor, bench/bare_app.py), BENCH_WS_CLIENTS (the `ws` step's idle feeds).
 OUTBOX_* variables that the bench does not set itself (e.g. OUTBOX_DB_POOL_SIZE,
 OUTBOX_DISPATCH_CONCURRENCY outside M3) are passed to the processes and recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -38,7 +40,7 @@ from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
-from bench import m4_floor, sql
+from bench import m4_floor, sql, ws_idle, ws_latency
 from bench.common import (
     BENCH_DIR,
     ROOT,
@@ -47,6 +49,7 @@ from bench.common import (
     CpuMeter,
     Proc,
     free_port,
+    log_events,
     outbox_command,
     payload,
     payload_bytes,
@@ -54,6 +57,7 @@ from bench.common import (
     stop_all,
     summary,
     tool_version,
+    vm_rss_mb,
     wait_http_ok,
     wait_ready,
     with_other,
@@ -100,6 +104,7 @@ class Config:
     growth_sent: int
     growth_error: int
     floor_seconds: int
+    ws_clients: int
     run_timeout: float
     budget_s: float
     keep_db: bool
@@ -125,6 +130,7 @@ class Config:
             growth_sent=_env_int("BENCH_GROWTH_SENT", 100_000 if quick else 1_000_000),
             growth_error=_env_int("BENCH_GROWTH_ERROR", 10_000 if quick else 100_000),
             floor_seconds=_env_int("BENCH_FLOOR_SECONDS", 3 if quick else 15),
+            ws_clients=_env_int("BENCH_WS_CLIENTS", 2_000 if quick else 10_000),
             run_timeout=_env_float("BENCH_RUN_TIMEOUT", 180),
             budget_s=_env_float("BENCH_BUDGET_S", 840),
             keep_db=os.environ.get("BENCH_KEEP_DB", "") not in ("", "0"),
@@ -889,6 +895,61 @@ class Bench:
         if missing:
             self.log(f"warning: {name}: {missing} of {len(sent)} calls never arrived")
 
+    # ws: idle status feeds ------------------------------------------------------------
+
+    def ws(self, rep: int) -> None:
+        """BENCH_WS_CLIENTS idle feeds on one `serve` (bench/ws_idle.py, a process of its
+        own): serve's RSS with them, the POST→event latency at M4's rate meanwhile, and
+        serve's RSS once they have left. Its serve stays out of the `peak RSS, serve` row."""
+        n = self.cfg.ws_clients
+        ws_idle.raise_fd_limit(n + 2000)  # serve inherits it: one descriptor per feed
+        self.reset()
+        self.checkpoint()
+        serve, port = self.start_serve(f"ws-{rep}")
+        (dispatcher,) = self.start_dispatchers(f"ws-{rep}", 1)
+        idle: Proc | None = None
+        try:
+            wait_ready([dispatcher])
+            # Pool, imports and the feed's path warm, outside the measurements.
+            asyncio.run(ws_latency.measure(port, self.token, 20, self.cfg.m4_rate))
+            before = vm_rss_mb(serve.pid)
+            idle = Proc(
+                f"ws-idle-{rep}",
+                [sys.executable, "-m", "bench.ws_idle", "--port", str(port), "--count", str(n)],
+                self.env(),
+                self.outdir / f"ws-idle-{rep}.log",
+            )
+            _wait_lines(idle.log_path, 1, 300)
+            opened = idle.log_path.read_text().strip()
+            if not opened.startswith(f"open {n} "):
+                raise RuntimeError(f"{idle.name}: {opened[-300:]!r}, see {idle.log_path}")
+            _wait_feeds(port, n, serve)
+            held = vm_rss_mb(serve.pid)
+            meter = CpuMeter({"serve": [serve.pid], "dispatch": [dispatcher.pid]}, self_cpu=True)
+            count = int(self.cfg.m4_rate * self.cfg.m4_seconds)
+            latencies = asyncio.run(ws_latency.measure(port, self.token, count, self.cfg.m4_rate))
+            cpu = meter.stop()
+            cpu["loadgen"] = cpu.pop("bench")
+            idle.stop()
+            _wait_feeds(port, 0, serve)
+            trimmed = _wait_log(serve, "heap trimmed after websocket clients left", 15)
+            after = vm_rss_mb(serve.pid)
+        finally:
+            if idle is not None:
+                idle.stop()
+            self.stop(dispatcher, "dispatch")
+            peak = serve.read_peak_rss()
+            serve.stop()
+        if before is None or held is None or after is None:
+            raise RuntimeError("serve's RSS could not be read (/proc)")
+        detail = {"clients": n, "connect": opened.split()[-1], "peak_rss_mb": peak}
+        self.record("ws_rss_before", "MB", before, **detail)
+        per_feed = round(1024 * (held - before) / n, 1)  # KB
+        self.record("ws_rss", "MB", held, kb_per_feed=per_feed, **detail)
+        self.record("ws_rss_after", "MB", after, heap_trimmed=trimmed, **detail)
+        for label, p in (("p50", 50), ("p99", 99)):
+            self.record(f"ws_{label}", "ms", pct(latencies, p), n=len(latencies), cpu=cpu)
+
     # Report ---------------------------------------------------------------------------
 
     def rows(self) -> list[Row]:
@@ -927,6 +988,7 @@ class Bench:
             ("provider", "prov"),
             ("postgres", "pg"),
         ]
+        ws_n = f"{self.cfg.ws_clients:,}"
         return [
             Row(
                 "floor: pgbench INSERT, 1 client",
@@ -1036,6 +1098,23 @@ class Bench:
                 note=of(growth, m2_1, "M2 1 disp."),
                 cpu=cpu("growth", drain),
             ),
+            Row(
+                f"ws: serve RSS, {ws_n} idle feeds",
+                "MB",
+                self.values("ws_rss"),
+                bar="< 300",
+                threshold=300,
+                higher_is_better=False,
+                note=f"{self.median('ws_rss_before') or 0:.0f} MB before they came",
+            ),
+            Row("ws: serve RSS once they left", "MB", self.values("ws_rss_after")),
+            Row(
+                f"ws: POST→event p50 at {self.cfg.m4_rate:.0f}/s, {ws_n} feeds open",
+                "ms",
+                self.values("ws_p50"),
+                cpu=cpu("ws_p50", m4[:3]),
+            ),
+            Row(f"ws: POST→event p99, {ws_n} feeds open", "ms", self.values("ws_p99")),
             Row(
                 "peak RSS, serve (each process)",
                 "MB",
@@ -1157,6 +1236,31 @@ def _wait_lines(path: Path, n: int, timeout: float) -> int:
     return count
 
 
+def _wait_feeds(port: int, n: int, serve: Proc, timeout: float = 120.0) -> None:
+    """Until serve's `outbox_websocket_clients` gauge reads n."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        if not serve.alive():
+            raise RuntimeError(f"{serve.name} exited, see {serve.log_path}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            found = re.search(rb"^outbox_websocket_clients (\S+)", answer.read(), re.M)
+        seen = float(found.group(1)) if found else None
+        if seen == n:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{serve.name}: {seen} feeds connected, not {n}")
+
+
+def _wait_log(proc: Proc, event: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_events(proc.log_path, event):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _terminate(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -1188,6 +1292,7 @@ def main() -> int:
             ("m4", bench.m4, cfg.reps, 0),
             ("m4_floor", bench.m4_floor, cfg.reps, 0),
             ("growth", bench.growth, 1, 90 if cfg.growth_sent >= 500_000 else 0),
+            ("ws", bench.ws, 1, 60),
         ]
         for name, fn, reps, need in steps:
             if not cfg.only or name in cfg.only:

@@ -44,8 +44,9 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
 
 
-async def _measure(port: int, count: int, rate: float) -> list[float]:
-    token = mint_token(SECRET, "bench")
+async def measure(port: int, token: str, count: int, rate: float) -> list[float]:
+    """POST→`message_sent` latencies (ms) of `count` POSTs sent at `rate` per second (each
+    started at t0 + i/rate, so a slow answer does not delay the next), through one feed."""
     sent_at: dict[str, float] = {}
     arrived: dict[str, float] = {}
     done = asyncio.Event()
@@ -70,9 +71,12 @@ async def _measure(port: int, count: int, rate: float) -> list[float]:
                 sent_at[response.json()["task_id"]] = started
 
             posts = []
-            for _ in range(count):
+            t0 = time.perf_counter()
+            for i in range(count):
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 posts.append(asyncio.create_task(post()))
-                await asyncio.sleep(1 / rate)
             await asyncio.gather(*posts)
         await asyncio.wait_for(done.wait(), 60)
         listener.cancel()
@@ -116,7 +120,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("outbox serve did not become ready")
             time.sleep(0.1)
-        latencies = asyncio.run(_measure(port, args.count, args.rate))
+        latencies = asyncio.run(measure(port, mint_token(SECRET, "bench"), args.count, args.rate))
     finally:
         for proc in procs:
             proc.terminate()
