@@ -458,7 +458,7 @@ class Gateway:
             return
         # uvicorn keeps the scope for the socket's life: its headers (a browser's, with
         # cookies, run to kilobytes) and the token are not needed any more.
-        scope["headers"], scope["query_string"] = [], b""
+        scope["headers"], scope["query_string"], scope["subprotocols"] = [], b"", []
         # A client is registered only once the reader has a position: before that, events
         # committed meanwhile could fall between the replay and the live stream.
         try:
