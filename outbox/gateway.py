@@ -287,8 +287,9 @@ class Gateway:
         try:
             while backlog:
                 await client.send({"type": "websocket.send", "text": backlog.popleft()})
-        except OSError:
-            return  # the client is gone: its handler hears the disconnect
+        except OSError:  # the client is gone: its handler hears the disconnect
+            client.closing = True  # nothing more for it meanwhile
+            return
         except Exception as exc:
             log.error("websocket sender failed", error=repr(exc))
             client.task = None
@@ -327,8 +328,8 @@ class Gateway:
         except (psycopg.Error, PoolTimeout) as exc:
             log.warning("replay failed", error=str(exc).strip())
             self.cut(client, TRY_AGAIN_LATER, "database unavailable: retry with ?since=")
-        except OSError:
-            return  # the client is gone: its handler hears the disconnect
+        except OSError:  # the client is gone: its handler hears the disconnect
+            client.closing = True
         except Exception as exc:
             log.error("websocket replay failed", error=repr(exc))
             client.task = None
