@@ -106,8 +106,8 @@ def test_the_21st_feed_of_one_user_is_closed_with_1008_while_other_users_connect
 
 
 def write_large_events(conn: psycopg.Connection, count: int, user_id: str) -> None:
-    """Failed messages whose 64 KB error goes into their event: a few megabytes in all,
-    more than the socket buffers take before a client that does not read stalls a send."""
+    """Failed messages whose 64 KB error goes into their event: `count` of them fill the
+    socket buffers (up to 4 MB here) before a client that does not read stalls a send."""
     ids = [str(uuid.uuid4()) for _ in range(count)]
     with conn.transaction():
         conn.execute(
@@ -141,7 +141,7 @@ def test_replays_beyond_ws_max_replays_wait_their_turn_then_complete(
 ) -> None:
     server = serve(ws_max_replays=1)
     gateway = server.server.config.app.state.gateway
-    write_large_events(sql_conn, 120, "user-1")  # ~8 MB
+    write_large_events(sql_conn, 250, "user-1")  # 16 MB: more than the socket buffers
     theirs = write_events(sql_conn, 30, user_id="user-2")
 
     def states() -> list[str]:
