@@ -86,11 +86,14 @@ def without_password(conninfo: str) -> str:
             return conninfo
         return make_conninfo(conninfo, password="***")
     parts = urlsplit(conninfo)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if not parts.password and not any(k == "password" for k, _ in query):
+        return conninfo  # none to hide (the embedded server's `postgres:@` has none)
     netloc = parts.netloc
-    if parts.password is not None:
+    if parts.password:
         netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-    query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)]
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
+    query = [(k, "***" if k == "password" else v) for k, v in query]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*/")))
 
 
 def _banner(settings: Settings, token: str) -> str:

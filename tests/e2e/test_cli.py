@@ -378,6 +378,11 @@ def test_dev_banner_never_prints_the_database_password(
         ),
         ("host=h user=u password=secret dbname=d", "user=u password=*** dbname=d host=h"),
         ("host=h dbname=d", "host=h dbname=d"),
+        # The embedded server's: an empty password, a socket directory.
+        (
+            "postgresql://postgres:@/postgres?host=/tmp/pg",
+            "postgresql://postgres:@/postgres?host=/tmp/pg",
+        ),
     ],
 )
 def test_a_printed_connection_string_hides_its_password(conninfo: str, shown: str) -> None:
