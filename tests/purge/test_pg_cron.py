@@ -6,8 +6,6 @@ free port (never the shared server); the job is registered, not waited for."""
 from __future__ import annotations
 
 import asyncio
-import os
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -18,10 +16,9 @@ import psycopg
 import pytest
 
 from outbox.schedule import PG_CRON_JOB_NAME, Scheduler
-from tests.e2e.conftest import OUTBOX, clean_env, free_port
+from tests.e2e.conftest import OUTBOX, clean_env
+from tests.private_pg import PG_BIN, PrivateCluster
 from tests.purge.conftest import add_message, count, make_settings, open_store
-
-PG_BIN = Path(os.environ.get("OUTBOX_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 def _pg_config(option: str) -> Path | None:
@@ -48,49 +45,21 @@ def _missing() -> str | None:
     return None
 
 
-def _as_cluster_owner() -> tuple[list[str], int | None, int | None]:
-    """initdb refuses root: run the binaries as `postgres` when we are root."""
-    if os.geteuid() != 0:
-        return [], None, None
-    try:
-        owner = pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("running as root and there is no postgres user to own a cluster")
-    runuser = shutil.which("runuser")
-    if runuser is None:
-        pytest.skip("running as root without runuser to start a cluster as postgres")
-    return [runuser, "-u", "postgres", "--"], owner.pw_uid, owner.pw_gid
-
-
 @pytest.fixture
 def pg_cron_url() -> Iterator[str]:
     reason = _missing()
     if reason:
         pytest.skip(reason)
-    prefix, uid, gid = _as_cluster_owner()
     base = Path(tempfile.mkdtemp(prefix="outbox-pgcron-"))
-    if uid is not None and gid is not None:
-        os.chown(base, uid, gid)
-    data, port = base / "data", free_port()
-
-    def run(*args: str) -> None:
-        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=120)
-
     try:
-        run(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
-        options = (
-            f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={base} "
-            "-c shared_preload_libraries=pg_cron -c cron.database_name=outbox_cron"
+        cluster = PrivateCluster(
+            base, "-c shared_preload_libraries=pg_cron -c cron.database_name=outbox_cron"
         )
-        run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-o", options,
-            "-w", "start")  # fmt: skip
+        cluster.start()
         try:
-            admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute("CREATE DATABASE outbox_cron")
-            yield f"postgresql://postgres@127.0.0.1:{port}/outbox_cron"
+            yield cluster.create_database("outbox_cron")
         finally:
-            run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+            cluster.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
