@@ -84,11 +84,20 @@ def test_no_listing_reads_more_when_the_history_grows(sql_conn: psycopg.Connecti
 
     fill(sql_conn, 1, HISTORY - SOME_HISTORY, history=True)  # 2.8 times as many rows
 
+    # The history is all sent: a plan that walks every row of another status (the queue's
+    # backlog through messages_due, which migration 008 accepts for an admin's pending
+    # listing) reads as much as before, whichever plan the statistics pick.
+    backlog = dict(
+        sql_conn.execute(
+            "SELECT status, count(*) FROM outbox.messages WHERE status <> 'sent' GROUP BY 1"
+        ).fetchall()
+    )
     failures = []
     for params, pages_then in zip(combinations, before, strict=True):
         pages, plan = pages_read(sql_conn, params)
         # An index one level deeper costs a page or two per descent; reading the user's
         # whole range, or the table, grows with it.
-        if pages > 1.5 * pages_then + 10:
+        bound = 1.5 * max(pages_then, backlog.get(params["status"], 0)) + 10
+        if pages > bound:
             failures.append(f"{pages_then} → {pages} pages for {params}:\n{plan}")
     assert not failures, f"{len(failures)} combinations read more:\n" + "\n\n".join(failures[:4])
