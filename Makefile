@@ -10,7 +10,7 @@ DEV_LOCK := requirements-dev.lock
 UV := $(BIN)/uv
 UV_STAMP := $(VENV)/.uv
 
-.PHONY: run test lint migrate venv clean bench bench-peers fuzz lock audit
+.PHONY: run test lint migrate schema venv clean bench bench-peers fuzz lock audit
 
 # uv installs the locked set in seconds where pip takes most of a minute. It is itself
 # pinned in DEV_LOCK: the venv's pip installs that one entry, hashes checked.
@@ -85,6 +85,10 @@ bench-peers:
 
 migrate: $(STAMP)
 	$(BIN)/outbox migrate
+
+# sql/schema.sql: a scratch database on the test server, migrated and dumped (outbox/schemadump.py).
+schema: $(STAMP)
+	$(BIN)/python -m outbox.schemadump
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
