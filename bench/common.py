@@ -298,7 +298,7 @@ def wait_http_ok(url: str, proc: Proc, timeout: float = 30.0) -> None:
 
 def log_events(path: Path, event: str) -> list[dict[str, Any]]:
     """The JSON log lines of one file whose `event` is `event`."""
-    found = []
+    found: list[dict[str, Any]] = []
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:

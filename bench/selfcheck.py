@@ -22,8 +22,9 @@ from bench.common import (
     vm_hwm_mb,
     with_other,
 )
+from bench.config import Config
 from bench.httpclient import RawClient, build_post
-from bench.report import Row, render
+from bench.report import ROWS, Row, render, rows
 from bench.sql import FLOOR_SCRIPT, PREFILL_OLD_SENT, PREFILL_PENDING
 from bench.wrk import run_wrk
 
@@ -48,6 +49,26 @@ def check_report() -> None:
     lines = table.splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1, table
     assert "PASS" in lines[2] and "n/a" in lines[3]
+
+
+def check_rows() -> None:
+    """The table's row spec renders with no figure at all and with every one."""
+    cfg = Config.from_env()
+    empty = rows({}, {"serve": [], "dispatch": []}, cfg)
+    assert len(empty) == len(ROWS) and all(row.verdict()[1] == "n/a" for row in empty)
+    names = {spec.source for spec in ROWS if not spec.source.startswith("rss:")}
+    figures = {
+        name: {"unit": "x", "values": [2.0, 4.0], "runs": [{"value": 2.0, "cpu": {"other": 12.0}}]}
+        for name in (*names, "ws_rss_before")
+    }
+    full = rows(figures, {"serve": [{"peak_rss_mb": 90.0}], "dispatch": []}, cfg)
+    by_figure = {row.figure: row for row in full}
+    assert "{" not in render(full), "a format field left in the table"
+    assert by_figure["M1 ingest, 1 client sequential"].note == "1.00× floor@1; 1.00× bare app"
+    m2_2p = f"M2 drain, 2 dispatchers ({cfg.m2_concurrency} in flight each)"
+    assert by_figure[m2_2p].threshold == 3.0  # 1× the median of m2_1p
+    assert by_figure["peak RSS, serve (each process)"].note == "1 processes"
+    assert by_figure["M4 latency p50"].cpu == "other 12"
 
 
 def check_payload_and_sql() -> None:
@@ -121,7 +142,8 @@ def check_http(tmp: Path) -> None:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        for check in (check_stats, check_report, check_payload_and_sql, check_proc):
+        checks = (check_stats, check_report, check_rows, check_payload_and_sql, check_proc)
+        for check in checks:
             check()
             print(f"ok {check.__name__}")
         check_http(Path(tmp))

@@ -1,0 +1,69 @@
+"""The bench's knobs, read once from the environment (see bench/run.py for the list)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+@dataclass
+class Config:
+    quick: bool
+    reps: int
+    m1_n: int
+    m1_batch: int
+    m1_clients: int
+    m2_n: int
+    m2_concurrency: int
+    m3_n: int
+    m3_latency_ms: float
+    m3_concurrency: int
+    m4_rate: float
+    m4_seconds: float
+    growth_sent: int
+    growth_error: int
+    floor_seconds: int
+    ws_clients: int
+    run_timeout: float
+    budget_s: float
+    keep_db: bool
+    only: tuple[str, ...]  # steps to run (BENCH_ONLY=m1,m3); empty: all
+
+    @classmethod
+    def from_env(cls) -> Config:
+        quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+        return cls(
+            quick=quick,
+            reps=_env_int("BENCH_REPS", 1 if quick else 3),
+            m1_n=_env_int("BENCH_M1_N", 2_000 if quick else 10_000),
+            m1_batch=1_000,
+            m1_clients=16,
+            m2_n=_env_int("BENCH_M2_N", 5_000 if quick else 20_000),
+            # PROTOCOL.md runs each system's drain "at its best concurrency setting".
+            m2_concurrency=_env_int("BENCH_M2_CONCURRENCY", 256),
+            m3_n=_env_int("BENCH_M3_N", 1_000 if quick else 5_000),
+            m3_latency_ms=20.0,
+            m3_concurrency=50,
+            m4_rate=100.0,
+            m4_seconds=_env_float("BENCH_M4_SECONDS", 5 if quick else 20),
+            growth_sent=_env_int("BENCH_GROWTH_SENT", 100_000 if quick else 1_000_000),
+            growth_error=_env_int("BENCH_GROWTH_ERROR", 10_000 if quick else 100_000),
+            floor_seconds=_env_int("BENCH_FLOOR_SECONDS", 3 if quick else 15),
+            ws_clients=_env_int("BENCH_WS_CLIENTS", 2_000 if quick else 10_000),
+            run_timeout=_env_float("BENCH_RUN_TIMEOUT", 180),
+            budget_s=_env_float("BENCH_BUDGET_S", 840),
+            keep_db=os.environ.get("BENCH_KEEP_DB", "") not in ("", "0"),
+            only=tuple(s.strip() for s in os.environ.get("BENCH_ONLY", "").split(",") if s.strip()),
+        )
+
+    def wants(self, step: str) -> bool:
+        """Whether BENCH_ONLY (empty: every step) selects this step."""
+        return not self.only or step in self.only

@@ -1,0 +1,144 @@
+"""Drain workloads: a backlog of due pending rows delivered by `outbox dispatch` — the
+`m2_1p` / `m2_2p` steps (1 and 2 dispatchers against a provider that answers at once), `m3`
+(a provider with 20 ms latency, 50 calls in flight) and `growth` (M2 with old rows in the
+table). Each stops at the first 100 ms poll that finds nothing left, as PROTOCOL.md times
+the peers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench import sql
+from bench.common import CpuMeter, Proc, wait_ready
+from bench.harness import Harness
+
+
+def m2_1p(h: Harness, rep: int) -> None:
+    drain(h, "m2_1p", rep, h.cfg.m2_n, 1, _m2_env(h))
+
+
+def m2_2p(h: Harness, rep: int) -> None:
+    drain(h, "m2_2p", rep, h.cfg.m2_n, 2, _m2_env(h))
+
+
+def m3(h: Harness, rep: int) -> None:
+    drain(
+        h,
+        "m3",
+        rep,
+        h.cfg.m3_n,
+        1,
+        {
+            "OUTBOX_FAKE_LATENCY_MS": str(h.cfg.m3_latency_ms),
+            "OUTBOX_DISPATCH_CONCURRENCY": str(h.cfg.m3_concurrency),
+        },
+    )
+
+
+def growth(h: Harness, rep: int) -> None:
+    drain(h, "growth", rep, h.cfg.m2_n, 1, _m2_env(h), old_rows=True)
+
+
+def _m2_env(h: Harness) -> dict[str, str]:
+    return {"OUTBOX_DISPATCH_CONCURRENCY": str(h.cfg.m2_concurrency)}
+
+
+def prefill_old(h: Harness) -> dict[str, float]:
+    """Cost growth's history (sent and failed rows, their attempts and events); seconds each."""
+    took = {}
+    for label, query, n in (
+        ("sent", sql.PREFILL_OLD_SENT, h.cfg.growth_sent),
+        ("error", sql.PREFILL_OLD_ERROR, h.cfg.growth_error),
+        ("attempts", sql.PREFILL_OLD_ATTEMPTS, None),
+        ("events", sql.PREFILL_OLD_EVENTS, None),
+    ):
+        t0 = time.monotonic()
+        h.db.q(query, {"n": n} if n is not None else None)
+        took[label] = round(time.monotonic() - t0, 1)
+        h.log(f"cost growth pre-fill: {label} in {took[label]} s")
+    return took
+
+
+def _prepare(h: Harness, n: int, old_rows: bool) -> dict[str, Any]:
+    """The table as the drain starts it: n due pending rows (after the history, if asked)."""
+    h.db.reset()
+    extra: dict[str, Any] = {}
+    if old_rows:
+        extra["prefill_seconds"] = prefill_old(h)
+        h.db.vacuum()
+    h.db.q(sql.PREFILL_PENDING, {"n": n})
+    h.db.vacuum()  # autovacuum is off here: visibility map and statistics by hand
+    h.db.checkpoint()
+    if old_rows:
+        extra["table_rows"] = h.db.count_messages()
+        extra["database_mb"] = round(
+            h.db.scalar("SELECT pg_database_size(current_database())") / 2**20
+        )
+    return extra
+
+
+def drain(
+    h: Harness,
+    name: str,
+    rep: int,
+    n: int,
+    nproc: int,
+    env: dict[str, str],
+    *,
+    old_rows: bool = False,
+) -> None:
+    """n rows delivered by nproc dispatchers started with `env`, timed from the first
+    `ready` to the poll that finds none left; `old_rows`: cost growth's history first."""
+    extra = _prepare(h, n, old_rows)
+    procs = h.start_dispatchers(f"{name}-{rep}", nproc, **env)
+    try:
+        ready = wait_ready(procs)
+        meter = CpuMeter({"dispatch": [p.pid for p in procs]})
+        t0 = min(ready)
+        t1, polls = _until_drained(h, procs)
+        cpu = meter.stop()
+    finally:
+        for proc in procs:
+            h.stop(proc, "dispatch")
+    counts = dict(
+        h.db.q(
+            "SELECT status, count(*) FROM outbox.messages WHERE user_id = 'bench' GROUP BY status"
+        ).fetchall()
+    )
+    attempts = h.db.scalar(
+        "SELECT count(*) FROM outbox.attempts WHERE dispatcher <> 'old-dispatcher'"
+    )
+    if counts.get("sent") != n:
+        raise RuntimeError(f"{name}: statuses after the drain {counts}, expected {n} sent")
+    h.record(
+        name,
+        "msg/s",
+        n / (t1 - t0),
+        seconds=t1 - t0,
+        ready_spread=max(ready) - min(ready),
+        polls=polls,
+        attempts_rows=attempts,
+        cpu=cpu,
+        **extra,
+    )
+
+
+def _until_drained(h: Harness, procs: list[Proc]) -> tuple[float, int]:
+    """Polls every 100 ms until no row is left to deliver: (that poll's epoch, polls)."""
+    limit = min(h.cfg.run_timeout, max(30.0, h.remaining()))
+    deadline = time.time() + limit
+    polls = 0
+    while True:
+        polls += 1
+        if not h.db.scalar(sql.UNFINISHED):
+            return time.time(), polls
+        if time.time() > deadline:
+            left = h.db.scalar(
+                "SELECT count(*) FROM outbox.messages WHERE status IN ('pending', 'in_flight')"
+            )
+            raise TimeoutError(f"drain not finished after {limit:.0f} s: {left} left")
+        for proc in procs:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited, see {proc.log_path}")
+        time.sleep(0.1)
