@@ -213,7 +213,9 @@ async def send_batch(request: Request) -> Response:
 
     rows = chunks()
     try:
-        await services.store.insert_all_or_nothing(rows, services.settings.max_attempts, accepted)
+        await services.store.messages.insert_all_or_nothing(
+            rows, services.settings.max_attempts, accepted
+        )
     except Conflict as exc:
         for _ in rows:  # a bad item not yet validated answers 422 first, as it always has
             pass
@@ -289,7 +291,7 @@ async def get_message(request: Request) -> Response:
     principal = _authenticate(request)
     task_id = _parse_task_id(request)
     request.state.message_id = str(task_id)
-    row = await _services(request).store.get_message(task_id, _owner_filter(principal))
+    row = await _services(request).store.messages.get(task_id, _owner_filter(principal))
     if row is None:
         raise ApiError(404, "no such message")
     return OrjsonResponse(message_view(row))
@@ -301,8 +303,8 @@ async def cancel_message(request: Request) -> Response:
     request.state.message_id = str(task_id)
     store = _services(request).store
     owner = _owner_filter(principal)
-    cancelled = await store.cancel_message(task_id, owner)
-    row = await store.get_message(task_id, owner)
+    cancelled = await store.messages.cancel(task_id, owner)
+    row = await store.messages.get(task_id, owner)
     if row is None:
         raise ApiError(404, "no such message")
     if not cancelled:  # DESIGN.md: only a message still pending; 409 otherwise (a repeat too)
@@ -328,10 +330,10 @@ async def retry_message(request: Request) -> Response:
     task_id = _parse_task_id(request)
     request.state.message_id = str(task_id)
     store = _services(request).store
-    row = await store.retry_message(task_id, _services(request).settings.max_attempts)
+    row = await store.messages.retry(task_id, _services(request).settings.max_attempts)
     if row is not None:
         return OrjsonResponse(message_view(row))
-    row = await store.get_message(task_id, None)
+    row = await store.messages.get(task_id, None)
     if row is None:
         raise ApiError(404, "no such message")
     if row["status"] in ("error", "cancelled"):  # refused for its expiry alone
@@ -344,7 +346,7 @@ async def retry_message(request: Request) -> Response:
 
 async def admin_summary(request: Request) -> Response:
     _require_admin(request)
-    document = await _services(request).store.admin_summary(
+    document = await _services(request).store.figures.dashboard(
         SUMMARY_COUNT_CAP, SUMMARY_DONE_CAP, SUMMARY_ROWS
     )
     # Built as JSON by PostgreSQL: passed through, never parsed here.
@@ -381,7 +383,7 @@ async def list_messages(request: Request) -> Response:
         except ValueError as exc:
             raise _query_error("after", "must be a task_id") from exc
     limit = int(raw_limit)
-    rows = await _services(request).store.list_messages(
+    rows = await _services(request).store.messages.listing(
         _owner_filter(principal),
         status=status,
         client_message_id=client_message_id,

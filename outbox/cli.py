@@ -250,7 +250,7 @@ async def _status(settings: Settings, *, as_json: bool, watch: float | None) -> 
     try:
         store = Store(pool)
         while True:
-            rows = await store.queue_summary()
+            rows = await store.figures.queue_summary()
             now = datetime.now(UTC)
             if as_json:
                 print(json.dumps(status_document(rows, now)), flush=True)

@@ -90,7 +90,7 @@ class Completer:
                 self._idle.set()
 
     async def _write(self, batch: list[Completion]) -> None:
-        applied = await self._until_written(self._store.complete, batch)
+        applied = await self._until_written(self._store.queue.complete, batch)
         if len(applied) == len(batch):  # the hot path: every row still held
             self._metrics.count_outcomes(batch)
             return
@@ -99,7 +99,7 @@ class Completer:
         if late:
             # The lease ran out first (the database away longer than it): the provider
             # took the message, so it is sent, unless attempt N+1 has started already.
-            recorded = await self._until_written(self._store.record_late_successes, late)
+            recorded = await self._until_written(self._store.queue.record_late_successes, late)
             if recorded:
                 applied = applied | recorded
                 self._metrics.late_successes.inc(len(recorded))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
-import socket
 import time
 import uuid
 from collections import deque
@@ -45,10 +43,6 @@ EXIT_MARGIN = 1.0  # seconds of the shutdown grace left for closing the process 
 BACKSTOP_MARGIN = 1.0  # seconds past the grace before a dispatcher still stopping is cancelled
 
 
-def default_dispatcher_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 class Dispatcher:
     """One class with `run()` and `stop()`; `run()` returns after a clean shutdown."""
 
@@ -62,7 +56,7 @@ class Dispatcher:
         self.settings = settings
         self.store = store
         self.provider = provider
-        self.id = settings.dispatcher_id or default_dispatcher_id()
+        self.id = settings.dispatcher_id
         self.metrics = metrics or DispatchMetrics()
         self.completer = Completer(
             store, self.id, self.metrics, lambda: self.calls_in_flight > 0, self._settled
@@ -212,7 +206,9 @@ class Dispatcher:
         if not self._ready_logged:
             # One connection claims while another records outcomes: both open before
             # "ready", which marks the end of start-up.
-            await self.store.open_claiming_connections(2, self.id, self.settings.lease_seconds)
+            await self.store.queue.open_claiming_connections(
+                2, self.id, self.settings.lease_seconds
+            )
             log.info(
                 "ready",
                 dispatcher=self.id,
@@ -223,7 +219,9 @@ class Dispatcher:
             self._ready_logged = True
         # The lease runs from the database's now() inside the claim: count from before it.
         lease_end = time.monotonic() + self.settings.lease_seconds
-        claimed, next_due_at = await self.store.claim(self.id, limit, self.settings.lease_seconds)
+        claimed, next_due_at = await self.store.queue.claim(
+            self.id, limit, self.settings.lease_seconds
+        )
         self.metrics.claim_size.observe(len(claimed))
         self._held_rows.update((message.id, message.attempt) for message in claimed)
         self._buffer.extend((message, lease_end) for message in claimed)
@@ -568,7 +566,7 @@ class Dispatcher:
             # a predecessor under the same id, are reaped as usual.
             keep = {message_id for message_id, _ in self._held_rows}
             try:
-                reaped = await self.store.reap_expired_leases(keep=keep)
+                reaped = await self.store.queue.reap_expired_leases(keep=keep)
             except psycopg.OperationalError as exc:
                 log.warning("lease reaper failed", error=str(exc).strip())
                 continue

@@ -228,10 +228,10 @@ class Gateway:
     async def _read_new_events(self) -> None:
         if self.last_seen is None:
             # First contact: live clients start from here (resuming ones replay).
-            self.last_seen = await self.store.max_event_id() or 0
+            self.last_seen = await self.store.events.max_id() or 0
             self._positioned.set()
         while True:
-            rows = await self.store.events_after(self.last_seen, self.page_size)
+            rows = await self.store.events.after(self.last_seen, self.page_size)
             tally = [0, 0, 0]  # by offer result: counted once per page, not per event
             for row in rows:
                 self._fan_out(row, tally)
@@ -306,7 +306,7 @@ class Gateway:
             async with self._replay_slots:
                 # From here on live events are held back (before, they are in the table).
                 client.state, client.held = REPLAYING, deque()
-                oldest = await self.store.oldest_event_id()
+                oldest = await self.store.events.oldest_id()
                 if oldest is not None and since < oldest - 1:
                     self.cut(client, GONE, f"events after {since} were purged: oldest is {oldest}")
                     return
@@ -337,7 +337,7 @@ class Gateway:
 
     async def _send_stored(self, client: Client, user_id: str | None) -> None:
         while not client.closing:
-            rows = await self.store.events_after(client.last_id, self.page_size, user_id)
+            rows = await self.store.events.after(client.last_id, self.page_size, user_id)
             for row in rows:
                 text = wire_message(row.id, row.event, row.data)
                 await client.send({"type": "websocket.send", "text": text})

@@ -43,7 +43,7 @@ class InsertCoalescer:
             # the hand-off to a writer task (the single-client path).
             self._writing += 1
             try:
-                (result,) = await self._store.insert_messages(
+                (result,) = await self._store.messages.insert(
                     [(user_id, message)], self._max_attempts
                 )
             finally:
@@ -85,7 +85,7 @@ class InsertCoalescer:
 
     async def _write(self, batch: list[_Pending]) -> None:
         try:
-            results = await self._store.insert_messages(
+            results = await self._store.messages.insert(
                 [(item.user_id, item.message) for item in batch], self._max_attempts
             )
         except BaseException as exc:

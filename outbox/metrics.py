@@ -214,7 +214,7 @@ class QueueGauges:
                 return
             try:
                 async with asyncio.timeout(REFRESH_TIMEOUT):
-                    self._figures = await self._store.queue_gauges()
+                    self._figures = await self._store.figures.queue_gauges()
             except Exception as exc:  # database away: the last figures stay
                 log.warning("could not read queue gauges", error=str(exc).strip() or repr(exc))
             finally:

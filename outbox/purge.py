@@ -16,7 +16,7 @@ async def cutoffs(
     store: Store, settings: Settings, older_than: float | None = None
 ) -> PurgeCutoffs:
     """The run's cutoffs from the database clock; `older_than` overrides the error retention."""
-    return await store.purge_cutoffs(
+    return await store.jobs.purge_cutoffs(
         settings.error_retention if older_than is None else older_than,
         settings.sent_retention,
         settings.event_retention,
@@ -25,7 +25,7 @@ async def cutoffs(
 
 async def dry_run(store: Store, settings: Settings, older_than: float | None = None) -> PurgeCounts:
     """What a purge would delete now; deletes nothing."""
-    return await store.purge_counts(await cutoffs(store, settings, older_than))
+    return await store.jobs.purge_counts(await cutoffs(store, settings, older_than))
 
 
 async def run_purge(
@@ -55,7 +55,7 @@ async def run_purge(
             if should_stop():
                 interrupted = True
                 break
-            deleted = await store.purge_batch(kind, cutoff, size)
+            deleted = await store.jobs.purge_batch(kind, cutoff, size)
             batches += 1
             total += deleted
             if deleted < size:

@@ -174,3 +174,26 @@ def classify_gateway(http_status: int | None, error: int | str | None) -> ErrorK
     if error == SESSION_NOT_READY:
         return ErrorKind.TRANSIENT
     return classify(http_status, error if isinstance(error, int) else None)
+
+
+class Backoff:
+    """Doubling waits between tries of a step that needs the database or a connection
+    (a reconnect, a write retried): `first`, then twice as long each time up to `cap`,
+    back to `first` after a success. No jitter: each process has one such loop per role,
+    not a crowd of clients retrying in step."""
+
+    __slots__ = ("_cap", "_first", "_next")
+
+    def __init__(self, first: float, cap: float) -> None:
+        self._first = first
+        self._cap = cap
+        self._next = first
+
+    def next_delay(self) -> float:
+        """The wait before the next try; the one after it doubles."""
+        delay = self._next
+        self._next = min(delay * 2, self._cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self._first

@@ -29,7 +29,6 @@ from zoneinfo import ZoneInfo
 
 from cronsim import CronSim
 
-from outbox.dispatcher import default_dispatcher_id
 from outbox.log import get_logger
 from outbox.metrics import DispatchMetrics
 from outbox.purge import run_purge
@@ -91,7 +90,7 @@ class Scheduler:
         self.store = store
         self.now = now
         self.job = job
-        self.runner = runner or settings.dispatcher_id or default_dispatcher_id()
+        self.runner = runner or settings.dispatcher_id
         self.expression = settings.purge_schedule
         self.zone = ZoneInfo(settings.timezone)
         self._stop = asyncio.Event()
@@ -113,7 +112,7 @@ class Scheduler:
 
     async def pg_cron_owns_job(self) -> bool:
         try:
-            job = await self.store.pg_cron_job(PG_CRON_JOB_NAME)
+            job = await self.store.jobs.pg_cron_job(PG_CRON_JOB_NAME)
         except Exception:  # no privilege on cron.job, say: we run it ourselves
             log.warning("could not read cron.job; the dispatchers schedule the purge")
             return False
@@ -124,7 +123,7 @@ class Scheduler:
         tick = self.latest_tick(self.now())
         if self._handled is not None and self._handled >= tick:
             return Outcome.DONE
-        async with self.store.job_session(self.job) as session:
+        async with self.store.jobs.session(self.job) as session:
             if session is None:
                 return Outcome.BUSY
             last = await session.last_tick()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +25,11 @@ def parse_duration(value: Any) -> Any:
             raise ValueError("expected seconds or a number with ms, s, m, h or d (e.g. 30s, 7d)")
         return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     return value
+
+
+def _this_process_unless_named(value: str) -> str:
+    """A dispatcher's id in its leases and attempts: `<hostname>-<pid>` unless set."""
+    return value or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _split_commas(value: Any) -> Any:
@@ -138,7 +145,10 @@ class Settings(BaseSettings):
     retry_jitter: Jitter = 0.2  # ±20 %; "full" = uniform in [0, delay]; 0 = none
 
     # Dispatcher
-    dispatcher_id: str = ""  # default: <hostname>-<pid>
+    # Resolved once, here: every role of the process names itself the same.
+    dispatcher_id: Annotated[str, AfterValidator(_this_process_unless_named)] = Field(
+        default="", validate_default=True
+    )
     dispatch_concurrency: int = Field(default=64, ge=1, le=10_000)
     # Rows claimed ahead of free slots, started the moment a call ends (default: as many
     # as the concurrency). Provider calls in flight never exceed the concurrency.

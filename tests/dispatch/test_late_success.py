@@ -39,9 +39,9 @@ def with_store(settings: Settings, scenario: Callable[[Store], Awaitable[T]]) ->
 
 async def claim_and_reap(store: Store, conn: psycopg.Connection) -> Claimed:
     """d1 claims the one message; its lease runs out and the reaper takes the row back."""
-    (claimed,), _ = await store.claim("d1", 10, 30)
+    (claimed,), _ = await store.queue.claim("d1", 10, 30)
     conn.execute("UPDATE outbox.messages SET locked_until = now() - interval '1s'")
-    assert await store.reap_expired_leases() == 1
+    assert await store.queue.reap_expired_leases() == 1
     return claimed
 
 
@@ -103,7 +103,7 @@ def test_a_success_after_the_row_was_reaped_back_to_pending_is_recorded(
     async def scenario(store: Store) -> tuple[list[Any], int]:
         first = await claim_and_reap(store, sql_conn)
         lines = await write(store, metrics, success(first))
-        claimed, _ = await store.claim("d2", 10, 30)
+        claimed, _ = await store.queue.claim("d2", 10, 30)
         return lines, len(claimed)
 
     lines, claimed_again = with_store(settings, scenario)
@@ -159,7 +159,7 @@ def test_a_success_after_the_reaped_message_was_cancelled_is_recorded(
 
     async def scenario(store: Store) -> None:
         first = await claim_and_reap(store, sql_conn)
-        assert await store.cancel_message(uuid.UUID(message_id), "user-1")
+        assert await store.messages.cancel(uuid.UUID(message_id), "user-1")
         await write(store, DispatchMetrics(), success(first))
 
     with_store(settings, scenario)
@@ -209,11 +209,11 @@ def test_a_late_success_waits_for_a_reap_still_committing(
     insert_messages(sql_conn, 1)
 
     async def scenario(store: Store) -> set[uuid.UUID]:
-        (first,), _ = await store.claim("d1", 10, 30)
+        (first,), _ = await store.queue.claim("d1", 10, 30)
         sql_conn.execute("UPDATE outbox.messages SET locked_until = now() - interval '1s'")
         async with await psycopg.AsyncConnection.connect(database_url) as reaper:
             await reaper.execute("SELECT outbox.reap_expired_leases(10, '{}')")
-            late = asyncio.create_task(store.record_late_successes("d1", [success(first)]))
+            late = asyncio.create_task(store.queue.record_late_successes("d1", [success(first)]))
             for _ in range(500):  # until it waits on the reaper's row lock, or returns
                 waiting = sql_conn.execute(
                     """SELECT count(*) FROM pg_stat_activity
@@ -236,9 +236,9 @@ def test_the_reaper_leaves_alone_the_rows_its_dispatcher_still_holds(
     kept, other = (uuid.UUID(i) for i in insert_messages(sql_conn, 2))
 
     async def scenario(store: Store) -> int:
-        await store.claim("d1", 10, 30)
+        await store.queue.claim("d1", 10, 30)
         sql_conn.execute("UPDATE outbox.messages SET locked_until = now() - interval '1s'")
-        return await store.reap_expired_leases(keep=[kept])
+        return await store.queue.reap_expired_leases(keep=[kept])
 
     assert with_store(settings, scenario) == 1
     rows = dict(sql_conn.execute("SELECT id, status FROM outbox.messages").fetchall())

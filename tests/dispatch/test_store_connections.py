@@ -33,7 +33,7 @@ def test_a_statement_cancelled_while_waiting_leaves_the_pool_usable(
                 holder.execute(
                     "SELECT 1 FROM outbox.messages WHERE id = %s FOR UPDATE", [message_id]
                 )
-                waiting = asyncio.create_task(store.cancel_message(uuid.UUID(message_id), None))
+                waiting = asyncio.create_task(store.messages.cancel(uuid.UUID(message_id), None))
                 await asyncio.to_thread(
                     wait_for,
                     lambda: (
@@ -50,8 +50,8 @@ def test_a_statement_cancelled_while_waiting_leaves_the_pool_usable(
                 assert isinstance(outcome, asyncio.CancelledError), outcome
                 holder.rollback()
             # The pool's only connection serves the next statements, in a clean state.
-            status = (await store.get_message(uuid.UUID(message_id), None) or {})["status"]
-            cancelled = await store.cancel_message(uuid.UUID(message_id), None)
+            status = (await store.messages.get(uuid.UUID(message_id), None) or {})["status"]
+            cancelled = await store.messages.cancel(uuid.UUID(message_id), None)
             return status == "pending", cancelled
         finally:
             await pool.close()
@@ -72,11 +72,11 @@ def test_a_failed_transaction_is_rolled_back_before_the_connection_is_reused(
         try:
             store = Store(pool)
             with pytest.raises(psycopg.errors.DivisionByZero):  # the error reaches the caller
-                async with store._connection() as conn:
+                async with store.db.connection() as conn:
                     first_backend = conn.info.backend_pid
                     await conn.execute("BEGIN")
                     await conn.execute("SELECT 1 / 0")
-            async with store._connection() as conn:
+            async with store.db.connection() as conn:
                 status = conn.info.transaction_status.name
                 second_backend = conn.info.backend_pid
             return first_backend, second_backend, status, await store.schema_version()

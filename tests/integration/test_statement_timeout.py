@@ -88,7 +88,7 @@ def test_the_timeout_holds_for_each_statement_only_and_leaves_the_connection_idl
     one_connection = settings.model_copy(update={"db_pool_size": 1})
 
     async def timeout_on_the_connection(store: Store) -> tuple[int, str, TransactionStatus]:
-        async with store._connection() as conn:
+        async with store.db.connection() as conn:
             cursor = await conn.execute("SHOW statement_timeout")
             row = await cursor.fetchone()
             assert row is not None
@@ -100,33 +100,33 @@ def test_the_timeout_holds_for_each_statement_only_and_leaves_the_connection_idl
         try:
             store = Store(pool, statement_timeout=0.2)
             pid, default, _ = await timeout_on_the_connection(store)
-            await store.insert_messages([("user-1", new_message())], 4)
-            assert len(await store.list_messages("user-1", **NO_FILTER)) == 1
+            await store.messages.insert([("user-1", new_message())], 4)
+            assert len(await store.messages.listing("user-1", **NO_FILTER)) == 1
             assert await timeout_on_the_connection(store) == (pid, default, TransactionStatus.IDLE)
 
             with psycopg.connect(database_url) as holder:
                 holder.execute("LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
                 calls = [
-                    lambda: store.list_messages("user-1", **NO_FILTER),
-                    lambda: store.insert_messages([("user-1", new_message())], 4),
-                    lambda: store.insert_all_or_nothing(
+                    lambda: store.messages.listing("user-1", **NO_FILTER),
+                    lambda: store.messages.insert([("user-1", new_message())], 4),
+                    lambda: store.messages.insert_all_or_nothing(
                         [[("user-1", new_message())]], 4, lambda *_: None
                     ),
-                    lambda: store.get_message(uuid.uuid4(), None),
+                    lambda: store.messages.get(uuid.uuid4(), None),
                 ]
                 for call in calls:
                     with pytest.raises(psycopg.errors.QueryCanceled):
                         await call()
                 # A request that goes away while its statement waits (its task cancelled).
                 patient = Store(pool, statement_timeout=30)
-                waiting = asyncio.create_task(patient.list_messages("user-1", **NO_FILTER))
+                waiting = asyncio.create_task(patient.messages.listing("user-1", **NO_FILTER))
                 await asyncio.to_thread(lock_waits, database_url, 1)
                 waiting.cancel()
                 (outcome,) = await asyncio.gather(waiting, return_exceptions=True)
                 assert isinstance(outcome, asyncio.CancelledError), outcome
             # The same connection, idle, with the server's own setting: nothing was left on it.
             assert await timeout_on_the_connection(store) == (pid, default, TransactionStatus.IDLE)
-            assert len(await store.list_messages("user-1", **NO_FILTER)) == 1
+            assert len(await store.messages.listing("user-1", **NO_FILTER)) == 1
         finally:
             await pool.close()
 

@@ -140,7 +140,7 @@ async def _run_that_dies(settings: Settings, session_conninfo: str) -> None:
     pool = db.create_pool(settings)  # never opened: job_session makes its own connection
     store = Store(pool, session_conninfo=session_conninfo)
     with contextlib.suppress(RuntimeError):
-        async with store.job_session("purge") as session:
+        async with store.jobs.session("purge") as session:
             assert session is not None
             raise RuntimeError("the run dies")
 

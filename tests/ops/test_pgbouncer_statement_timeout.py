@@ -47,15 +47,15 @@ def test_the_statement_timeout_stays_in_its_transaction_through_pgbouncer(
             store = Store(pool, statement_timeout=0.2)
             server_pid, default = await asyncio.to_thread(another_client)
             for _ in range(8):  # past psycopg's prepare threshold, were it preparing
-                assert await store.list_messages(None, limit=10, **NO_FILTER) == []
+                assert await store.messages.listing(None, limit=10, **NO_FILTER) == []
             assert await asyncio.to_thread(another_client) == (server_pid, default)
 
             with psycopg.connect(database_url) as holder:  # direct: holds the table
                 holder.execute("LOCK TABLE outbox.messages IN ACCESS EXCLUSIVE MODE")
                 with pytest.raises(psycopg.errors.QueryCanceled):
-                    await store.list_messages("user-1", limit=10, **NO_FILTER)
+                    await store.messages.listing("user-1", limit=10, **NO_FILTER)
             assert await asyncio.to_thread(another_client) == (server_pid, default)
-            assert await store.list_messages(None, limit=10, **NO_FILTER) == []
+            assert await store.messages.listing(None, limit=10, **NO_FILTER) == []
         finally:
             await pool.close()
 

@@ -137,7 +137,7 @@ def test_20000_errored_rows_are_purged_in_batches(
 
     async def go() -> PurgeCounts:
         async with open_store(settings) as store:
-            original = store.purge_batch
+            original = store.jobs.purge_batch
 
             async def spy(kind: str, cutoff: Any, batch_size: int) -> int:
                 deleted = await original(kind, cutoff, batch_size)
@@ -145,7 +145,7 @@ def test_20000_errored_rows_are_purged_in_batches(
                     batches.append(deleted)
                 return deleted
 
-            store.purge_batch = spy  # type: ignore[method-assign]
+            store.jobs.purge_batch = spy  # type: ignore[method-assign]
             return await purge.run_purge(store, settings)
 
     counts = asyncio.run(go())

@@ -1,0 +1,64 @@
+"""The only package that runs SQL: named queries from sql/queries.sql → typed functions,
+one class per role (messages, queue, events, jobs, figures) over one `Database`."""
+
+from __future__ import annotations
+
+from psycopg_pool import AsyncConnectionPool
+
+from outbox.store.database import QUERIES, Database
+from outbox.store.events import EventRow, Events
+from outbox.store.figures import Figures, QueueFigures, estimate_count
+from outbox.store.jobs import JOB_LOCK_NAMESPACE, Jobs, JobSession, PurgeCounts, PurgeCutoffs
+from outbox.store.messages import Conflict, Inserted, Messages, NewMessage
+from outbox.store.queue import Claimed, Completion, Queue
+
+__all__ = [
+    "JOB_LOCK_NAMESPACE",
+    "QUERIES",
+    "Claimed",
+    "Completion",
+    "Conflict",
+    "Database",
+    "EventRow",
+    "Events",
+    "Figures",
+    "Inserted",
+    "JobSession",
+    "Jobs",
+    "Messages",
+    "NewMessage",
+    "PurgeCounts",
+    "PurgeCutoffs",
+    "Queue",
+    "QueueFigures",
+    "Store",
+    "estimate_count",
+]
+
+
+class Store:
+    """One pool's statements, by role: each part of outbox uses the role it needs."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        session_conninfo: str = "",
+        statement_timeout: float | None = None,
+    ) -> None:
+        self.db = Database(
+            pool, session_conninfo=session_conninfo, statement_timeout=statement_timeout
+        )
+        self.messages = Messages(self.db)
+        self.queue = Queue(self.db)
+        self.events = Events(self.db)
+        self.jobs = Jobs(self.db)
+        self.figures = Figures(self.db)
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        return self.db.pool
+
+    async def schema_version(self) -> int:
+        row = await self.db.fetchone(QUERIES["schema_version"])
+        return int(row[0]) if row else 0
