@@ -58,7 +58,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check outbox tests bench
 	$(BIN)/mypy outbox
 
-# Issue 5's workloads against the real processes on a fresh database of the local PostgreSQL
+# The benchmark's workloads (bench/README.md) against the real processes on a fresh database of the local PostgreSQL
 # (or OUTBOX_BENCH_DATABASE_URL, whose outbox tables it empties): table on stdout,
 # bench/results/<timestamp>.json.
 # BENCH_QUICK=1 for a smoke run; `$(BIN)/python -m bench.selfcheck` checks the bench itself.

@@ -1,1 +1,1 @@
-"""`make bench`: the measuring instrument of issue 5 (not part of `make test`)."""
+"""`make bench`: the measuring instrument of outbox's figures (not part of `make test`)."""

@@ -1,4 +1,4 @@
-"""No request stalls or exhausts a real `outbox serve` (issue 17): hostile batch bodies
+"""No request stalls or exhausts a real `outbox serve`: hostile batch bodies
 are refused within bounded memory while /healthz keeps answering, and clients that
 leave mid-body are counted as 499 without a traceback."""
 

@@ -1,6 +1,6 @@
 """Connections of `serve`: a deadline for the request head, a cap on open connections.
 
-Before issue 17 a socket that sent nothing, or half a head, stayed open for good, and
+Without them a socket that sent nothing, or half a head, stayed open for good, and
 enough of them took every file descriptor of `serve`, so that every request failed.
 """
 

@@ -1,1 +1,1 @@
-"""Purge, schedule, pg_cron and the inspection views (issue 7)."""
+"""Purge, schedule, pg_cron and the inspection views."""
