@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +33,7 @@ from outbox.errors import (
     unavailable,
     validation_fields,
 )
-from outbox.gateway import Gateway, websocket_endpoint
+from outbox.feed import Feed
 from outbox.ingest import InsertCoalescer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import UNMATCHED, ApiMetrics, QueueGauges, render
@@ -80,10 +80,22 @@ class Services:
     metrics: ApiMetrics
     queue_gauges: QueueGauges
     metrics_registries: tuple[CollectorRegistry, ...]  # rendered together on /metrics
+    feed: Feed  # the live status feed (outbox/feed/)
+
+
+# The key of the app's services in its lifespan state (each request's `state` copies it).
+SERVICES = "services"
+
+
+def lifespan_services(state: Mapping[str, Any]) -> Services | None:
+    """The app's services in a server's lifespan state (None before start-up, or for
+    another app)."""
+    services = state.get(SERVICES)
+    return services if isinstance(services, Services) else None
 
 
 def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
+    services: Services = request.state.services
     return services
 
 
@@ -446,11 +458,21 @@ ROUTES = [
     Route("/metrics", metrics, methods=["GET"]),
 ]
 
-# The live status feed (outbox/gateway.py), apart from the HTTP routes that OpenAPI
+
+class FeedEndpoint:
+    """The feed as a plain ASGI app (starlette mounts a non-function endpoint as is): no
+    request/WebSocket wrappers kept for the socket's life."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services: Services = scope["state"][SERVICES]
+        await services.feed.handle(scope, receive, send)
+
+
+# The live status feed (outbox/feed/), apart from the HTTP routes that OpenAPI
 # describes; slashes are not redirected for WebSockets, hence both paths.
 WEBSOCKET_ROUTES = [
-    WebSocketRoute("/ws/whatsapp/", websocket_endpoint),
-    WebSocketRoute("/ws/whatsapp", websocket_endpoint),
+    WebSocketRoute("/ws/whatsapp/", FeedEndpoint()),
+    WebSocketRoute("/ws/whatsapp", FeedEndpoint()),
 ]
 
 
@@ -508,14 +530,15 @@ def create_app(
     api_metrics = ApiMetrics()
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
         pool = db.create_pool(settings)
         # Not waiting: the API starts while the database is away and answers 503.
         await pool.open(wait=False)
         store = Store(pool, statement_timeout=settings.api_statement_timeout)
         queue_gauges = QueueGauges(store, settings.metrics_cache)
         api_metrics.registry.register(queue_gauges)
-        app.state.services = Services(
+        feed = Feed(settings, store, verifier, api_metrics)
+        services = Services(
             settings=settings,
             store=store,
             verifier=verifier,
@@ -524,13 +547,13 @@ def create_app(
             metrics=api_metrics,
             queue_gauges=queue_gauges,
             metrics_registries=(api_metrics.registry, *extra_registries),
+            feed=feed,
         )
-        app.state.gateway = gateway = Gateway(settings, store, verifier, api_metrics)
-        gateway.start()
+        feed.start()
         try:
-            yield
+            yield {SERVICES: services}
         finally:
-            await gateway.stop()
+            await feed.stop()
             await pool.close(timeout=0.2)  # a worker still connecting is cancelled at exit
             api_metrics.registry.unregister(queue_gauges)
 

@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from outbox.log import get_logger
+from outbox.retry import Backoff
 
 log = get_logger("outbox.notifier")
 
@@ -28,19 +29,20 @@ async def listen(
     `on_connect` runs after each (re)connection: notifications sent while the
     connection was down are lost, so the caller should look for missed work.
     """
-    delay = RECONNECT_MIN
+    backoff = Backoff(RECONNECT_MIN, RECONNECT_MAX)
     while True:
+        lost: str | None = None  # why the connection ended, when it failed
         try:
             async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                delay = RECONNECT_MIN
+                backoff.reset()
                 if on_connect is not None:
                     on_connect()
                 async for notify in conn.notifies():
                     on_notify(notify.payload)
         except psycopg.Error as exc:
-            log.warning(
-                "listen connection lost", channel=channel, error=str(exc).strip(), retry_in=delay
-            )
+            lost = str(exc).strip()
+        delay = backoff.next_delay()
+        if lost is not None:
+            log.warning("listen connection lost", channel=channel, error=lost, retry_in=delay)
         await asyncio.sleep(delay)
-        delay = min(delay * 2, RECONNECT_MAX)

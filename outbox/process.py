@@ -15,16 +15,15 @@ import uvicorn
 import uvloop
 
 from outbox import db
-from outbox.api import create_app
+from outbox.api import create_app, lifespan_services
 from outbox.cancellation import cancel_and_wait
 from outbox.connections import http_protocol
 from outbox.dispatcher import run_dispatcher
-from outbox.gateway import going_away
+from outbox.feed.protocol import FeedWebSocketProtocol
 from outbox.metrics import DispatchMetrics, MetricsServer, QueueGauges
 from outbox.schedule import Scheduler
 from outbox.settings import Settings
 from outbox.store import Store
-from outbox.wsprotocol import FeedWebSocketProtocol
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -80,9 +79,11 @@ class Server(uvicorn.Server):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
         # uvicorn closes open WebSockets with 1012; the status feed says 1001 first.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.grace / 4):
-                await going_away(self.config.app)
+        services = lifespan_services(self.lifespan.state)
+        if services is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.grace / 4):
+                    await services.feed.going_away()
         app_shutdown = min(APP_SHUTDOWN, self.grace / 4)
         left = max(0.0, deadline - loop.time() - app_shutdown)
         # Typed int by uvicorn, which hands it to asyncio.timeout: a float does.

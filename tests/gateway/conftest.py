@@ -15,7 +15,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from outbox.api import create_app
+from outbox.api import create_app, lifespan_services
+from outbox.feed import Feed
 from outbox.process import websocket_options
 from outbox.settings import Settings
 
@@ -41,6 +42,13 @@ def serve(settings: Settings) -> Iterator[Serve]:
             return stack.enter_context(ServerThread(create_app(changed), **options))
 
         yield start
+
+
+def feed_of(server: ServerThread) -> Feed:
+    """The feed of a running server (in its app's lifespan state)."""
+    services = lifespan_services(server.server.lifespan.state)
+    assert services is not None, "the app has not started"
+    return services.feed
 
 
 def ws_url(server: ServerThread, path: str = "/ws/whatsapp/", **params: Any) -> str:

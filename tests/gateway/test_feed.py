@@ -18,6 +18,7 @@ from tests.gateway.conftest import (
     Serve,
     close_of,
     event_ids,
+    feed_of,
     next_event,
     open_feed,
     read_events,
@@ -322,26 +323,21 @@ def test_a_rolled_back_completion_produces_no_event(
     assert event_ids(sql_conn) == [event["data"]["event_id"]]
 
 
-def test_with_no_client_connected_the_gateway_follows_without_reading_the_table(
+def test_with_no_client_connected_the_feed_follows_without_reading_the_table(
     serve: Serve, token: Token, sql_conn: psycopg.Connection
 ) -> None:
     server = serve()
-    gateway = server.server.config.app.state.gateway
+    follower = feed_of(server)
     # Listening, positioned, and done with the reads of start-up (its LISTEN connection
     # opening makes it look once more for what it might have missed).
     wait_for(
-        lambda: (
-            gateway.listening
-            and gateway.last_seen is not None
-            and not gateway._reading
-            and not gateway._wake.is_set()
-        ),
-        what="the gateway listening, positioned and idle",
+        lambda: follower.listening and follower.last_seen is not None and follower.idle,
+        what="the feed listening, positioned and idle",
     )
     (written_at,) = sql_conn.execute("SELECT clock_timestamp()").fetchone()
     write_events(sql_conn, 3)
     newest = event_ids(sql_conn)[-1]
-    wait_for(lambda: gateway.last_seen == newest, what="the gateway following the notifications")
+    wait_for(lambda: follower.last_seen == newest, what="the feed following the notifications")
     # The notification's id was enough: no backend of this database has read a page of
     # events since they were written (its last statement would show it).
     reads = sql_conn.execute(

@@ -15,11 +15,12 @@ from contextlib import ExitStack
 import psycopg
 import pytest
 
-from outbox.wsprotocol import FeedWebSocketProtocol
+from outbox.feed.protocol import FeedWebSocketProtocol
 from tests.gateway.conftest import (
     Serve,
     close_of,
     event_ids,
+    feed_of,
     next_event,
     open_feed,
     read_events,
@@ -85,7 +86,7 @@ def test_the_21st_feed_of_one_user_is_closed_with_1008_while_other_users_connect
     serve: Serve, token: Token, sql_conn: psycopg.Connection
 ) -> None:
     server = serve()  # OUTBOX_WS_MAX_PER_USER: 20
-    gateway = server.server.config.app.state.gateway
+    subscribers = feed_of(server).subscribers
     with ExitStack() as stack:
         feeds = [stack.enter_context(open_feed(server, token("user-1"))) for _ in range(20)]
         with open_feed(server, token("user-1")) as extra:
@@ -98,7 +99,7 @@ def test_the_21st_feed_of_one_user_is_closed_with_1008_while_other_users_connect
         assert next_event(admin)["data"]["message_id"] == theirs[0]
         # A feed that closes makes room for another.
         feeds.pop().close()
-        wait_for(lambda: gateway.client_count == 21, what="the closed feed unregistered")
+        wait_for(lambda: subscribers.count == 21, what="the closed feed unregistered")
         again = stack.enter_context(open_feed(server, token("user-1")))
         mine = write_events(sql_conn, 1)
         assert next_event(again)["data"]["message_id"] == mine[0]
@@ -140,12 +141,12 @@ def test_replays_beyond_ws_max_replays_wait_their_turn_then_complete(
     serve: Serve, token: Token, sql_conn: psycopg.Connection
 ) -> None:
     server = serve(ws_max_replays=1)
-    gateway = server.server.config.app.state.gateway
+    subscribers = feed_of(server).subscribers
     write_large_events(sql_conn, 250, "user-1")  # 16 MB: more than the socket buffers
     theirs = write_events(sql_conn, 30, user_id="user-2")
 
     def states() -> list[str]:
-        return sorted(client.state for client in list(gateway._clients()))
+        return sorted(session.state for session in list(subscribers))
 
     stalled = unread_feed(server, f"token={token('user-1')}&since=0")
     try:
@@ -178,11 +179,11 @@ def test_a_closed_feed_is_freed_at_once_without_the_cyclic_collector(
     serve: Serve, token: Token
 ) -> None:
     server = serve()
-    gateway = server.server.config.app.state.gateway
+    subscribers = feed_of(server).subscribers
     gc.disable()  # only reference counting frees what the closed socket leaves
     try:
         with open_feed(server, token("user-1")):
-            wait_for(lambda: gateway.client_count == 1, what="the feed registered")
+            wait_for(lambda: subscribers.count == 1, what="the feed registered")
             (protocol,) = [
                 p
                 for p in server.server.server_state.connections
@@ -197,13 +198,13 @@ def test_a_closed_feed_is_freed_at_once_without_the_cyclic_collector(
 
 def test_the_heap_is_trimmed_once_most_clients_have_left(serve: Serve, token: Token) -> None:
     server = serve()
-    gateway = server.server.config.app.state.gateway
-    gateway.release_after, gateway.release_delay = 4, 0.05  # instead of 1,000 and 2 s
+    subscribers = feed_of(server).subscribers
+    subscribers.release_after, subscribers.release_delay = 4, 0.05  # instead of 1,000 and 2 s
     with ExitStack() as stack:
         feeds = [stack.enter_context(open_feed(server, token(f"user-{i}"))) for i in range(6)]
         for feed in feeds[:3]:
             feed.close()
-        wait_for(lambda: gateway.client_count == 3, what="three feeds gone")
-        assert gateway.heap_trims == 0  # three gone: fewer than release_after
+        wait_for(lambda: subscribers.count == 3, what="three feeds gone")
+        assert subscribers.heap_trims == 0  # three gone: fewer than release_after
         feeds[3].close()
-        wait_for(lambda: gateway.heap_trims == 1, what="the heap trimmed")
+        wait_for(lambda: subscribers.heap_trims == 1, what="the heap trimmed")

@@ -10,11 +10,12 @@ import psycopg
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from outbox.gateway import APPLICATION_NAME
+from outbox.feed import APPLICATION_NAME
 from tests.dispatch.conftest import DispatcherProcess, Reply, ScriptedProvider, insert_messages
 from tests.gateway.conftest import (
     Serve,
     event_ids,
+    feed_of,
     next_event,
     open_feed,
     write_events,
@@ -93,14 +94,14 @@ def test_a_client_that_does_not_read_is_cut_off_with_1013_and_the_others_get_eve
         open_feed(server, token("root", admin=True)) as admin,
     ):
         # Write until the stalled one is cut: its socket buffers hold tens of thousands of
-        # events before its queue fills (the gateway's client count tells when).
-        gateway = server.server.config.app.state.gateway
+        # events before its queue fills (the feed's count of subscribers tells when).
+        subscribers = feed_of(server).subscribers
         for _ in range(200):
             batch = write_events(sql_conn, 500)
             written += batch
             for feed in (normal, admin):
                 assert [next_event(feed)["data"]["message_id"] for _ in batch] == batch
-            if gateway.client_count == 2:
+            if subscribers.count == 2:
                 break
         got = []
         try:
@@ -139,7 +140,7 @@ def test_killing_the_listen_connection_mid_burst_loses_nothing(
         ).fetchall()
         return [row[0] for row in rows]
 
-    [first] = wait_for(listener_pids, what="the gateway's LISTEN connection")
+    [first] = wait_for(listener_pids, what="the feed's LISTEN connection")
     received: list[dict[str, Any]] = []
     with open_feed(server, token("user-1")) as feed:
         ids = insert_messages(sql_conn, 500)

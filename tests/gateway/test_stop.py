@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from outbox import db
 from outbox.auth import TokenVerifier
-from outbox.gateway import Gateway
+from outbox.feed import Feed
 from outbox.settings import Settings
 from outbox.store import Store
 
@@ -29,13 +29,13 @@ async def stop_as_the_connection_arrives(settings: Settings, turns: int) -> floa
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
     stopped = asyncio.Event()
-    gateway: Gateway | None = None
+    feed: Feed | None = None
 
     def stop_after(turns_left: int) -> None:
         if turns_left:
             loop.call_soon(stop_after, turns_left - 1)
-        elif gateway is not None and not stopping:
-            stopping.append(asyncio.create_task(gateway.stop()))
+        elif feed is not None and not stopping:
+            stopping.append(asyncio.create_task(feed.stop()))
             stopped.set()
 
     async def configure(conn: Any) -> None:
@@ -52,14 +52,15 @@ async def stop_as_the_connection_arrives(settings: Settings, turns: int) -> floa
     )
     await pool.open(wait=False)
     try:
-        gateway = Gateway(settings, Store(pool), TokenVerifier(settings))
-        gateway.start()
+        feed = Feed(settings, Store(pool), TokenVerifier(settings))
+        feed.start()
         await stopped.wait()
         started = loop.time()
         done, _ = await asyncio.wait(stopping, timeout=STOP_WITHIN)
         if not done:
-            for task in gateway._tasks:  # let the test end
-                task.cancel()
+            for task in asyncio.all_tasks():  # let the test end: the feed's own tasks
+                if task.get_name().startswith("feed-"):
+                    task.cancel()
             return None
         return loop.time() - started
     finally:
