@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -11,7 +10,10 @@ import psycopg
 
 from outbox.log import get_logger
 from outbox.metrics import DispatchMetrics
+from outbox.retry import Backoff
+from outbox.states import MessageStatus
 from outbox.store import Completion, Store
+from outbox.waiting import wait_event
 
 log = get_logger("outbox.completer")
 
@@ -48,6 +50,7 @@ class Completer:
         self._queue: asyncio.Queue[Completion] = asyncio.Queue()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._backoff = Backoff(RETRY_MIN, RETRY_MAX)  # between tries of a write
 
     def put(self, completion: Completion) -> None:
         self._idle.clear()
@@ -69,9 +72,7 @@ class Completer:
                 # round trip and one commit (a round trip costs far more than the
                 # wait), unless the last running call ends first.
                 self._calls_ended.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(LINGER_SECONDS):
-                        await self._calls_ended.wait()
+                await wait_event(self._calls_ended, LINGER_SECONDS)
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
@@ -95,7 +96,7 @@ class Completer:
             self._metrics.count_outcomes(batch)
             return
         unapplied = [c for c in batch if c.id not in applied]
-        late = [c for c in unapplied if c.status == "sent"]
+        late = [c for c in unapplied if c.status == MessageStatus.SENT]
         if late:
             # The lease ran out first (the database away longer than it): the provider
             # took the message, so it is sent, unless attempt N+1 has started already.
@@ -131,11 +132,12 @@ class Completer:
         batch: list[Completion],
     ) -> set[uuid.UUID]:
         """`write(dispatcher, batch)`, retried with backoff while the database is away."""
-        delay = RETRY_MIN
+        self._backoff.reset()
         while True:
             try:
                 return await write(self._dispatcher_id, batch)
             except psycopg.OperationalError as exc:
+                delay = self._backoff.next_delay()
                 log.warning(
                     "could not record outcomes, retrying",
                     count=len(batch),
@@ -143,4 +145,3 @@ class Completer:
                     retry_in=delay,
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)

@@ -26,6 +26,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from outbox.log import get_logger
+from outbox.states import AttemptOutcome, MessageStatus
 
 if TYPE_CHECKING:
     from outbox.store import Completion, QueueFigures, Store
@@ -37,7 +38,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 PROVIDER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CLAIM_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 REFRESH_TIMEOUT = 2.0  # a scrape gets the last figures rather than wait on a slow database
-QUEUE_STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
+QUEUE_STATUSES = tuple(MessageStatus)
 
 
 class ApiMetrics:
@@ -90,13 +91,13 @@ class ApiMetrics:
 
 def _attempt_labels(outcome: str, status: str) -> tuple[str, str]:
     """(outcome, error_class) of an attempt from the completion's outcome and new status."""
-    if outcome in ("sent", "expired"):
-        return outcome, "none"
-    if outcome == "interrupted":
+    if outcome in (AttemptOutcome.SENT, AttemptOutcome.EXPIRED):
+        return str(outcome), "none"
+    if outcome == AttemptOutcome.INTERRUPTED:
         return "handed_back", "none"
-    if outcome == "sender":
+    if outcome == AttemptOutcome.SENDER:
         return "paused", "sender"
-    return ("retry" if status == "pending" else "failed"), outcome
+    return ("retry" if status == MessageStatus.PENDING else "failed"), str(outcome)
 
 
 # The (outcome, error_class) pairs `_attempt_labels` can give.
