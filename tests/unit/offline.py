@@ -1,20 +1,32 @@
-"""A Dispatcher without a database, for tests of what happens inside one process: the
-store is never reached, outcomes only queue in its completer."""
+"""A dispatcher and an executor without a database, for tests of what happens inside one
+process: the store is never reached, outcomes only queue in the completer."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
+from outbox.completer import Completer
 from outbox.dispatcher import Dispatcher
+from outbox.executor import Executor
+from outbox.metrics import DispatchMetrics
 from outbox.providers.base import Provider
 from outbox.settings import Settings
 from outbox.store import Claimed, Store
 
 
+def offline_settings(**settings: Any) -> Settings:
+    return Settings(database_url="postgresql://127.0.0.1/unused", **settings)
+
+
 def offline_dispatcher(provider: Provider, **settings: Any) -> Dispatcher:
-    config = Settings(database_url="postgresql://127.0.0.1/unused", **settings)
-    return Dispatcher(config, Store.__new__(Store), provider)
+    return Dispatcher(offline_settings(**settings), Store.__new__(Store), provider)
+
+
+def offline_executor(provider: Provider, **settings: Any) -> Executor:
+    metrics = DispatchMetrics()
+    completer = Completer(Store.__new__(Store), "offline", metrics)
+    return Executor(offline_settings(**settings), provider, completer, metrics)
 
 
 def claimed(attempt: int = 1) -> Claimed:

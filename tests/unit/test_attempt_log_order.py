@@ -8,7 +8,7 @@ import time
 from structlog.testing import capture_logs
 
 from outbox.providers.base import OutgoingMessage
-from tests.unit.offline import claimed, offline_dispatcher
+from tests.unit.offline import claimed, offline_executor
 
 
 class RaisingProvider:
@@ -22,10 +22,10 @@ class RaisingProvider:
 
 def test_a_provider_that_raises_logs_after_the_attempt_started_line() -> None:
     async def attempt() -> list[str]:
-        dispatcher = offline_dispatcher(RaisingProvider())
+        executor = offline_executor(RaisingProvider())
         message = claimed()
         with capture_logs() as lines:
-            await dispatcher._attempt(message, time.monotonic() + 60)
+            await executor.attempt(message, time.monotonic() + 60)
             await asyncio.sleep(0.05)  # the loop's next turns: the deferred lines
         return [line["event"] for line in lines]
 

@@ -39,8 +39,7 @@ def test_a_call_ending_with_the_pausing_one_starts_no_buffered_row() -> None:
     async def run() -> Dispatcher:
         dispatcher = offline_dispatcher(provider, dispatch_concurrency=2, sender_pause=30)
         lease_end = time.monotonic() + 60
-        dispatcher._buffer.extend((claimed(n), lease_end) for n in (1, 2, 3, 4))
-        dispatcher._start_buffered()
+        dispatcher.take([claimed(n) for n in (1, 2, 3, 4)], lease_end)
         await turns(5)
         assert provider.calls == [1, 2]
         # Both answers in one turn: call 1 sent (its slot frees first), call 2 says the
@@ -52,4 +51,4 @@ def test_a_call_ending_with_the_pausing_one_starts_no_buffered_row() -> None:
 
     dispatcher = asyncio.run(run())
     assert provider.calls == [1, 2]  # rows 3 and 4 were not called during the pause
-    assert not dispatcher._buffer and dispatcher._slots_taken == 0
+    assert dispatcher.buffered == 0 and dispatcher.slots_taken == 0

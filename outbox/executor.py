@@ -1,0 +1,417 @@
+"""One attempt: call the provider for a claimed message within its lease, and turn how
+the attempt ended into the completion the completer writes.
+
+`completion()` is the outcome policy, a pure function of the message, how its attempt
+ended, the retry policy and the end of the sending pause; `Executor` runs the calls,
+logs them and hands each completion to the completer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random as _random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any, Literal
+
+from outbox.completer import Completer
+from outbox.log import get_logger, mask_phone
+from outbox.metrics import DispatchMetrics
+from outbox.providers.base import OutgoingMessage, Provider, ProviderError, clean_text
+from outbox.retry import ErrorKind, retry_delay
+from outbox.settings import Settings
+from outbox.states import AttemptOutcome, MessageStatus
+from outbox.store import Claimed, Completion
+
+log = get_logger("outbox.executor")
+
+LEASE_MARGIN = 0.5  # seconds kept between a call's deadline and its lease's end
+RECORD_DELAY = 0.001  # seconds: "the loop's next turn" (a zero delay would be call_soon)
+
+_FAILED_OUTCOME = {
+    ErrorKind.TRANSIENT: AttemptOutcome.TRANSIENT,
+    ErrorKind.PERMANENT: AttemptOutcome.PERMANENT,
+    ErrorKind.SENDER: AttemptOutcome.SENDER,
+}
+
+
+class Ending(Enum):
+    """How an attempt ended, before the outcome policy says what that means."""
+
+    ANSWERED = "answered"  # the call ended: sent, unless `failure` says why not
+    EXPIRED = "expired"  # not called: the message's expires_at had passed
+    HANDED_BACK = "handed_back"  # not called (a pause, a short lease, a shutdown): refunded
+    CUT = "cut"  # called, but the shutdown cut the call short: the attempt counts
+
+
+@dataclass(slots=True)  # not frozen: one per attempt, and a frozen __init__ costs 5× more
+class CallResult:
+    """What one attempt gave, as the executor saw it."""
+
+    ending: Ending
+    started_at: datetime
+    finished_at: datetime
+    latency_ms: float | None = None  # the provider call's, when one ended
+    provider_id: str | None = None
+    failure: ProviderError | None = None
+    reason: str | None = None  # why a HANDED_BACK or CUT attempt ended so
+    retry_at: datetime | None = None  # HANDED_BACK: due again then (None: at once)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When a failed attempt is tried again (outbox/retry.py), and a sender-level pause."""
+
+    base: float
+    cap: float
+    jitter: float | Literal["full"]
+    sender_pause: float
+    random: Callable[[], float] = _random.random
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            base=settings.retry_base_delay,
+            cap=settings.retry_max_delay,
+            jitter=settings.retry_jitter,
+            sender_pause=settings.sender_pause,
+        )
+
+
+def completion(
+    message: Claimed, result: CallResult, policy: RetryPolicy, resume_at: datetime
+) -> Completion:
+    """The outcome policy: what one attempt's end writes. `resume_at`: when sending
+    resumes after the latest sender-level pause (a sender-level error's row waits for it).
+
+    Sent → sent. A transient failure with attempts left → pending after the backoff (never
+    sooner than the provider's Retry-After); on the last attempt, or a permanent one →
+    error. A sender-level failure → pending until the pause ends, the attempt refunded.
+    Expired before the call → error, refunded. Handed back uncalled → pending, refunded;
+    cut short by the shutdown → pending at once, the attempt spent (the call may have
+    reached the provider)."""
+    ending = result.ending
+    if ending is Ending.ANSWERED:
+        failure = result.failure
+        if failure is not None:
+            return _failed(message, result, failure, policy, resume_at)
+        provider_id = result.provider_id
+        return Completion(
+            id=message.id,
+            attempt=message.attempt,
+            status=MessageStatus.SENT,
+            outcome=AttemptOutcome.SENT,
+            started_at=result.started_at,
+            finished_at=result.finished_at,
+            latency_ms=result.latency_ms,
+            provider_message_id=clean_text(provider_id) if provider_id else None,
+        )
+    if ending is Ending.EXPIRED:
+        return Completion(
+            id=message.id,
+            attempt=message.attempt,
+            status=MessageStatus.ERROR,
+            outcome=AttemptOutcome.EXPIRED,
+            started_at=result.started_at,
+            finished_at=result.finished_at,
+            error="expired",
+            refund=1,
+        )
+    handed_back = ending is Ending.HANDED_BACK
+    next_attempt_at = result.finished_at
+    if handed_back and result.retry_at is not None:
+        next_attempt_at = result.retry_at
+    return Completion(
+        id=message.id,
+        attempt=message.attempt,
+        status=MessageStatus.PENDING,
+        outcome=AttemptOutcome.INTERRUPTED,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        error=result.reason,
+        next_attempt_at=next_attempt_at,
+        refund=1 if handed_back else 0,
+    )
+
+
+def _failed(
+    message: Claimed,
+    result: CallResult,
+    failure: ProviderError,
+    policy: RetryPolicy,
+    resume_at: datetime,
+) -> Completion:
+    next_attempt_at: datetime | None = None
+    refund = 0
+    if failure.kind is ErrorKind.SENDER:
+        next_attempt_at, refund = resume_at, 1
+    elif failure.kind is ErrorKind.TRANSIENT and message.attempt < message.max_attempts:
+        delay = retry_delay(
+            message.attempt,
+            base=policy.base,
+            cap=policy.cap,
+            jitter=policy.jitter,
+            retry_after=failure.retry_after,
+            random=policy.random,
+        )
+        next_attempt_at = result.finished_at + timedelta(seconds=delay)
+    return Completion(
+        id=message.id,
+        attempt=message.attempt,
+        status=MessageStatus.ERROR if next_attempt_at is None else MessageStatus.PENDING,
+        outcome=_FAILED_OUTCOME[failure.kind],
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        latency_ms=result.latency_ms,
+        error=failure.reason,
+        next_attempt_at=next_attempt_at,
+        refund=refund,
+    )
+
+
+def fallback_completion(message: Claimed, result: CallResult) -> Completion:
+    """The safety net when recording an outcome failed (a bug): a sent message is recorded
+    sent, any other is retried at once."""
+    failure = result.failure
+    sent = result.ending is Ending.ANSWERED and failure is None
+    return Completion(
+        id=message.id,
+        attempt=message.attempt,
+        status=MessageStatus.SENT if sent else MessageStatus.PENDING,
+        outcome=AttemptOutcome.SENT if sent else AttemptOutcome.TRANSIENT,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        latency_ms=result.latency_ms,
+        error=None if sent else (failure.reason if failure else result.reason),
+        next_attempt_at=None if sent else result.finished_at,
+    )
+
+
+class Pause:
+    """A sender-level error pauses all sending: no call starts until it ends."""
+
+    __slots__ = ("resume_at", "until")
+
+    def __init__(self) -> None:
+        self.until = 0.0  # monotonic time
+        self.resume_at = datetime.now(UTC)  # the same moment, as a wall-clock time
+
+    def left(self) -> float:
+        """Seconds until sending resumes (zero or less: not paused)."""
+        return self.until - time.monotonic()
+
+    def active(self) -> bool:
+        return self.until > time.monotonic()
+
+    def start(self, seconds: float, at: datetime) -> None:
+        self.until = time.monotonic() + seconds
+        self.resume_at = at + timedelta(seconds=seconds)
+
+
+class Executor:
+    """Runs attempts: each calls the provider within what is left of its lease, and its
+    completion goes to the completer. A sender-level error starts the pause and calls
+    `on_pause(reason)`, so that rows waiting to start go back to the database."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        provider: Provider,
+        completer: Completer,
+        metrics: DispatchMetrics,
+        on_pause: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self.provider = provider
+        self.completer = completer
+        self.metrics = metrics
+        self.policy = RetryPolicy.from_settings(settings)
+        self.pause = Pause()
+        self.calls_in_flight = 0
+        self._call_timeout = settings.provider_timeout
+        self._on_pause = on_pause
+        self._started_calls: list[Any] = []  # loggers of calls whose start awaits its log line
+        # Calls whose outcome awaits recording, with the logger bound to their message.
+        self._ended_calls: list[tuple[Claimed, Any, CallResult]] = []
+        self._recording: asyncio.TimerHandle | None = None
+
+    def hand_back(
+        self,
+        message: Claimed,
+        reason: str,
+        retry_at: datetime | None = None,
+        started_at: datetime | None = None,
+    ) -> None:
+        """Return a claimed row uncalled, without spending its attempt."""
+        finished_at = datetime.now(UTC)
+        result = CallResult(
+            Ending.HANDED_BACK,
+            started_at or finished_at,
+            finished_at,
+            reason=reason,
+            retry_at=retry_at,
+        )
+        self.completer.put(completion(message, result, self.policy, self.pause.resume_at))
+
+    async def attempt(self, message: Claimed, lease_end: float) -> None:
+        """One attempt of `message`, whose lease ends at `lease_end` (monotonic time)."""
+        started_at = datetime.now(UTC)
+        bound = log.bind(
+            message_id=str(message.id),
+            user_id=message.user_id,
+            to=mask_phone(message.to),
+            attempt=f"{message.attempt}/{message.max_attempts}",
+        )
+        # One deadline for the whole call (httpx times each phase on its own), inside
+        # what is left of the lease, so that the lease really bounds an attempt.
+        budget = self._call_timeout
+        if not self._may_call(message, bound, started_at, lease_end, budget):
+            return
+        # Logged on the loop's next turn, like outcomes: the call starts first (a wave of
+        # calls starting together would otherwise each wait for the others' lines).
+        self._started_calls.append(bound)
+        self._schedule_recording()
+        clock = time.perf_counter()
+        self.calls_in_flight += 1
+        try:
+            async with asyncio.timeout(budget):
+                provider_id = await self.provider.send(
+                    OutgoingMessage(
+                        id=message.id,
+                        user_id=message.user_id,
+                        to=message.to,
+                        type=message.type,
+                        payload=message.payload,
+                        client_message_id=message.client_message_id,
+                        attempt=message.attempt,
+                    )
+                )
+            failure = None
+        except ProviderError as exc:
+            provider_id, failure = None, exc
+        except TimeoutError:
+            provider_id = None
+            failure = ProviderError(
+                ErrorKind.TRANSIENT,
+                f"{self.provider.name}: no answer within {budget:.3g}s",
+            )
+        except asyncio.CancelledError:
+            # Shutdown grace ran out: hand the row back rather than leave it in flight.
+            cut = CallResult(
+                Ending.CUT,
+                started_at,
+                datetime.now(UTC),
+                reason="interrupted by dispatcher shutdown",
+            )
+            self.completer.put(completion(message, cut, self.policy, self.pause.resume_at))
+            raise
+        except Exception as exc:  # a provider bug must not kill the dispatcher
+            self._log_started_calls()  # this call's start line first
+            bound.exception("provider raised unexpectedly")
+            provider_id = None
+            failure = ProviderError(ErrorKind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}")
+        finally:
+            self.calls_in_flight -= 1
+        latency_ms = (time.perf_counter() - clock) * 1000
+        finished_at = datetime.now(UTC)
+        if failure is not None and failure.kind is ErrorKind.SENDER:
+            # Before a buffered message can start.
+            self.pause.start(self.policy.sender_pause, finished_at)
+            self._on_pause("sending paused: " + failure.reason)
+        result = CallResult(
+            Ending.ANSWERED, started_at, finished_at, latency_ms, provider_id, failure
+        )
+        self._ended_calls.append((message, bound, result))
+        self._schedule_recording()
+
+    def _may_call(
+        self, message: Claimed, bound: Any, started_at: datetime, lease_end: float, budget: float
+    ) -> bool:
+        """Whether the call may start; if not, the row's completion is on its way."""
+        if message.expires_at is not None and message.expires_at <= started_at:
+            bound.warning("expired before sending", outcome=AttemptOutcome.EXPIRED)
+            expired = CallResult(Ending.EXPIRED, started_at, started_at)
+            self.completer.put(completion(message, expired, self.policy, self.pause.resume_at))
+            return False
+        if self.pause.active():
+            # Started in the turn of the loop in which another call hit a sender-level
+            # error: back to the database for the pause, unattempted.
+            self.hand_back(message, "sending paused", self.pause.resume_at, started_at)
+            return False
+        if lease_end - time.monotonic() - LEASE_MARGIN < budget:
+            # Waited in the prefetch buffer until the lease could not cover a whole call:
+            # hand it back unattempted rather than cut the call short.
+            self.hand_back(message, "lease too short to attempt", None, started_at)
+            return False
+        return True
+
+    # Recording --------------------------------------------------------------------
+
+    def _schedule_recording(self) -> None:
+        if self._recording is None:
+            # The log lines and outcomes of calls wait for the loop's next turn, after
+            # the calls that replace them have started: calls that end together (a
+            # slow provider's waves) are all refilled before any bookkeeping.
+            self._recording = asyncio.get_running_loop().call_later(
+                RECORD_DELAY, self._record_calls
+            )
+
+    def flush(self) -> None:
+        """Record now what waits for the loop's next turn (the dispatcher is stopping)."""
+        if self._recording is not None:
+            self._recording.cancel()
+            self._record_calls()
+
+    def _record_calls(self) -> None:
+        self._recording = None
+        self._log_started_calls()  # before any outcome: a call that started and ended
+        ended, self._ended_calls = self._ended_calls, []  # within one turn logs in order
+        for message, bound, result in ended:
+            try:
+                done = self._record(message, bound, result)
+            except Exception:
+                # A bug in one outcome must not lose the others of this turn, nor this
+                # call's: a sent message is recorded sent, any other is retried.
+                log.exception("could not record an outcome", message_id=str(message.id))
+                done = fallback_completion(message, result)
+            self.completer.put(done)
+        if not self.calls_in_flight:
+            self.completer.calls_ended()
+
+    def _log_started_calls(self) -> None:
+        started, self._started_calls = self._started_calls, []
+        for bound in started:
+            bound.info("attempt started")
+
+    def _record(self, message: Claimed, bound: Any, result: CallResult) -> Completion:
+        latency_ms = result.latency_ms or 0.0
+        self.metrics.provider_duration.observe(latency_ms / 1000)
+        done = completion(message, result, self.policy, self.pause.resume_at)
+        bound = bound.bind(duration_ms=round(latency_ms, 2))
+        failure = result.failure
+        if failure is None:
+            bound.info("sent", outcome=AttemptOutcome.SENT, provider_message_id=result.provider_id)
+        elif failure.kind is ErrorKind.SENDER:
+            bound.error(
+                "sender cannot send: pausing all sending",
+                outcome=AttemptOutcome.SENDER,
+                error=failure.reason,
+                pause_seconds=self.policy.sender_pause,
+            )
+        elif done.next_attempt_at is not None:
+            delay = (done.next_attempt_at - result.finished_at).total_seconds()
+            bound.info(
+                "attempt failed, will retry",
+                outcome=AttemptOutcome.TRANSIENT,
+                error=failure.reason,
+                retry_in=round(delay, 3),
+            )
+        else:
+            bound.error(
+                f"failed after {message.attempt} attempts",
+                outcome=done.outcome,
+                error=failure.reason,
+            )
+        return done
