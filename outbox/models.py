@@ -22,6 +22,8 @@ from pydantic import (
     field_validator,
 )
 
+from outbox.states import DeliveryState, MessageStatus
+
 MAX_SCHEDULE_AHEAD = timedelta(days=30)
 MAX_EXPIRY_AHEAD = timedelta(days=365)
 MAX_BATCH = 1000
@@ -306,7 +308,7 @@ class SendResponse(BaseModel):
     task_id: str
     to: str
     client_message_id: str | None
-    status: Literal["queued"] = "queued"
+    status: Literal[DeliveryState.QUEUED] = DeliveryState.QUEUED
     replayed: bool | None = Field(default=None, description="Set on batch items that replayed")
 
 
@@ -314,7 +316,15 @@ class BatchResponse(BaseModel):
     messages: list[SendResponse]
 
 
-Status = Literal["pending", "in_flight", "sent", "error", "cancelled"]
+# Every MessageStatus, as a Literal: OpenAPI shows it inline (an enum of strings), not as
+# a schema of its own.
+Status = Literal[
+    MessageStatus.PENDING,
+    MessageStatus.IN_FLIGHT,
+    MessageStatus.SENT,
+    MessageStatus.ERROR,
+    MessageStatus.CANCELLED,
+]
 
 
 class AttemptView(BaseModel):

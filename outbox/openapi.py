@@ -10,6 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from outbox import models
 from outbox.body import PARSE_INLINE_BYTES
+from outbox.states import MessageStatus
 
 _REF = "#/components/schemas/{model}"
 
@@ -200,7 +201,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                     "in": "query",
                     "schema": {
                         "type": "string",
-                        "enum": ["pending", "in_flight", "sent", "error", "cancelled"],
+                        "enum": [status.value for status in MessageStatus],
                     },
                 },
                 {
