@@ -28,7 +28,8 @@ class UsageError(Exception):
 
 
 class StartError(Exception):
-    """The process could not start (its address in use, say): one line, exit status 1."""
+    """The process could not start (its address in use, say), or stopped on a failure it
+    logged: one line, exit status 1."""
 
 
 def _settings() -> Settings:
@@ -94,6 +95,7 @@ def _bind(settings: Settings) -> list[socket.socket]:
 
 def cmd_dispatch(args: argparse.Namespace) -> None:
     from outbox import process
+    from outbox.dispatcher import SideTaskDied
 
     settings = _settings()
     _require_database(settings)
@@ -102,6 +104,8 @@ def cmd_dispatch(args: argparse.Namespace) -> None:
         process.run(process.dispatch(settings))
     except ValueError as exc:  # provider settings that can never work
         raise UsageError(str(exc)) from exc
+    except SideTaskDied as exc:  # logged with its traceback: one line, exit status 1
+        raise StartError(f"{exc} (see the log above)") from None
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

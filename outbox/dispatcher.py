@@ -1,9 +1,10 @@
 """`outbox dispatch`: claim due messages in batches, call the provider, record outcomes.
 
-Roles, after River: this module is the producer (wake-ups, slots, claims); the
-executor (outbox/executor.py) runs each attempt and turns its end into a completion;
-the completer writes completions in batches; the notifier listens for new messages;
-the reaper returns rows whose lease expired.
+Roles, after River: this module is the producer (wake-ups, slots, claims) and watches
+the side tasks; the executor (outbox/executor.py) runs each attempt and turns its end
+into a completion; the completer writes completions in batches; the notifier listens
+for new messages; the reaper returns rows whose lease expired; the scheduler runs the
+scheduled purge. A side task that dies stops the dispatcher, which then fails.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from outbox.providers import create_provider
 from outbox.providers.base import Provider
 from outbox.reaper import Reaper
 from outbox.retry import Backoff
+from outbox.schedule import Scheduler
 from outbox.settings import Settings
 from outbox.store import Claimed, Completion, Store
 from outbox.waiting import wait_event
@@ -45,8 +47,56 @@ EXIT_MARGIN = 1.0  # seconds of the shutdown grace left for closing the process 
 BACKSTOP_MARGIN = 1.0  # seconds past the grace before a dispatcher still stopping is cancelled
 
 
+class SideTaskDied(Exception):
+    """A side task of the dispatcher (completer, notifier, reaper, scheduler) raised: the
+    dispatcher stopped rather than run on without it."""
+
+
+class SideTasks:
+    """The dispatcher's side tasks, by name, watched: the first that raises is logged and
+    `on_death()` runs (one that returns, or is cancelled, has simply ended)."""
+
+    def __init__(self, on_death: Callable[[], None]) -> None:
+        self._on_death = on_death
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.dead: str | None = None  # the first side task that died
+
+    def start(self, roles: dict[str, Coroutine[Any, Any, None]]) -> None:
+        for name, role in roles.items():
+            task = asyncio.create_task(role, name=name)
+            task.add_done_callback(self._ended)
+            self._tasks[name] = task
+
+    async def wait_unless_ended(self, name: str, wait: Callable[[], Awaitable[Any]]) -> None:
+        """Await `wait()`, unless the side task `name` ends (dies) first."""
+        task = self._tasks.get(name)
+        if task is None or task.done():
+            return
+        waiting = asyncio.ensure_future(wait())
+        try:
+            await asyncio.wait({waiting, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+
+    async def cancel(self) -> None:
+        await cancel_and_wait(self._tasks.values())
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error(
+            "side task died: stopping the dispatcher",
+            task=task.get_name(),
+            exc_info=task.exception(),
+        )
+        if self.dead is None:
+            self.dead = task.get_name()
+        self._on_death()
+
+
 class Dispatcher:
-    """One class with `run()` and `stop()`; `run()` returns after a clean shutdown."""
+    """One class with `run()` and `stop()`; `run()` returns after a clean shutdown, and
+    raises `SideTaskDied` after the shutdown a dead side task caused."""
 
     def __init__(
         self,
@@ -84,6 +134,9 @@ class Dispatcher:
         self._ready_logged = False
         self._claiming: asyncio.Task[Any] | None = None  # the producer, while it claims
         self._claim_cuts = 0  # cancellations stop() sent to a claim
+        # Without one of them (no outcomes written, no leases reaped, no purge) the
+        # dispatcher stops, and fails, rather than run on.
+        self._side_tasks = SideTasks(on_death=self.stop)
         self.deadline = float("inf")  # monotonic time by which a stopped dispatcher is done
 
     @property
@@ -122,15 +175,15 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        side_tasks = [
-            asyncio.create_task(role, name=name) for name, role in self._side_roles().items()
-        ]
+        self._side_tasks.start(self._side_roles())
         try:
             await self._produce()
             await self._drain()
         finally:
-            await cancel_and_wait(side_tasks)
+            await self._side_tasks.cancel()
         log.info("stopped", dispatcher=self.id)
+        if self._side_tasks.dead is not None:
+            raise SideTaskDied(f"the dispatcher's {self._side_tasks.dead} died")
 
     def _side_roles(self) -> dict[str, Coroutine[Any, Any, None]]:
         reaper = Reaper(
@@ -149,6 +202,11 @@ class Dispatcher:
                 on_connect=self.wake,  # notifications missed while away: look now
             ),
             "reaper": reaper.run(),
+            # The scheduled purge (once per tick across the cluster); it ends by itself
+            # when pg_cron owns the job.
+            "scheduler": Scheduler(self.settings, self.store, metrics=self.metrics).run(
+                self._stopping
+            ),
         }
 
     # Producer ---------------------------------------------------------------------
@@ -316,7 +374,8 @@ class Dispatcher:
         self.executor.flush()
         try:
             async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
-                await self.completer.wait_idle()
+                # A dead completer writes nothing more: its rows come back after their lease.
+                await self._side_tasks.wait_unless_ended("completer", self.completer.wait_idle)
         except TimeoutError:
             # PostgreSQL away: these rows stay in flight and come back after their lease.
             log.error(

@@ -21,7 +21,6 @@ from outbox.connections import http_protocol
 from outbox.dispatcher import run_dispatcher
 from outbox.feed.protocol import FeedWebSocketProtocol
 from outbox.metrics import DispatchMetrics, MetricsServer, QueueGauges
-from outbox.schedule import Scheduler
 from outbox.settings import Settings
 from outbox.store import Store
 
@@ -147,14 +146,9 @@ async def _dispatch_until(
                 metrics,
                 QueueGauges(store, settings.metrics_cache),
             )
-    # The scheduled purge runs beside the dispatcher (once per tick across the cluster).
-    scheduler = asyncio.create_task(
-        Scheduler(settings, store, metrics=metrics).run(stop), name="scheduler"
-    )
     try:
         await run_dispatcher(settings, store, stop, metrics)
     finally:
-        await cancel_and_wait([scheduler])
         if exporter is not None:
             await exporter.stop()
         await pool.close(timeout=POOL_CLOSE_TIMEOUT)
