@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,7 +38,8 @@ from outbox.ingest import InsertCoalescer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import UNMATCHED, ApiMetrics, QueueGauges, render
 from outbox.settings import Settings
-from outbox.store import Conflict, Inserted, NewMessage, Store
+from outbox.states import LIVE_STATUSES, DeliveryState, MessageStatus
+from outbox.store import Conflict, Inserted, ListedRow, MessageRow, NewMessage, Store
 
 log = get_logger("outbox.api")
 
@@ -47,12 +48,9 @@ BATCH_BODY_FACTOR = 16
 # template components, and a batch of 1,000 messages of 200 values each on average.
 MESSAGE_JSON_VALUES = models.MAX_COMPONENTS_VALUES + 100
 BATCH_JSON_VALUES = models.MAX_BATCH * 200
-# A batch goes to PostgreSQL in statements of this many rows, one transaction: each
-# runs while the next is built.
-BATCH_STATEMENT_ROWS = 250
 LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
-STATUSES = ("pending", "in_flight", "sent", "error", "cancelled")
+STATUSES = tuple(MessageStatus)
 CLIENT_CLOSED = 499  # the request log's status for a client that left mid-request
 LIST_PARAMETERS = ("status", "limit", "after", "client_message_id")
 # The admin summary: where its counts stop (index-only counts of pending, in-flight and
@@ -124,14 +122,18 @@ def _new_message(message: models.AnyMessage) -> NewMessage:
     )
 
 
-def _accepted(task_id: str, message: NewMessage) -> dict[str, Any]:
-    return {
+def _accepted(inserted: Inserted, message: NewMessage, *, batch: bool = False) -> dict[str, Any]:
+    """The answer for one accepted message (a batch item says when it replayed)."""
+    accepted: dict[str, Any] = {
         "message": models.ACCEPTED_MESSAGE,
-        "task_id": task_id,
+        "task_id": inserted.id,
         "to": message.to,
         "client_message_id": message.client_message_id,
-        "status": "queued",
+        "status": DeliveryState.QUEUED,
     }
+    if batch and inserted.replayed:
+        accepted["replayed"] = True
+    return accepted
 
 
 def _conflict(client_message_id: str | None, index: int | None = None) -> ApiError:
@@ -161,10 +163,11 @@ async def send(request: Request) -> Response:
     request.state.to = mask_phone(new.to)
     services.metrics.accepted_single.inc()
     headers = {"Idempotent-Replayed": "true"} if inserted.replayed else None
-    return OrjsonResponse(_accepted(inserted.id, new), status_code=202, headers=headers)
+    return OrjsonResponse(_accepted(inserted, new), status_code=202, headers=headers)
 
 
 async def send_batch(request: Request) -> Response:
+    """All the batch validated, then inserted in one transaction, then answered."""
     principal = _authenticate(request)
     services = _services(request)
     bodies = services.bodies
@@ -174,67 +177,45 @@ async def send_batch(request: Request) -> Response:
     except ValidationError as exc:
         raise ApiError(422, "invalid batch", fields=validation_fields(exc, batch=True)) from exc
     del body  # the items are parsed: the bytes need not outlive them
-    raw = envelope.messages
-    user_id = principal.user_id
-    messages: list[models.AnyMessage] = []  # validated so far
-    items: list[dict[str, Any]] = []
-
-    def chunks() -> Iterator[list[tuple[str, NewMessage]]]:
-        """Validate and build the rows chunk by chunk, each while the chunk before is
-        inserted; an invalid batch raises 422 naming every bad item once all are seen
-        (the rows inserted by then roll back with the transaction)."""
-        invalid: list[dict[str, Any]] = []
-        repeated: list[dict[str, Any]] = []
-        first_seen: dict[str, int] = {}
-        for start in range(0, len(raw), BATCH_STATEMENT_ROWS):
-            try:
-                chunk = models.BATCH_ITEMS.validate_python(
-                    raw[start : start + BATCH_STATEMENT_ROWS]
-                )
-            except ValidationError as exc:
-                invalid.extend(validation_fields(exc, items_from=start))
-                continue
-            for index, item in enumerate(chunk, start):
-                if item.client_message_id is None:
-                    continue
-                if item.client_message_id in first_seen:
-                    repeated.append(
-                        {
-                            "index": index,
-                            "path": "client_message_id",
-                            "message": "repeats the client_message_id of item "
-                            f"{first_seen[item.client_message_id]}",
-                        }
-                    )
-                else:
-                    first_seen[item.client_message_id] = index
-            messages.extend(chunk)
-            if not invalid and not repeated:
-                yield [(user_id, _new_message(item)) for item in chunk]
-        if invalid or repeated:
-            raise ApiError(422, "invalid batch", fields=invalid or repeated)
-
-    def accepted(offset: int, rows: list[tuple[str, NewMessage]], results: list[Inserted]) -> None:
-        chunk_items = []
-        for (_, new), inserted in zip(rows, results, strict=True):
-            item = _accepted(inserted.id, new)
-            if inserted.replayed:
-                item["replayed"] = True
-            chunk_items.append(item)
-        items[offset : offset + len(chunk_items)] = chunk_items  # again, if run again
-
-    rows = chunks()
+    rows = [(principal.user_id, _new_message(item)) for item in _batch_items(envelope.messages)]
     try:
-        await services.store.messages.insert_all_or_nothing(
-            rows, services.settings.max_attempts, accepted
-        )
+        results = await services.store.messages.insert_batch(rows, services.settings.max_attempts)
     except Conflict as exc:
-        for _ in rows:  # a bad item not yet validated answers 422 first, as it always has
-            pass
-        raise _conflict(messages[exc.index].client_message_id, exc.index) from exc
+        raise _conflict(rows[exc.index][1].client_message_id, exc.index) from exc
+    items = [
+        _accepted(result, new, batch=True) for (_, new), result in zip(rows, results, strict=True)
+    ]
     request.state.batch_size = len(items)
     services.metrics.accepted_batch.inc(len(items))
     return OrjsonResponse({"messages": items}, status_code=202)
+
+
+def _batch_items(raw: list[dict[str, Any]]) -> list[models.AnyMessage]:
+    """The batch's items validated, or 422 naming every bad item (by its index); then every
+    client_message_id that repeats one of an earlier item."""
+    try:
+        items = models.BATCH_ITEMS.validate_python(raw)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid batch", fields=validation_fields(exc, items_from=0)) from exc
+    repeated: list[dict[str, Any]] = []
+    first_seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if item.client_message_id is None:
+            continue
+        if item.client_message_id in first_seen:
+            first = first_seen[item.client_message_id]
+            repeated.append(
+                {
+                    "index": index,
+                    "path": "client_message_id",
+                    "message": f"repeats the client_message_id of item {first}",
+                }
+            )
+        else:
+            first_seen[item.client_message_id] = index
+    if repeated:
+        raise ApiError(422, "invalid batch", fields=repeated)
+    return items
 
 
 # A task id as the API writes it (uuid.UUID alone also reads `{…}`, `urn:uuid:…` and
@@ -259,28 +240,29 @@ def _iso_from_json(value: str | None) -> str | None:
     return models.iso_utc(datetime.fromisoformat(value)) if value else None
 
 
-def listed_message(row: dict[str, Any]) -> dict[str, Any]:
-    live = row["status"] in ("pending", "in_flight")
+def listed_message(row: ListedRow) -> dict[str, Any]:
     return {
-        "task_id": str(row["id"]),
-        "status": row["status"],
-        "to": row["to"],
-        "type": row["type"],
-        "client_message_id": row["client_message_id"],
-        "attempts": row["attempts"],
-        "max_attempts": row["max_attempts"],
-        "next_attempt_at": models.iso_utc(row["next_attempt_at"]) if live else None,
-        "send_at": models.iso_utc(row["send_at"]),
-        "expires_at": models.iso_utc(row["expires_at"]),
-        "last_error": row["last_error"],
-        "provider_message_id": row["provider_message_id"],
-        "created_at": models.iso_utc(row["created_at"]),
-        "updated_at": models.iso_utc(row["updated_at"]),
-        "finished_at": models.iso_utc(row["finished_at"]),
+        "task_id": str(row.id),
+        "status": row.status,
+        "to": row.to,
+        "type": row.type,
+        "client_message_id": row.client_message_id,
+        "attempts": row.attempts,
+        "max_attempts": row.max_attempts,
+        "next_attempt_at": (
+            models.iso_utc(row.next_attempt_at) if row.status in LIVE_STATUSES else None
+        ),
+        "send_at": models.iso_utc(row.send_at),
+        "expires_at": models.iso_utc(row.expires_at),
+        "last_error": row.last_error,
+        "provider_message_id": row.provider_message_id,
+        "created_at": models.iso_utc(row.created_at),
+        "updated_at": models.iso_utc(row.updated_at),
+        "finished_at": models.iso_utc(row.finished_at),
     }
 
 
-def message_view(row: dict[str, Any]) -> dict[str, Any]:
+def message_view(row: MessageRow) -> dict[str, Any]:
     view = listed_message(row)
     view["history"] = [
         {
@@ -290,7 +272,7 @@ def message_view(row: dict[str, Any]) -> dict[str, Any]:
             "outcome": attempt["outcome"],
             "error": attempt["error"],
         }
-        for attempt in row["history"]
+        for attempt in row.history
     ]
     return view
 
@@ -320,7 +302,7 @@ async def cancel_message(request: Request) -> Response:
     if row is None:
         raise ApiError(404, "no such message")
     if not cancelled:  # DESIGN.md: only a message still pending; 409 otherwise (a repeat too)
-        raise ApiError(409, f"message is {row['status']}: only a pending message can be cancelled")
+        raise ApiError(409, f"message is {row.status}: only a pending message can be cancelled")
     return OrjsonResponse(message_view(row))
 
 
@@ -348,11 +330,11 @@ async def retry_message(request: Request) -> Response:
     row = await store.messages.get(task_id, None)
     if row is None:
         raise ApiError(404, "no such message")
-    if row["status"] in ("error", "cancelled"):  # refused for its expiry alone
-        expired = models.iso_utc(row["expires_at"])
+    if row.status in (MessageStatus.ERROR, MessageStatus.CANCELLED):  # refused for its expiry
+        expired = models.iso_utc(row.expires_at)
         raise ApiError(409, f"message expired at {expired}: a retry would only expire again")
     raise ApiError(
-        409, f"message is {row['status']}: only an errored or cancelled message can be retried"
+        409, f"message is {row.status}: only an errored or cancelled message can be retried"
     )
 
 
@@ -378,6 +360,7 @@ async def list_messages(request: Request) -> Response:
     status = params.get("status")
     if status is not None and status not in STATUSES:
         raise _query_error("status", "must be one of " + ", ".join(STATUSES))
+    status_filter = MessageStatus(status) if status is not None else None
     raw_limit = params.get("limit", str(LIST_LIMIT_DEFAULT))
     # isascii: str.isdigit() also accepts '²', which int() refuses.
     if (
@@ -397,7 +380,7 @@ async def list_messages(request: Request) -> Response:
     limit = int(raw_limit)
     rows = await _services(request).store.messages.listing(
         _owner_filter(principal),
-        status=status,
+        status=status_filter,
         client_message_id=client_message_id,
         after=after,
         limit=limit,

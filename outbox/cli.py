@@ -20,7 +20,7 @@ from outbox import db
 from outbox.auth import mint_token
 from outbox.log import configure_logging, flush_logs, get_logger
 from outbox.settings import Settings, describe_error, parse_duration
-from outbox.store import PurgeCounts
+from outbox.store import PurgeCounts, StatusSummary
 
 
 class UsageError(Exception):
@@ -218,12 +218,9 @@ def _ago(value: datetime | None, now: datetime) -> str:
     return f"{value:%Y-%m-%d %H:%M:%S} ({seconds:.0f}s {suffix})"
 
 
-def format_status_table(rows: list[dict[str, Any]], now: datetime) -> str:
+def format_status_table(rows: list[StatusSummary], now: datetime) -> str:
     header = ("STATUS", "COUNT", "DUE NOW", "OLDEST")
-    body = [
-        (row["status"], str(row["count"]), str(row["due_now"]), _ago(row["oldest"], now))
-        for row in rows
-    ]
+    body = [(row.status, str(row.count), str(row.due_now), _ago(row.oldest, now)) for row in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(3)]
     lines = [
         f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:>{widths[2]}}  {line[3]}"
@@ -232,15 +229,11 @@ def format_status_table(rows: list[dict[str, Any]], now: datetime) -> str:
     return "\n".join(lines)
 
 
-def status_document(rows: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+def status_document(rows: list[StatusSummary], now: datetime) -> dict[str, Any]:
     return {
         "at": now.isoformat(),
         "statuses": {
-            row["status"]: {
-                "count": row["count"],
-                "due_now": row["due_now"],
-                "oldest": _iso(row["oldest"]),
-            }
+            row.status: {"count": row.count, "due_now": row.due_now, "oldest": _iso(row.oldest)}
             for row in rows
         },
     }

@@ -116,7 +116,7 @@ class Scheduler:
         except Exception:  # no privilege on cron.job, say: we run it ourselves
             log.warning("could not read cron.job; the dispatchers schedule the purge")
             return False
-        return bool(job and job["active"])
+        return job is not None and job.active
 
     async def run_due(self) -> Outcome:
         """Run the latest tick at or before now unless it (or a later one) ran already."""

@@ -1,4 +1,5 @@
--- Named queries: each under a `-- name: <name>` header, loaded by outbox/store.py.
+-- Named queries: each under a `-- name: <name>` header, loaded by outbox/store/database.py.
+-- Every statement is whole here: none is assembled from pieces in Python.
 
 -- name: insert_new_messages
 -- Many messages in one statement (a batch request, or concurrent single requests
@@ -15,37 +16,31 @@ SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
        GREATEST(now(), COALESCE(b.send_at, now()))
 FROM jsonb_to_recordset(%(messages)s::jsonb)
     AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
-         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz)
+         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz);
 
--- name: replays_clause
--- insert_messages is insert_new_messages followed by this (outbox/store.py): the same
--- rows when some may be replays. Per row: inserted (the id proposed comes back),
--- replayed (another id comes back: same request under the same client_message_id),
--- or a conflict (nothing comes back for it).
+-- name: insert_messages
+-- insert_new_messages when some rows may be replays: the same INSERT, and per row
+-- inserted (the id proposed comes back), replayed (another id comes back: same request
+-- under the same client_message_id), or a conflict (nothing comes back for it).
+INSERT INTO outbox.messages AS m
+    (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
+     send_at, expires_at, next_attempt_at)
+SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
+       decode(b.request_hash, 'hex'), b.max_attempts, b.send_at, b.expires_at,
+       GREATEST(now(), COALESCE(b.send_at, now()))
+FROM jsonb_to_recordset(%(messages)s::jsonb)
+    AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
+         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz)
 ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL
 DO UPDATE SET updated_at = m.updated_at
     WHERE m.request_hash = EXCLUDED.request_hash
-RETURNING m.id::text, m.user_id, m.client_message_id
+RETURNING m.id::text AS id, m.user_id, m.client_message_id;
 
--- name: message_view
--- A message as GET shows it, with its attempts: the columns of get_message and
--- retry_message, each of which adds its FROM (outbox/store.py).
-SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,
-       m.next_attempt_at, m.send_at, m.expires_at, m.last_error, m.provider_message_id,
-       m.created_at, m.updated_at, m.finished_at,
-       COALESCE(
-           (SELECT jsonb_agg(jsonb_build_object(
-                       'attempt', a.attempt,
-                       'started_at', a.started_at,
-                       'finished_at', a.finished_at,
-                       'outcome', a.outcome,
-                       'error', a.error) ORDER BY a.id)
-            FROM outbox.attempts a WHERE a.message_id = m.id),
-           '[]'::jsonb) AS history
-
--- name: get_message_from
-FROM outbox.messages m
-WHERE m.id = %(id)s AND (%(user_id)s::text IS NULL OR m.user_id = %(user_id)s::text);
+-- name: get_message
+-- A message as GET shows it, with its attempts (the view: 011_message_views.sql).
+SELECT *
+FROM outbox.message_view
+WHERE id = %(id)s AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text);
 
 -- name: cancel_message
 -- The cancel and its `message_cancelled` event (sql/migrations/007_cancel_event.sql).
@@ -57,15 +52,13 @@ SELECT COALESCE(max(version), 0) FROM outbox.schema_migrations;
 -- name: list_messages
 -- Keyset pagination, newest first (ids are UUIDv7, so id order is creation order).
 -- Run unprepared so the planner folds away the filters that are NULL.
-SELECT m.id, m.status, m."to", m.type, m.client_message_id, m.attempts, m.max_attempts,
-       m.next_attempt_at, m.send_at, m.expires_at, m.last_error, m.provider_message_id,
-       m.created_at, m.updated_at, m.finished_at, '[]'::jsonb AS history
-FROM outbox.messages m
-WHERE (%(user_id)s::text IS NULL OR m.user_id = %(user_id)s::text)
-  AND (%(status)s::text IS NULL OR m.status = %(status)s::text)
-  AND (%(client_message_id)s::text IS NULL OR m.client_message_id = %(client_message_id)s::text)
-  AND (%(after)s::uuid IS NULL OR m.id < %(after)s::uuid)
-ORDER BY m.id DESC
+SELECT *
+FROM outbox.listed_message
+WHERE (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text)
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(client_message_id)s::text IS NULL OR client_message_id = %(client_message_id)s::text)
+  AND (%(after)s::uuid IS NULL OR id < %(after)s::uuid)
+ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: claim_messages
@@ -81,10 +74,13 @@ LIMIT %(limit)s;
 -- the earliest pending row this claim did not take is due: a dispatcher that got
 -- fewer rows than it asked for sets its timer from it, without another round trip
 -- (a time already past: a due row held by another session, or skipped as above).
+-- %(now)s is the claim's clock, the database's own when NULL (tests set it to claim
+-- as of another time). The claimed rows' columns are the fields of Claimed
+-- (outbox/store/queue.py), in order, then next_due_at.
 WITH due AS (
     SELECT ctid
     FROM outbox.messages
-    WHERE status = 'pending' AND next_attempt_at <= now()
+    WHERE status = 'pending' AND next_attempt_at <= COALESCE(%(now)s::timestamptz, now())
     ORDER BY next_attempt_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -94,14 +90,15 @@ claimed AS (
     SET status = 'in_flight',
         attempts = m.attempts + 1,
         locked_by = %(dispatcher)s,
-        locked_until = now() + make_interval(secs => %(lease_seconds)s),
-        updated_at = now()
+        locked_until = COALESCE(%(now)s::timestamptz, now())
+                       + make_interval(secs => %(lease_seconds)s),
+        updated_at = COALESCE(%(now)s::timestamptz, now())
     WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM due))
     RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.attempts,
               m.max_attempts, m.expires_at
 )
-SELECT id, user_id, "to", type, payload, client_message_id, attempts, max_attempts,
-       expires_at, NULL::timestamptz AS next_due_at
+SELECT id, user_id, "to", type, payload, client_message_id, attempts AS attempt,
+       max_attempts, expires_at, NULL::timestamptz AS next_due_at
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
@@ -121,19 +118,25 @@ SELECT outbox.record_late_successes(%(outcomes)s::json, %(dispatcher)s);
 -- Rows in `keep` are this dispatcher's own, their outcome still on its way.
 SELECT outbox.reap_expired_leases(%(limit)s::int, %(keep)s::uuid[]);
 
--- Purge and schedule (issue 7) ------------------------------------------------------
+-- Purge and schedule -----------------------------------------------------------------
 
 -- name: purge_cutoffs
--- The cutoffs of one purge run, fixed once from the database clock; NULL keeps.
+-- The cutoffs of one purge run, fixed once from the purge's clock: %(now)s, the
+-- database's own when NULL (tests set it to purge as of another time); NULL keeps.
 SELECT CASE WHEN %(error_seconds)s::float8 > 0
-            THEN now() - make_interval(secs => %(error_seconds)s) END AS errored,
+            THEN COALESCE(%(now)s::timestamptz, now())
+                 - make_interval(secs => %(error_seconds)s) END AS errored,
        CASE WHEN %(sent_seconds)s::float8 > 0
-            THEN now() - make_interval(secs => %(sent_seconds)s) END AS done,
+            THEN COALESCE(%(now)s::timestamptz, now())
+                 - make_interval(secs => %(sent_seconds)s) END AS done,
        CASE WHEN %(event_seconds)s::float8 > 0
-            THEN now() - make_interval(secs => %(event_seconds)s) END AS events;
+            THEN COALESCE(%(now)s::timestamptz, now())
+                 - make_interval(secs => %(event_seconds)s) END AS events;
 
 -- name: purge_counts
-SELECT errored, done, events FROM outbox.purge_counts(%(errored)s, %(done)s, %(events)s);
+-- What a purge with these cutoffs would delete: the columns of PurgeCounts.
+SELECT errored, done AS sent, events
+FROM outbox.purge_counts(%(errored)s, %(done)s, %(events)s);
 
 -- name: purge_errored_batch
 SELECT outbox.purge_errored_batch(%(cutoff)s, %(batch_size)s);
@@ -178,7 +181,7 @@ WHERE jobname = %(name)s AND database = current_database();
 -- name: queue_summary
 SELECT status, count, oldest, due_now FROM outbox.queue_summary;
 
--- Live status feed (issue 6) -----------------------------------------------------------
+-- Live status feed -------------------------------------------------------------------
 
 -- name: max_event_id
 -- Where a gateway starts following (backward scan of the primary key).
@@ -209,7 +212,7 @@ SELECT COALESCE(
     (SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
      FROM outbox.events_id_seq));
 
--- Admin: dashboard and retry (issue 8) ---------------------------------------------------
+-- Admin: dashboard and retry ---------------------------------------------------------
 
 -- name: admin_summary
 -- The dashboard's figures as one JSON document, one round trip, from the inspection
@@ -286,13 +289,13 @@ SELECT json_build_object(
               ORDER BY next_attempt_at LIMIT %(rows)s) w)
 )::text;
 
--- name: retry_message_from
+-- name: retry_message
 -- An errored or cancelled message back to pending with a fresh budget, its event and
 -- the dispatchers' wake-up (sql/migrations/004_admin_retry.sql); the view of the row
--- as it is now (message_view), or no row when it was not retried. Attempts are not
--- changed by a retry, so reading them in this statement's snapshot is exact.
-FROM outbox.retry_message(%(id)s, %(budget)s) AS m;
--- Metrics (issue 8) ---------------------------------------------------------------------
+-- as it is now, or no row when it was not retried (011_message_views.sql).
+SELECT * FROM outbox.retry_message_view(%(id)s, %(budget)s);
+
+-- Metrics -----------------------------------------------------------------------------
 
 -- name: queue_gauges
 -- The Prometheus queue gauges (outbox/metrics.py), read at most once per
@@ -300,7 +303,8 @@ FROM outbox.retry_message(%(id)s, %(budget)s) AS m;
 -- the history: pending rows through messages_due, in-flight rows through messages_lease
 -- (live rows only, index-only scans). Sent, error and cancelled rows are most of a big
 -- table: their counts are estimated from the planner's statistics instead, as of the
--- last (auto)ANALYZE: a catalogue lookup (outbox/store.py does the arithmetic).
+-- last (auto)ANALYZE: a catalogue lookup (outbox/store/figures.py does the arithmetic).
+-- The columns are the fields of GaugeRow (outbox/store/figures.py).
 WITH pending AS (
     SELECT count(*) AS count,
            count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
@@ -311,9 +315,11 @@ WITH pending AS (
     SELECT count(*) AS count, count(*) FILTER (WHERE locked_until < now()) AS expired
     FROM outbox.messages WHERE status = 'in_flight'
 )
-SELECT p.count, p.due, p.oldest_due_age, f.count, f.expired, c.reltuples::float8,
-       s.null_frac::float8, s.n_distinct::float8, s.most_common_vals::text::text[],
-       s.most_common_freqs::float8[]
+SELECT p.count AS pending, p.due, p.oldest_due_age, f.count AS in_flight,
+       f.expired AS lease_expired, c.reltuples::float8 AS reltuples,
+       s.null_frac::float8 AS null_frac, s.n_distinct::float8 AS n_distinct,
+       s.most_common_vals::text::text[] AS common_values,
+       s.most_common_freqs::float8[] AS common_shares
 FROM pending p, in_flight f, pg_class c
 LEFT JOIN pg_stats s
        ON s.schemaname = 'outbox' AND s.tablename = 'messages' AND s.attname = 'status'

@@ -517,6 +517,91 @@ $$;
 
 
 --
+-- Name: attempts; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.attempts (
+    id bigint NOT NULL,
+    message_id uuid NOT NULL,
+    attempt integer NOT NULL,
+    dispatcher text NOT NULL,
+    started_at timestamp with time zone NOT NULL,
+    finished_at timestamp with time zone,
+    outcome text NOT NULL,
+    error text,
+    latency_ms double precision
+)
+WITH (autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.02');
+
+
+--
+-- Name: listed_message; Type: VIEW; Schema: outbox; Owner: -
+--
+
+CREATE VIEW outbox.listed_message AS
+ SELECT m.id,
+    m.user_id,
+    m.status,
+    m."to",
+    m.type,
+    m.client_message_id,
+    m.attempts,
+    m.max_attempts,
+    m.next_attempt_at,
+    m.send_at,
+    m.expires_at,
+    m.last_error,
+    m.provider_message_id,
+    m.created_at,
+    m.updated_at,
+    m.finished_at
+   FROM outbox.messages m;
+
+
+--
+-- Name: message_view; Type: VIEW; Schema: outbox; Owner: -
+--
+
+CREATE VIEW outbox.message_view AS
+ SELECT l.id,
+    l.user_id,
+    l.status,
+    l."to",
+    l.type,
+    l.client_message_id,
+    l.attempts,
+    l.max_attempts,
+    l.next_attempt_at,
+    l.send_at,
+    l.expires_at,
+    l.last_error,
+    l.provider_message_id,
+    l.created_at,
+    l.updated_at,
+    l.finished_at,
+    COALESCE(( SELECT jsonb_agg(jsonb_build_object('attempt', a.attempt, 'started_at', a.started_at, 'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error) ORDER BY a.id) AS jsonb_agg
+           FROM outbox.attempts a
+          WHERE (a.message_id = l.id)), '[]'::jsonb) AS history
+   FROM outbox.listed_message l;
+
+
+--
+-- Name: retry_message_view(uuid, integer); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.retry_message_view(p_id uuid, p_budget integer) RETURNS SETOF outbox.message_view
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM 1 FROM outbox.retry_message(p_id, p_budget);
+    IF FOUND THEN
+        RETURN QUERY SELECT * FROM outbox.message_view WHERE id = p_id;
+    END IF;
+END;
+$$;
+
+
+--
 -- Name: wire_time(timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -575,24 +660,6 @@ BEGIN
     RETURN last_id;
 END;
 $$;
-
-
---
--- Name: attempts; Type: TABLE; Schema: outbox; Owner: -
---
-
-CREATE TABLE outbox.attempts (
-    id bigint NOT NULL,
-    message_id uuid NOT NULL,
-    attempt integer NOT NULL,
-    dispatcher text NOT NULL,
-    started_at timestamp with time zone NOT NULL,
-    finished_at timestamp with time zone,
-    outcome text NOT NULL,
-    error text,
-    latency_ms double precision
-)
-WITH (autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.02');
 
 
 --

@@ -3,35 +3,58 @@ one class per role (messages, queue, events, jobs, figures) over one `Database`.
 
 from __future__ import annotations
 
+from psycopg.rows import scalar_row
 from psycopg_pool import AsyncConnectionPool
 
-from outbox.store.database import QUERIES, Database
+from outbox.store.database import QUERIES, ColumnMismatch, Database, dataclass_row
 from outbox.store.events import EventRow, Events
-from outbox.store.figures import Figures, QueueFigures, estimate_count
-from outbox.store.jobs import JOB_LOCK_NAMESPACE, Jobs, JobSession, PurgeCounts, PurgeCutoffs
-from outbox.store.messages import Conflict, Inserted, Messages, NewMessage
+from outbox.store.figures import Figures, QueueFigures, StatusSummary, estimate_count
+from outbox.store.jobs import (
+    JOB_LOCK_NAMESPACE,
+    Jobs,
+    JobSession,
+    PgCronJob,
+    PurgeCounts,
+    PurgeCutoffs,
+)
+from outbox.store.messages import (
+    Conflict,
+    HistoryEntry,
+    Inserted,
+    ListedRow,
+    MessageRow,
+    Messages,
+    NewMessage,
+)
 from outbox.store.queue import Claimed, Completion, Queue
 
 __all__ = [
     "JOB_LOCK_NAMESPACE",
     "QUERIES",
     "Claimed",
+    "ColumnMismatch",
     "Completion",
     "Conflict",
     "Database",
     "EventRow",
     "Events",
     "Figures",
+    "HistoryEntry",
     "Inserted",
     "JobSession",
     "Jobs",
+    "ListedRow",
+    "MessageRow",
     "Messages",
     "NewMessage",
+    "PgCronJob",
     "PurgeCounts",
     "PurgeCutoffs",
     "Queue",
     "QueueFigures",
+    "StatusSummary",
     "Store",
+    "dataclass_row",
     "estimate_count",
 ]
 
@@ -60,5 +83,5 @@ class Store:
         return self.db.pool
 
     async def schema_version(self) -> int:
-        row = await self.db.fetchone(QUERIES["schema_version"])
-        return int(row[0]) if row else 0
+        version = await self.db.fetchone(QUERIES["schema_version"], row=scalar_row)
+        return int(version) if version is not None else 0

@@ -1,19 +1,27 @@
 """Statements from sql/queries.sql run on pooled connections: the one place that sends SQL
-for the roles' stores (messages, queue, events, jobs, figures)."""
+for the roles' stores (messages, queue, events, jobs, figures), and how their rows become
+typed values."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, LiteralString, cast
+from typing import TYPE_CHECKING, Any, LiteralString, TypeVar, cast
 
-from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor
-from psycopg.rows import dict_row, tuple_row
+from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, sql
+from psycopg.rows import BaseRowFactory, RowMaker, no_result
 from psycopg_pool import AsyncConnectionPool
 
 from outbox.settings import SQL_DIR
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
+Row = TypeVar("Row")
 
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -29,16 +37,37 @@ def load_queries(path: Path = SQL_DIR / "queries.sql") -> dict[str, LiteralStrin
 QUERIES = load_queries()
 
 
-def _joined(head: LiteralString, tail: LiteralString) -> LiteralString:
-    """One statement from a beginning and an ending (a `;` ending the first is dropped)."""
-    return head.rstrip().removesuffix(";") + "\n" + tail
+class ColumnMismatch(TypeError):
+    """A statement's columns are not the fields of the class its rows map to."""
 
 
-# Statements that share their beginning: an insert where none of the rows is a replay,
-# or some may be; the view of one message, read, or as an admin's retry leaves it.
-QUERIES["insert_messages"] = _joined(QUERIES["insert_new_messages"], QUERIES["replays_clause"])
-QUERIES["get_message"] = _joined(QUERIES["message_view"], QUERIES["get_message_from"])
-QUERIES["retry_message"] = _joined(QUERIES["message_view"], QUERIES["retry_message_from"])
+def dataclass_row(cls: type[T]) -> BaseRowFactory[T]:
+    """Rows as instances of the dataclass `cls`, whose fields are the statement's columns,
+    by name and in order: a statement and its row class cannot drift apart unnoticed.
+
+    psycopg's class_row gives the same guarantee by building a dict and calling `cls`
+    with keywords for every row (+0.9 µs a row here: +0.45 ms on a claim of 512); the
+    names are compared once per result instead, and each row built from its values."""
+    fields = [field.name for field in dataclasses.fields(cls)]
+
+    def factory(cursor: Any) -> RowMaker[T]:
+        if cursor.description is None:
+            return no_result
+        check_columns(cursor, fields, cls.__name__)
+
+        def make(values: Sequence[Any]) -> T:
+            return cls(*values)
+
+        return make
+
+    return factory
+
+
+def check_columns(cursor: Any, names: Sequence[str], what: str) -> None:
+    """Raise ColumnMismatch unless the cursor's columns are `names`, in that order."""
+    columns = [column.name for column in cursor.description or ()]
+    if columns != list(names):
+        raise ColumnMismatch(f"{what} expects columns {list(names)}, the statement gives {columns}")
 
 
 class Pooled:
@@ -86,15 +115,28 @@ class Database:
         # one through a transaction pooler; the pool's own conninfo when not given.
         self.session_conninfo = session_conninfo
         # Every statement of this store runs under it (the API's store): in milliseconds,
-        # at least 1 (PostgreSQL reads 0 as no timeout).
-        self.set_timeout: str | None = (
-            f"SET LOCAL statement_timeout = {max(1, round(statement_timeout * 1000))}"
+        # at least 1 (PostgreSQL reads 0 as no timeout). A setting, not a statement of
+        # queries.sql: composed here, its value a literal.
+        self.set_timeout: sql.Composed | None = (
+            sql.SQL("SET LOCAL statement_timeout = {}").format(
+                sql.Literal(max(1, round(statement_timeout * 1000)))
+            )
             if statement_timeout
             else None
         )
+        self._timed: dict[str, bytes] = {}  # each statement after the setting, composed once
 
     def connection(self) -> Pooled:
         return Pooled(self.pool)
+
+    def _timed_query(self, query: LiteralString) -> bytes:
+        """`query` preceded by the timeout's SET LOCAL: one simple-protocol query."""
+        timed = self._timed.get(query)
+        if timed is None:
+            assert self.set_timeout is not None
+            composed = sql.SQL(";\n").join([self.set_timeout, sql.SQL(query)])
+            timed = self._timed[query] = composed.as_bytes()
+        return timed
 
     async def execute(
         self,
@@ -102,10 +144,10 @@ class Database:
         query: LiteralString,
         params: Mapping[str, Any] | None = None,
         *,
-        dicts: bool = False,
+        row: BaseRowFactory[Row],
         prepare: bool | None = None,
-    ) -> AsyncCursor[Any]:
-        """Run one statement; its results are in the cursor returned.
+    ) -> AsyncCursor[Row]:
+        """Run one statement; its results, as `row` makes them, are in the cursor returned.
 
         With a statement timeout, in the same round trip: `SET LOCAL statement_timeout`
         and the statement go as one simple-protocol query, which PostgreSQL runs as one
@@ -118,20 +160,24 @@ class Database:
         turns slowed the gateway's fan-out enough to cut WebSocket clients off. A
         statement cut short raises QueryCanceled; the connection is idle again."""
         if self.set_timeout is None:
-            cursor: AsyncCursor[Any] = conn.cursor(row_factory=dict_row) if dicts else conn.cursor()
+            cursor = conn.cursor(row_factory=row)
             await cursor.execute(query, params, prepare=prepare)
             return cursor
-        timed = AsyncClientCursor(conn, row_factory=dict_row if dicts else tuple_row)
-        await timed.execute(f"{self.set_timeout};\n{query}", params)
+        timed = AsyncClientCursor(conn, row_factory=row)
+        await timed.execute(self._timed_query(query), params)
         timed.nextset()  # from the SET's result to the statement's
         return timed
 
     async def fetchone(
-        self, query: LiteralString, params: Mapping[str, Any] | None = None, *, dicts: bool = False
-    ) -> Any:
+        self,
+        query: LiteralString,
+        params: Mapping[str, Any] | None = None,
+        *,
+        row: BaseRowFactory[Row],
+    ) -> Row | None:
         """One statement on a connection of its own; its first row (None: no row)."""
         async with self.connection() as conn:
-            cursor = await self.execute(conn, query, params, dicts=dicts)
+            cursor = await self.execute(conn, query, params, row=row)
             return await cursor.fetchone()
 
     async def fetchall(
@@ -139,10 +185,10 @@ class Database:
         query: LiteralString,
         params: Mapping[str, Any] | None = None,
         *,
-        dicts: bool = False,
+        row: BaseRowFactory[Row],
         prepare: bool | None = None,
-    ) -> list[Any]:
+    ) -> list[Row]:
         """One statement on a connection of its own; all its rows."""
         async with self.connection() as conn:
-            cursor = await self.execute(conn, query, params, dicts=dicts, prepare=prepare)
+            cursor = await self.execute(conn, query, params, row=row, prepare=prepare)
             return await cursor.fetchall()

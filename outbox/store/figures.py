@@ -5,45 +5,84 @@ per-status summary of `outbox status`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
 
-from outbox.store.database import QUERIES, Database
+from psycopg.rows import scalar_row
+
+from outbox.states import MessageStatus
+from outbox.store.database import QUERIES, Database, dataclass_row
+
+
+@dataclass(slots=True)
+class StatusSummary:
+    """One status in the view outbox.queue_summary (`outbox status`)."""
+
+    status: MessageStatus
+    count: int
+    oldest: datetime | None
+    due_now: int
+
+    def __post_init__(self) -> None:
+        self.status = MessageStatus(self.status)  # the column is text
+
+
+@dataclass(frozen=True, slots=True)
+class GaugeRow:
+    """The columns of queue_gauges: exact counts of live rows, and the planner's
+    statistics of the status column (see `estimate_count`)."""
+
+    pending: int
+    due: int
+    oldest_due_age: float  # seconds
+    in_flight: int
+    lease_expired: int
+    reltuples: float
+    null_frac: float | None
+    n_distinct: float | None
+    common_values: list[str] | None
+    common_shares: list[float] | None
+
+
+_SUMMARY_ROW = dataclass_row(StatusSummary)
+_GAUGE_ROW = dataclass_row(GaugeRow)
+# Statuses whose counts are estimated: most of a big table, counting them would read it.
+_ESTIMATED = (MessageStatus.SENT, MessageStatus.ERROR, MessageStatus.CANCELLED)
 
 
 class Figures:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def queue_summary(self) -> list[dict[str, Any]]:
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(conn, QUERIES["queue_summary"], dicts=True)
-            return await cursor.fetchall()
+    async def queue_summary(self) -> list[StatusSummary]:
+        return await self._db.fetchall(QUERIES["queue_summary"], row=_SUMMARY_ROW)
 
     async def dashboard(self, count_cap: int, done_cap: int, rows: int) -> str:
         """The dashboard's figures, as the JSON text PostgreSQL built (one round trip)."""
         params = {"cap": count_cap, "done_cap": done_cap, "rows": rows}
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(conn, QUERIES["admin_summary"], params)
-            row = await cursor.fetchone()
-        assert row is not None
-        return str(row[0])
+        document = await self._db.fetchone(QUERIES["admin_summary"], params, row=scalar_row)
+        assert document is not None
+        return str(document)
 
     async def queue_gauges(self) -> QueueFigures:
         """The queue gauges of /metrics in one statement (see `queue_gauges`)."""
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(conn, QUERIES["queue_gauges"])
-            row = await cursor.fetchone()
+        row = await self._db.fetchone(QUERIES["queue_gauges"], row=_GAUGE_ROW)
         assert row is not None
-        pending, due, oldest_due_age, in_flight, expired, *statistics = row
+        statistics = (
+            row.reltuples,
+            row.null_frac,
+            row.n_distinct,
+            row.common_values,
+            row.common_shares,
+        )
         return QueueFigures(
             counts={
-                "pending": pending,
-                "in_flight": in_flight,
-                **{s: estimate_count(s, *statistics) for s in ("sent", "error", "cancelled")},
+                MessageStatus.PENDING: row.pending,
+                MessageStatus.IN_FLIGHT: row.in_flight,
+                **{status: estimate_count(status, *statistics) for status in _ESTIMATED},
             },
-            due=due,
-            oldest_due_age=oldest_due_age,
-            lease_expired=expired,
+            due=row.due,
+            oldest_due_age=row.oldest_due_age,
+            lease_expired=row.lease_expired,
         )
 
 

@@ -11,9 +11,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import scalar_row
 from psycopg.types.json import Jsonb
 
-from outbox.store.database import QUERIES, Database
+from outbox.store.database import QUERIES, Database, dataclass_row
 
 # Advisory-lock namespace (first key of the two-int form) of the scheduled jobs; the
 # second key is hashtext(job). Distinct from the migration lock.
@@ -22,6 +23,8 @@ JOB_LOCK_NAMESPACE = 0x6F627831  # "obx1"
 
 @dataclass(frozen=True, slots=True)
 class PurgeCutoffs:
+    """The cutoffs of one purge run (the columns of purge_cutoffs)."""
+
     errored: datetime | None  # None keeps them
     done: datetime | None  # sent and cancelled; None keeps them
     events: datetime | None
@@ -29,6 +32,8 @@ class PurgeCutoffs:
 
 @dataclass(frozen=True, slots=True)
 class PurgeCounts:
+    """Rows deleted, or that a purge would delete (the columns of purge_counts)."""
+
     errored: int = 0
     sent: int = 0  # sent and cancelled messages
     events: int = 0
@@ -36,6 +41,21 @@ class PurgeCounts:
     @property
     def total(self) -> int:
         return self.errored + self.sent + self.events
+
+
+@dataclass(frozen=True, slots=True)
+class PgCronJob:
+    """A job registered in pg_cron (the columns of pg_cron_job)."""
+
+    jobid: int
+    schedule: str
+    command: str
+    active: bool
+
+
+_CUTOFFS_ROW = dataclass_row(PurgeCutoffs)
+_COUNTS_ROW = dataclass_row(PurgeCounts)
+_PG_CRON_JOB_ROW = dataclass_row(PgCronJob)
 
 
 class JobSession:
@@ -46,14 +66,15 @@ class JobSession:
         self.job = job
 
     async def last_tick(self) -> datetime | None:
-        cursor = await self.conn.execute(QUERIES["last_job_tick"], {"job": self.job})
-        row = await cursor.fetchone()
-        return row[0] if row else None
+        cursor = await self.conn.cursor(row_factory=scalar_row).execute(
+            QUERIES["last_job_tick"], {"job": self.job}
+        )
+        return await cursor.fetchone()  # None: the job never ran here
 
     async def begin(self, tick: datetime, runner: str, *, baseline: bool = False) -> bool:
         """Insert the tick's row; False when it exists (someone ran it already).
         A baseline row is finished at once: it marks a tick that is not run."""
-        cursor = await self.conn.execute(
+        cursor = await self.conn.cursor(row_factory=scalar_row).execute(
             QUERIES["insert_job_run"],
             {
                 "job": self.job,
@@ -78,34 +99,31 @@ class Jobs:
         self._db = db
 
     async def purge_cutoffs(
-        self, error_seconds: float, sent_seconds: float, event_seconds: float
+        self,
+        error_seconds: float,
+        sent_seconds: float,
+        event_seconds: float,
+        *,
+        now: datetime | None = None,
     ) -> PurgeCutoffs:
-        """The cutoffs of one run from the database clock; a retention of 0 keeps (None)."""
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(
-                conn,
-                QUERIES["purge_cutoffs"],
-                {
-                    "error_seconds": error_seconds,
-                    "sent_seconds": sent_seconds,
-                    "event_seconds": event_seconds,
-                },
-            )
-            row = await cursor.fetchone()
-        assert row is not None
-        return PurgeCutoffs(errored=row[0], done=row[1], events=row[2])
+        """The cutoffs of one run as of `now` (the database's clock when None); a retention
+        of 0 keeps (None)."""
+        params = {
+            "error_seconds": error_seconds,
+            "sent_seconds": sent_seconds,
+            "event_seconds": event_seconds,
+            "now": now,
+        }
+        cutoffs = await self._db.fetchone(QUERIES["purge_cutoffs"], params, row=_CUTOFFS_ROW)
+        assert cutoffs is not None
+        return cutoffs
 
     async def purge_counts(self, cutoffs: PurgeCutoffs) -> PurgeCounts:
         """What a purge with these cutoffs would delete (a dry run)."""
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(
-                conn,
-                QUERIES["purge_counts"],
-                {"errored": cutoffs.errored, "done": cutoffs.done, "events": cutoffs.events},
-            )
-            row = await cursor.fetchone()
-        assert row is not None
-        return PurgeCounts(errored=row[0], sent=row[1], events=row[2])
+        params = {"errored": cutoffs.errored, "done": cutoffs.done, "events": cutoffs.events}
+        counts = await self._db.fetchone(QUERIES["purge_counts"], params, row=_COUNTS_ROW)
+        assert counts is not None
+        return counts
 
     async def purge_batch(self, kind: str, cutoff: datetime, batch_size: int) -> int:
         """Delete one batch (its own transaction) of `errored`, `done` or `events` rows."""
@@ -114,12 +132,9 @@ class Jobs:
             "done": QUERIES["purge_done_batch"],
             "events": QUERIES["purge_events_batch"],
         }[kind]
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(
-                conn, query, {"cutoff": cutoff, "batch_size": batch_size}
-            )
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        params = {"cutoff": cutoff, "batch_size": batch_size}
+        deleted = await self._db.fetchone(query, params, row=scalar_row)
+        return int(deleted) if deleted is not None else 0
 
     @contextlib.asynccontextmanager
     async def session(self, job: str) -> AsyncIterator[JobSession | None]:
@@ -136,9 +151,10 @@ class Jobs:
         )
         try:
             params = {"namespace": JOB_LOCK_NAMESPACE, "job": job}
-            cursor = await conn.execute(QUERIES["try_job_lock"], params)
-            row = await cursor.fetchone()
-            if not (row and row[0]):
+            cursor = await conn.cursor(row_factory=scalar_row).execute(
+                QUERIES["try_job_lock"], params
+            )
+            if not await cursor.fetchone():
                 yield None
                 return
             yield JobSession(conn, job)
@@ -146,14 +162,14 @@ class Jobs:
         finally:
             await conn.close()
 
-    async def pg_cron_job(self, name: str) -> dict[str, Any] | None:
+    async def pg_cron_job(self, name: str) -> PgCronJob | None:
         """The pg_cron job of that name in this database, if pg_cron is installed here."""
         async with self._db.connection() as conn:
-            cursor = await self._db.execute(conn, QUERIES["pg_cron_installed"])
-            row = await cursor.fetchone()
-            if not (row and row[0]):
+            cursor = await self._db.execute(conn, QUERIES["pg_cron_installed"], row=scalar_row)
+            if not await cursor.fetchone():
                 return None
-            cursor = await self._db.execute(
-                conn, QUERIES["pg_cron_job"], {"name": name}, dicts=True
+            params = {"name": name}
+            jobs = await self._db.execute(
+                conn, QUERIES["pg_cron_job"], params, row=_PG_CRON_JOB_ROW
             )
-            return await cursor.fetchone()
+            return await jobs.fetchone()

@@ -1,22 +1,25 @@
-"""Messages as the API writes and reads them: inserts (coalesced singles and all-or-nothing
-batches), one message, a listing page, cancel and an admin's retry."""
+"""Messages as the API writes and reads them: inserts (coalesced singles, and a batch all or
+nothing), one message, a listing page, cancel and an admin's retry."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 import psycopg
-from psycopg import AsyncConnection
+from psycopg.rows import scalar_row
 
-from outbox.store.database import QUERIES, Database
+from outbox.states import MessageStatus
+from outbox.store.database import QUERIES, Database, dataclass_row
 
 CLIENT_MESSAGE_ID_INDEX = "messages_client_message_id"  # unique (user_id, client_message_id)
+# A batch goes to PostgreSQL in statements of this many rows, one transaction, sent in a
+# pipeline: PostgreSQL runs each while the next one's JSON is built and sent.
+BATCH_STATEMENT_ROWS = 250
 
 
 @dataclass(slots=True)  # not frozen: built once per message of a request
@@ -47,11 +50,111 @@ class Conflict(Exception):
         self.index = index
 
 
+class HistoryEntry(TypedDict):
+    """One attempt in a message's `history` (JSON: its times as PostgreSQL writes them)."""
+
+    attempt: int
+    started_at: str
+    finished_at: str | None
+    outcome: str  # an AttemptOutcome
+    error: str | None
+
+
+@dataclass(slots=True)
+class ListedRow:
+    """A message as the view outbox.listed_message shows it (011_message_views.sql): the
+    view's columns, by name and in order."""
+
+    id: uuid.UUID
+    user_id: str
+    status: MessageStatus
+    to: str
+    type: str
+    client_message_id: str | None
+    attempts: int
+    max_attempts: int
+    next_attempt_at: datetime
+    send_at: datetime | None
+    expires_at: datetime | None
+    last_error: str | None
+    provider_message_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    def __post_init__(self) -> None:
+        self.status = MessageStatus(self.status)  # the column is text
+
+
+@dataclass(slots=True)
+class MessageRow(ListedRow):
+    """A message as the view outbox.message_view shows it: listed, with its attempts."""
+
+    history: list[HistoryEntry]
+
+
+@dataclass(slots=True)
+class _Stored:
+    """A row insert_messages inserted, or found there already for the same request."""
+
+    id: str
+    user_id: str
+    client_message_id: str | None
+
+
+_LISTED_ROW = dataclass_row(ListedRow)
+_MESSAGE_ROW = dataclass_row(MessageRow)
+_STORED_ROW = dataclass_row(_Stored)
+
+
 def _raise_unless_replay(exc: psycopg.errors.UniqueViolation) -> None:
     """A client_message_id taken is what insert_new_messages may meet (a replay, a
     conflict, or a request racing ours): anything else is a real error."""
     if exc.diag.constraint_name != CLIENT_MESSAGE_ID_INDEX:
         raise exc
+
+
+def _document(rows: Sequence[tuple[str, NewMessage]], max_attempts: int) -> str:
+    """The rows as the one JSON parameter of insert_new_messages and insert_messages."""
+    return orjson.dumps(
+        [
+            {
+                "id": message.id,
+                "user_id": user_id,
+                "client_message_id": message.client_message_id,
+                "to": message.to,
+                "type": message.type,
+                "payload": message.payload,
+                "request_hash": message.request_hash.hex(),
+                "max_attempts": max_attempts,
+                "send_at": message.send_at,
+                "expires_at": message.expires_at,
+            }
+            for user_id, message in rows
+        ]
+    ).decode()
+
+
+def _results(
+    rows: Sequence[tuple[str, NewMessage]], stored: list[_Stored]
+) -> list[Inserted | None]:
+    """Per row of insert_messages: inserted, replayed (another id came back for its
+    client_message_id), or None, a conflict (nothing came back for it)."""
+    ids = {row.id for row in stored}
+    existing: dict[tuple[str, str | None], str] = {
+        (row.user_id, row.client_message_id): row.id
+        for row in stored
+        if row.client_message_id is not None
+    }
+    results: list[Inserted | None] = []
+    for user_id, message in rows:
+        if message.id in ids:
+            results.append(Inserted(message.id, replayed=False))
+        elif (user_id, message.client_message_id) in existing:
+            results.append(Inserted(existing[(user_id, message.client_message_id)], True))
+        else:
+            results.append(None)
+    return results
 
 
 class Messages:
@@ -64,195 +167,105 @@ class Messages:
         """Insert (user_id, message) rows in one statement, each standing alone (coalesced
         requests); None marks a conflict. A (user_id, client_message_id) pair must not
         repeat within one call."""
-        document = self._document(rows, max_attempts)
+        params = {"messages": _document(rows, max_attempts)}
         async with self._db.connection() as conn:
             try:
-                return await self._insert(conn, rows, document, replays=False)
+                await self._db.execute(conn, QUERIES["insert_new_messages"], params, row=scalar_row)
+                return [Inserted(message.id, replayed=False) for _, message in rows]
             except psycopg.errors.UniqueViolation as exc:
                 _raise_unless_replay(exc)
-            return await self._insert(conn, rows, document, replays=True)
+            cursor = await self._db.execute(
+                conn, QUERIES["insert_messages"], params, row=_STORED_ROW
+            )
+            return _results(rows, await cursor.fetchall())
 
-    async def insert_all_or_nothing(
-        self,
-        chunks: Iterable[list[tuple[str, NewMessage]]],
-        max_attempts: int,
-        on_inserted: Callable[[int, list[tuple[str, NewMessage]], list[Inserted]], None],
-    ) -> None:
-        """Every row of every chunk in one transaction, or none: a conflict raises
-        Conflict with the row's index counted across the chunks (the batch endpoint).
-
-        One statement per chunk. While PostgreSQL runs one, the next is built (the
-        iteration of `chunks` does the caller's work per row) and the one before is
-        handed to `on_inserted` with the index of its first row, so a large batch keeps
-        this process and the database busy at once instead of in turn. Returns once
-        all is committed.
+    async def insert_batch(
+        self, rows: list[tuple[str, NewMessage]], max_attempts: int
+    ) -> list[Inserted]:
+        """Every row in one transaction, or none (the batch endpoint): a conflict raises
+        Conflict with the index of its row. A (user_id, client_message_id) pair must not
+        repeat within one call.
 
         The statements assume no row is a replay; when one is, the transaction rolls
-        back and runs again with replays looked for, over the chunks built so far and
-        then the rest (`on_inserted` sees those rows again, at the same indexes).
-        """
-        built: list[list[tuple[str, NewMessage]]] = []
-        source = iter(chunks)
-
-        def every_chunk() -> Iterator[list[tuple[str, NewMessage]]]:
-            yield from list(built)
-            for chunk in source:
-                built.append(chunk)
-                yield chunk
-
+        back and runs again with replays looked for."""
+        chunks = [
+            rows[start : start + BATCH_STATEMENT_ROWS]
+            for start in range(0, len(rows), BATCH_STATEMENT_ROWS)
+        ]
         try:
-            await self._insert_chunks(every_chunk(), max_attempts, on_inserted, replays=False)
+            await self._insert_chunks(chunks, max_attempts)
+            return [Inserted(message.id, replayed=False) for _, message in rows]
         except psycopg.errors.UniqueViolation as exc:
             _raise_unless_replay(exc)
-            await self._insert_chunks(every_chunk(), max_attempts, on_inserted, replays=True)
+        return await self._insert_chunks_with_replays(chunks, max_attempts)
 
     async def _insert_chunks(
-        self,
-        chunks: Iterator[list[tuple[str, NewMessage]]],
-        max_attempts: int,
-        on_inserted: Callable[[int, list[tuple[str, NewMessage]], list[Inserted]], None],
-        *,
-        replays: bool,
+        self, chunks: list[list[tuple[str, NewMessage]]], max_attempts: int
     ) -> None:
-        async with self._db.connection() as conn, conn.transaction():
+        """One insert_new_messages per chunk, in one transaction, all sent in a pipeline:
+        the round trips overlap, and PostgreSQL runs each statement as it arrives."""
+        async with self._db.connection() as conn, conn.pipeline(), conn.transaction():
             if self._db.set_timeout is not None:  # for the whole transaction
                 await conn.execute(self._db.set_timeout)
-            offset = 0
-            following = next(chunks, None)
-            previous: list[tuple[str, NewMessage]] = []
-            running: asyncio.Task[list[Inserted | None]] | None = None
-            try:
-                while following is not None:
-                    current, document = following, self._document(following, max_attempts)
-                    done = await running if running is not None else None
-                    running = asyncio.create_task(
-                        self._insert(conn, current, document, replays=replays, timed=False)
-                    )
-                    await asyncio.sleep(0)  # the statement goes out, then the rest is done
-                    if done is not None:
-                        offset = self._accept(done, offset, previous, on_inserted)
-                    previous = current
-                    following = next(chunks, None)
-                if running is not None:
-                    self._accept(await running, offset, previous, on_inserted)
-            finally:
-                # An error while the statement runs: let it end before the rollback.
-                if running is not None and not running.done():
-                    await asyncio.gather(running, return_exceptions=True)
+            for chunk in chunks:
+                params = {"messages": _document(chunk, max_attempts)}
+                await conn.execute(QUERIES["insert_new_messages"], params)
 
-    @staticmethod
-    def _accept(
-        results: list[Inserted | None],
-        offset: int,
-        rows: list[tuple[str, NewMessage]],
-        on_inserted: Callable[[int, list[tuple[str, NewMessage]], list[Inserted]], None],
-    ) -> int:
-        accepted: list[Inserted] = []
-        for index, result in enumerate(results):
-            if result is None:
-                raise Conflict(offset + index)  # leaving the transaction rolls back
-            accepted.append(result)
-        on_inserted(offset, rows, accepted)
-        return offset + len(rows)
+    async def _insert_chunks_with_replays(
+        self, chunks: list[list[tuple[str, NewMessage]]], max_attempts: int
+    ) -> list[Inserted]:
+        """_insert_chunks with insert_messages: a conflict raises Conflict before the
+        commit, and leaving the transaction rolls it back."""
+        async with self._db.connection() as conn, conn.pipeline(), conn.transaction():
+            if self._db.set_timeout is not None:
+                await conn.execute(self._db.set_timeout)
+            cursors = []
+            for chunk in chunks:
+                cursor = conn.cursor(row_factory=_STORED_ROW)
+                params = {"messages": _document(chunk, max_attempts)}
+                cursors.append(await cursor.execute(QUERIES["insert_messages"], params))
+            results: list[Inserted] = []
+            for chunk, cursor in zip(chunks, cursors, strict=True):
+                for result in _results(chunk, await cursor.fetchall()):
+                    if result is None:
+                        raise Conflict(len(results))
+                    results.append(result)
+            return results
 
-    @staticmethod
-    def _document(rows: list[tuple[str, NewMessage]], max_attempts: int) -> str:
-        """The rows as the one JSON parameter of insert_messages."""
-        return orjson.dumps(
-            [
-                {
-                    "id": message.id,
-                    "user_id": user_id,
-                    "client_message_id": message.client_message_id,
-                    "to": message.to,
-                    "type": message.type,
-                    "payload": message.payload,
-                    "request_hash": message.request_hash.hex(),
-                    "max_attempts": max_attempts,
-                    "send_at": message.send_at,
-                    "expires_at": message.expires_at,
-                }
-                for user_id, message in rows
-            ]
-        ).decode()
-
-    async def _insert(
-        self,
-        conn: AsyncConnection[Any],
-        rows: list[tuple[str, NewMessage]],
-        document: str,
-        *,
-        replays: bool,
-        timed: bool = True,
-    ) -> list[Inserted | None]:
-        """The rows of `document` inserted; with `replays` False, a replay among them
-        raises UniqueViolation (see insert_new_messages). `timed` False: in a transaction
-        that has its statement timeout set already."""
-        query = QUERIES["insert_messages"] if replays else QUERIES["insert_new_messages"]
-        if timed:
-            cursor = await self._db.execute(conn, query, {"messages": document})
-        else:
-            cursor = await conn.execute(query, {"messages": document})
-        if not replays:
-            return [Inserted(message.id, replayed=False) for _, message in rows]
-        returned = await cursor.fetchall()
-        ids = {row[0] for row in returned}
-        existing = {(row[1], row[2]): row[0] for row in returned if row[2] is not None}
-        results: list[Inserted | None] = []
-        for user_id, message in rows:
-            if message.id in ids:
-                results.append(Inserted(message.id, replayed=False))
-            elif (user_id, message.client_message_id) in existing:
-                results.append(Inserted(existing[(user_id, message.client_message_id)], True))
-            else:
-                results.append(None)
-        return results
-
-    async def get(self, message_id: uuid.UUID, user_id: str | None) -> dict[str, Any] | None:
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(
-                conn, QUERIES["get_message"], {"id": message_id, "user_id": user_id}, dicts=True
-            )
-            return await cursor.fetchone()
+    async def get(self, message_id: uuid.UUID, user_id: str | None) -> MessageRow | None:
+        """One message with its attempts; None when there is none (of this user's)."""
+        params = {"id": message_id, "user_id": user_id}
+        return await self._db.fetchone(QUERIES["get_message"], params, row=_MESSAGE_ROW)
 
     async def listing(
         self,
         user_id: str | None,
         *,
-        status: str | None,
+        status: MessageStatus | None,
         client_message_id: str | None,
         after: uuid.UUID | None,
         limit: int,
-    ) -> list[dict[str, Any]]:
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(
-                conn,
-                QUERIES["list_messages"],
-                {
-                    "user_id": user_id,
-                    "status": status,
-                    "client_message_id": client_message_id,
-                    "after": after,
-                    "limit": limit,
-                },
-                dicts=True,
-                prepare=False,
-            )
-            return await cursor.fetchall()
+    ) -> list[ListedRow]:
+        params = {
+            "user_id": user_id,
+            "status": status,
+            "client_message_id": client_message_id,
+            "after": after,
+            "limit": limit,
+        }
+        return await self._db.fetchall(
+            QUERIES["list_messages"], params, row=_LISTED_ROW, prepare=False
+        )
 
     async def cancel(self, message_id: uuid.UUID, user_id: str | None) -> bool:
         """True when this call moved the message from pending to cancelled."""
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(
-                conn, QUERIES["cancel_message"], {"id": message_id, "user_id": user_id}
-            )
-            return await cursor.fetchone() is not None
+        params = {"id": message_id, "user_id": user_id}
+        return (
+            await self._db.fetchone(QUERIES["cancel_message"], params, row=scalar_row) is not None
+        )
 
-    async def retry(self, message_id: uuid.UUID, budget: int) -> dict[str, Any] | None:
+    async def retry(self, message_id: uuid.UUID, budget: int) -> MessageRow | None:
         """Requeue an errored or cancelled message with `budget` more attempts; its view
-        (as get_message gives it), or None when it was not in a state to retry."""
-        async with self._db.connection() as conn:
-            cursor = await self._db.execute(
-                conn, QUERIES["retry_message"], {"id": message_id, "budget": budget}, dicts=True
-            )
-            return await cursor.fetchone()
+        as the retry left it, or None when it was not in a state to retry."""
+        params = {"id": message_id, "budget": budget}
+        return await self._db.fetchone(QUERIES["retry_message"], params, row=_MESSAGE_ROW)

@@ -50,7 +50,8 @@ def test_a_statement_cancelled_while_waiting_leaves_the_pool_usable(
                 assert isinstance(outcome, asyncio.CancelledError), outcome
                 holder.rollback()
             # The pool's only connection serves the next statements, in a clean state.
-            status = (await store.messages.get(uuid.UUID(message_id), None) or {})["status"]
+            row = await store.messages.get(uuid.UUID(message_id), None)
+            status = row.status if row is not None else None
             cancelled = await store.messages.cancel(uuid.UUID(message_id), None)
             return status == "pending", cancelled
         finally:

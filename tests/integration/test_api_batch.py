@@ -167,11 +167,11 @@ def test_a_batch_of_100_notifies_outbox_new_once(
     assert row == (0,)
 
 
-# A batch goes to PostgreSQL in several statements (api.BATCH_STATEMENT_ROWS rows
-# each) of one transaction: what a client sees must not show the seams.
+# A batch goes to PostgreSQL in several statements (BATCH_STATEMENT_ROWS rows each,
+# outbox/store/messages.py) of one transaction: what a client sees must not show the seams.
 
 
-# 300: found while the next statement runs; 900: in the last statement.
+# 300: in the second statement, sent before the first has ended; 900: in the last.
 @pytest.mark.parametrize("clash", [300, 900])
 def test_a_clash_in_a_later_statement_of_1000_rolls_back_every_row(
     client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection, clash: int

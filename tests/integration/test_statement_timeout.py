@@ -109,9 +109,7 @@ def test_the_timeout_holds_for_each_statement_only_and_leaves_the_connection_idl
                 calls = [
                     lambda: store.messages.listing("user-1", **NO_FILTER),
                     lambda: store.messages.insert([("user-1", new_message())], 4),
-                    lambda: store.messages.insert_all_or_nothing(
-                        [[("user-1", new_message())]], 4, lambda *_: None
-                    ),
+                    lambda: store.messages.insert_batch([("user-1", new_message())], 4),
                     lambda: store.messages.get(uuid.uuid4(), None),
                 ]
                 for call in calls:
