@@ -1,4 +1,5 @@
-"""Connections: the async pool, and the migration runner."""
+"""Connections: the async pool, and the migration runner (whose statements are named
+queries of sql/queries.sql too)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg.rows import scalar_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from outbox.settings import SQL_DIR, Settings
+from outbox.store.database import QUERIES
 
 # Every process that migrates takes this transaction-scoped advisory lock first,
 # so two `outbox migrate` at once apply each file exactly once.
@@ -54,23 +57,18 @@ def migrate(conninfo: str) -> list[str]:
         psycopg.connect(conninfo, autocommit=True, prepare_threshold=None) as conn,
         conn.transaction(),
     ):
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_KEY])
-        conn.execute("CREATE SCHEMA IF NOT EXISTS outbox")
-        conn.execute(
-            """CREATE TABLE IF NOT EXISTS outbox.schema_migrations (
-                   version    integer PRIMARY KEY,
-                   name       text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        rows = conn.execute("SELECT version FROM outbox.schema_migrations").fetchall()
-        applied = {row[0] for row in rows}
+        conn.execute(QUERIES["migration_lock"], {"key": MIGRATION_LOCK_KEY})
+        conn.execute(QUERIES["create_schema"])
+        conn.execute(QUERIES["create_schema_migrations"])
+        cursor = conn.cursor(row_factory=scalar_row)
+        applied = set(cursor.execute(QUERIES["applied_migrations"]).fetchall())
         for migration in find_migrations():
             if migration.version in applied:
                 continue
             conn.execute(migration.path.read_text())
             conn.execute(
-                "INSERT INTO outbox.schema_migrations (version, name) VALUES (%s, %s)",
-                [migration.version, migration.name],
+                QUERIES["record_migration"],
+                {"version": migration.version, "name": migration.name},
             )
             applied_now.append(migration.name)
     return applied_now
@@ -116,19 +114,16 @@ def register_pg_cron(conninfo: str, *, job_name: str, schedule: str, command: st
     pg_cron runs jobs in the database named by its `cron.database_name` setting, which
     must be this one (that is where its `cron.job` table lives)."""
     with psycopg.connect(conninfo, autocommit=True, prepare_threshold=None) as conn:
-        row = conn.execute(
-            "SELECT 1 FROM pg_available_extensions WHERE name = 'pg_cron'"
-        ).fetchone()
-        if row is None:
+        cursor = conn.cursor(row_factory=scalar_row)
+        if not cursor.execute(QUERIES["pg_cron_available"]).fetchone():
             raise PgCronUnavailable(
                 "the pg_cron extension is not installed on the server "
                 "(e.g. the Debian package postgresql-15-cron)"
             )
         try:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
-            job = conn.execute(
-                "SELECT cron.schedule(%s, %s, %s)", [job_name, schedule, command]
-            ).fetchone()
+            conn.execute(QUERIES["create_pg_cron"])
+            params = {"name": job_name, "schedule": schedule, "command": command}
+            job_id = cursor.execute(QUERIES["pg_cron_schedule"], params).fetchone()
         except psycopg.Error as exc:
             message = (exc.diag.message_primary or str(exc)).strip()
             hint = f" ({exc.diag.message_hint})" if exc.diag.message_hint else ""
@@ -137,5 +132,5 @@ def register_pg_cron(conninfo: str, *, job_name: str, schedule: str, command: st
                 "shared_preload_libraries = 'pg_cron' and cron.database_name set to "
                 "this database"
             ) from exc
-    assert job is not None
-    return int(job[0])
+    assert job_id is not None
+    return int(job_id)

@@ -28,6 +28,7 @@ from enum import StrEnum
 from zoneinfo import ZoneInfo
 
 from cronsim import CronSim
+from psycopg import sql
 
 from outbox.log import get_logger
 from outbox.metrics import DispatchMetrics
@@ -58,19 +59,24 @@ class Outcome(StrEnum):
 
 
 def pg_cron_command(settings: Settings) -> str:
-    """The SQL pg_cron runs: the same purge with the same retention settings. A retention
-    of 0 keeps: it is written NULL, which every purge procedure reads as keep (migration 009
-    gave purge_errored the guard the others had; NULL kept before it too)."""
+    """The SQL pg_cron runs: the same purge with the same retention settings, its values
+    as literals. A retention of 0 keeps: it is written NULL, which every purge procedure
+    reads as keep (migration 009 gave purge_errored the guard the others had; NULL kept
+    before it too)."""
 
-    def interval(seconds: float) -> str:
+    def interval(seconds: float) -> sql.Composable:
         text = f"{seconds:.3f}".rstrip("0").rstrip(".")
-        return "NULL" if text == "0" else f"interval '{text} seconds'"
+        if text == "0":
+            return sql.NULL
+        return sql.SQL("interval {}").format(sql.Literal(text + " seconds"))
 
-    return (
-        f"CALL outbox.purge({interval(settings.error_retention)}, "
-        f"{interval(settings.sent_retention)}, {interval(settings.event_retention)}, "
-        f"{settings.purge_batch_size})"
+    command = sql.SQL("CALL outbox.purge({}, {}, {}, {})").format(
+        interval(settings.error_retention),
+        interval(settings.sent_retention),
+        interval(settings.event_retention),
+        sql.Literal(settings.purge_batch_size),
     )
+    return command.as_string()
 
 
 class Scheduler:

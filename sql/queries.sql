@@ -325,3 +325,36 @@ LEFT JOIN pg_stats s
        ON s.schemaname = 'outbox' AND s.tablename = 'messages' AND s.attname = 'status'
       AND NOT s.inherited
 WHERE c.oid = 'outbox.messages'::regclass;
+
+-- Migration runner (outbox/db.py) ------------------------------------------------------
+
+-- name: migration_lock
+-- Every process that migrates takes it first, for its transaction: two `outbox migrate`
+-- at once apply each file exactly once.
+SELECT pg_advisory_xact_lock(%(key)s::bigint);
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS outbox;
+
+-- name: create_schema_migrations
+CREATE TABLE IF NOT EXISTS outbox.schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now());
+
+-- name: applied_migrations
+SELECT version FROM outbox.schema_migrations;
+
+-- name: record_migration
+INSERT INTO outbox.schema_migrations (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: pg_cron_available
+-- Whether the server has the pg_cron extension to create (`outbox migrate --pg-cron`).
+SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_cron');
+
+-- name: create_pg_cron
+CREATE EXTENSION IF NOT EXISTS pg_cron;
+
+-- name: pg_cron_schedule
+-- Registers the job, or replaces the one of that name; its jobid.
+SELECT cron.schedule(%(name)s, %(schedule)s, %(command)s);
