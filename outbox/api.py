@@ -122,7 +122,9 @@ def _new_message(message: models.AnyMessage) -> NewMessage:
     )
 
 
-def _accepted(inserted: Inserted, message: NewMessage, *, batch: bool = False) -> dict[str, Any]:
+def _accepted(
+    inserted: Inserted, message: NewMessage | models.AnyMessage, *, batch: bool = False
+) -> dict[str, Any]:
     """The answer for one accepted message (a batch item says when it replayed)."""
     accepted: dict[str, Any] = {
         "message": models.ACCEPTED_MESSAGE,
@@ -177,17 +179,21 @@ async def send_batch(request: Request) -> Response:
     except ValidationError as exc:
         raise ApiError(422, "invalid batch", fields=validation_fields(exc, batch=True)) from exc
     del body  # the items are parsed: the bytes need not outlive them
-    rows = [(principal.user_id, _new_message(item)) for item in _batch_items(envelope.messages)]
+    items = _batch_items(envelope.messages)
+    user_id = principal.user_id
+    # Built as the store takes them, a statement's worth at a time: while PostgreSQL
+    # inserts one chunk, the next one's ids and request hashes are computed.
+    rows = ((user_id, _new_message(item)) for item in items)
     try:
         results = await services.store.messages.insert_batch(rows, services.settings.max_attempts)
     except Conflict as exc:
-        raise _conflict(rows[exc.index][1].client_message_id, exc.index) from exc
-    items = [
-        _accepted(result, new, batch=True) for (_, new), result in zip(rows, results, strict=True)
+        raise _conflict(items[exc.index].client_message_id, exc.index) from exc
+    answers = [
+        _accepted(result, item, batch=True) for item, result in zip(items, results, strict=True)
     ]
-    request.state.batch_size = len(items)
-    services.metrics.accepted_batch.inc(len(items))
-    return OrjsonResponse({"messages": items}, status_code=202)
+    request.state.batch_size = len(answers)
+    services.metrics.accepted_batch.inc(len(answers))
+    return OrjsonResponse({"messages": answers}, status_code=202)
 
 
 def _batch_items(raw: list[dict[str, Any]]) -> list[models.AnyMessage]:

@@ -3,8 +3,9 @@ nothing), one message, a listing page, cancel and an admin's retry."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypedDict
@@ -135,6 +136,16 @@ def _document(rows: Sequence[tuple[str, NewMessage]], max_attempts: int) -> str:
     ).decode()
 
 
+def _chunks(
+    rows: Iterator[tuple[str, NewMessage]], taken: list[tuple[str, NewMessage]]
+) -> Iterator[list[tuple[str, NewMessage]]]:
+    """`rows` in lists of BATCH_STATEMENT_ROWS (the last one shorter), each also added to
+    `taken` as it is taken."""
+    while chunk := list(itertools.islice(rows, BATCH_STATEMENT_ROWS)):
+        taken.extend(chunk)
+        yield chunk
+
+
 def _results(
     rows: Sequence[tuple[str, NewMessage]], stored: list[_Stored]
 ) -> list[Inserted | None]:
@@ -180,30 +191,36 @@ class Messages:
             return _results(rows, await cursor.fetchall())
 
     async def insert_batch(
-        self, rows: list[tuple[str, NewMessage]], max_attempts: int
+        self, rows: Iterable[tuple[str, NewMessage]], max_attempts: int
     ) -> list[Inserted]:
         """Every row in one transaction, or none (the batch endpoint): a conflict raises
         Conflict with the index of its row. A (user_id, client_message_id) pair must not
         repeat within one call.
 
-        The statements assume no row is a replay; when one is, the transaction rolls
-        back and runs again with replays looked for."""
-        chunks = [
-            rows[start : start + BATCH_STATEMENT_ROWS]
-            for start in range(0, len(rows), BATCH_STATEMENT_ROWS)
-        ]
+        One statement per BATCH_STATEMENT_ROWS rows, all sent in a pipeline: `rows` is
+        taken a chunk at a time, each once the statement before is sent, so rows built
+        as they are taken (a generator) are built while PostgreSQL inserts the chunk
+        before. The statements assume no row is a replay; when one is, the transaction
+        rolls back and runs again with replays looked for."""
+        remaining = iter(rows)
+        taken: list[tuple[str, NewMessage]] = []
         try:
-            await self._insert_chunks(chunks, max_attempts)
-            return [Inserted(message.id, replayed=False) for _, message in rows]
+            await self._insert_chunks(_chunks(remaining, taken), max_attempts)
+            return [Inserted(message.id, replayed=False) for _, message in taken]
         except psycopg.errors.UniqueViolation as exc:
             _raise_unless_replay(exc)
+        taken.extend(remaining)  # the rows not taken when the violation stopped the run
+        chunks = [
+            taken[start : start + BATCH_STATEMENT_ROWS]
+            for start in range(0, len(taken), BATCH_STATEMENT_ROWS)
+        ]
         return await self._insert_chunks_with_replays(chunks, max_attempts)
 
     async def _insert_chunks(
-        self, chunks: list[list[tuple[str, NewMessage]]], max_attempts: int
+        self, chunks: Iterator[list[tuple[str, NewMessage]]], max_attempts: int
     ) -> None:
-        """One insert_new_messages per chunk, in one transaction, all sent in a pipeline:
-        the round trips overlap, and PostgreSQL runs each statement as it arrives."""
+        """insert_new_messages for each chunk, in one transaction, sent in a pipeline:
+        PostgreSQL runs each statement as it arrives, without a round trip between them."""
         async with self._db.connection() as conn, conn.pipeline(), conn.transaction():
             if self._db.set_timeout is not None:  # for the whole transaction
                 await conn.execute(self._db.set_timeout)
