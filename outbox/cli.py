@@ -292,6 +292,7 @@ def cmd_token(args: argparse.Namespace) -> None:
 def cmd_dev(args: argparse.Namespace) -> None:
     from outbox import process
     from outbox.dev import run_dev
+    from outbox.dispatcher import SideTaskDied
 
     settings = _settings()
     if args.port is not None:
@@ -299,7 +300,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     sockets = _bind(settings)  # before the embedded database starts
     try:
         run_dev(settings, sockets)
-    except process.StartupFailed as exc:
+    except (process.StartupFailed, SideTaskDied) as exc:
         raise StartError(f"{exc} (see the log above)") from None
 
 

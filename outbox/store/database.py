@@ -157,7 +157,7 @@ class Database:
         (the same two statements up to one Sync, bound server-side and prepared), per
         single-row insert: +16 µs of this process's CPU and +90 µs of PostgreSQL's (the
         statement planned each time), against +95 and +25; the pipeline's event-loop
-        turns slowed the gateway's fan-out enough to cut WebSocket clients off. A
+        turns slowed the status feed's fan-out enough to cut WebSocket clients off. A
         statement cut short raises QueryCanceled; the connection is idle again."""
         if self.set_timeout is None:
             cursor = conn.cursor(row_factory=row)

@@ -1,4 +1,4 @@
-"""The feed's limits (issue 17): resumes of any length, the client frame size, sockets per
+"""The feed's limits: resumes of any length, the client frame size, sockets per
 user, concurrent replays, no compression, and what a closed socket leaves behind."""
 
 from __future__ import annotations

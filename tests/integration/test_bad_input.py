@@ -1,4 +1,4 @@
-"""Bad input is a 4xx naming what is wrong, never a 500, and nothing is stored (issue 17)."""
+"""Bad input is a 4xx naming what is wrong, never a 500, and nothing is stored."""
 
 from __future__ import annotations
 
