@@ -20,7 +20,6 @@ Where pg_cron runs the job (`outbox migrate --pg-cron`), the dispatchers leave i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -35,6 +34,7 @@ from outbox.metrics import DispatchMetrics
 from outbox.purge import run_purge
 from outbox.settings import Settings
 from outbox.store import PurgeCounts, Store
+from outbox.waiting import wait_event
 
 log = get_logger("outbox.schedule")
 
@@ -218,5 +218,4 @@ class Scheduler:
             if outcome is Outcome.BUSY:
                 delay = min(delay, 5.0)
             delay = min(max(delay, 0.05), MAX_SLEEP)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            await wait_event(stop, delay)

@@ -42,9 +42,7 @@ _PG_DUMP_VERSION = re.compile(r"\(PostgreSQL\) (\d+)")
 
 def server_major(conninfo: str) -> int:
     with psycopg.connect(conninfo) as conn:
-        row = conn.execute("SHOW server_version_num").fetchone()
-    assert row is not None
-    return int(row[0]) // 10000
+        return conn.info.server_version // 10000  # as the connection reported it
 
 
 def recorded_major(schema_text: str) -> int | None:
