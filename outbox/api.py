@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from outbox import dashboard, db, models
+from outbox import dashboard, db, models, senders_api
 from outbox.auth import AuthError, Principal, TokenVerifier, bearer_token
 from outbox.body import BodyReader
 from outbox.errors import (
@@ -441,6 +441,7 @@ ROUTES = [
     Route("/api/v1/whatsapp/messages/{task_id}", message, methods=["GET", "DELETE"]),
     Route("/api/v1/whatsapp/messages/{task_id}/retry", retry_message, methods=["POST"]),
     Route("/api/v1/admin/summary", admin_summary, methods=["GET"]),
+    *senders_api.ROUTES,
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 from pydantic import ValidationError
 
 from outbox import db
@@ -59,6 +60,26 @@ def _database_or_dev(settings: Settings) -> Iterator[None]:
         yield
 
 
+def _check_secret_key(settings: Settings) -> None:
+    """Once any sender is stored, OUTBOX_SECRET_KEY must be set and decrypt every stored
+    credential: checked before anything starts. A database that cannot be read yet (away,
+    not migrated) is not checked here: nothing is stored that the key could not read."""
+    from outbox.senders import Keyring, SecretKeyError, check_stored
+    from outbox.store import stored_senders
+
+    try:
+        rows = asyncio.run(stored_senders(settings.database_url, connect_timeout=5))
+    except psycopg.Error as exc:
+        get_logger("outbox.senders").warning(
+            "stored senders not read at start", error=str(exc).splitlines()[0:1]
+        )
+        return
+    try:
+        check_stored(Keyring(settings.secret_key), rows)
+    except SecretKeyError as exc:
+        raise StartError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from outbox import process
     from outbox.auth import TokenVerifier
@@ -74,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         TokenVerifier(settings)  # refuse to start without a usable key
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    _check_secret_key(settings)
     sockets = _bind(settings)
     try:
         process.run(process.serve(settings, sockets))
@@ -100,6 +122,7 @@ def cmd_dispatch(args: argparse.Namespace) -> None:
     settings = _settings()
     _require_database(settings)
     configure_logging(settings)
+    _check_secret_key(settings)
     try:
         process.run(process.dispatch(settings))
     except ValueError as exc:  # provider settings that can never work

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from outbox import models
+from outbox import models, senders
 from outbox.body import PARSE_INLINE_BYTES
 from outbox.states import MessageStatus
 
@@ -92,6 +92,87 @@ def _components() -> dict[str, Any]:
     }
 
 
+def _sender_paths(max_body_bytes: int) -> dict[str, Any]:
+    """The admin routes of senders (outbox/senders_api.py)."""
+    from outbox.senders_api import SENDER_JSON_VALUES
+
+    sender_id = {
+        "name": "sender_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": senders.SENDER_ID_PATTERN},
+    }
+    view = _json(_ref("SenderView"), "The sender")
+    put_body = _json_body(
+        "SenderRequest", max_body_bytes, "OUTBOX_MAX_BODY_BYTES", SENDER_JSON_VALUES
+    )
+    put_body["description"] += (
+        "; credentials omitted on a replace keep the stored ones, and are required when"
+        " the sender is created or changes provider (422)"
+    )
+    pause_body = _json_body("PauseRequest", max_body_bytes, "OUTBOX_MAX_BODY_BYTES", 100)
+    pause_body["required"] = False
+    read_only = "; the sender default is the environment's: 409"
+    body_errors = (400, 401, 403, 404, 409, 413, 415, 422, 503)
+    return {
+        "/api/v1/whatsapp/senders": {
+            "get": {
+                "summary": "Admin: every sender (default first), with its state and counts",
+                "responses": {
+                    "200": _json(_ref("SenderList"), "The senders"),
+                    **_errors(401, 403, 503),
+                },
+            }
+        },
+        "/api/v1/whatsapp/senders/{sender_id}": {
+            "get": {
+                "summary": "Admin: one sender, with its state and counts",
+                "parameters": [sender_id],
+                "responses": {"200": view, **_errors(401, 403, 404, 503)},
+            },
+            "put": {
+                "summary": "Admin: create or replace a sender",
+                "description": "Credentials are encrypted with OUTBOX_SECRET_KEY (503 when it"
+                " is not set) and never shown" + read_only,
+                "parameters": [sender_id],
+                "requestBody": put_body,
+                "responses": {
+                    "200": _json(_ref("SenderView"), "Replaced"),
+                    "201": _json(_ref("SenderView"), "Created"),
+                    **_errors(*body_errors, body_bytes=max_body_bytes),
+                },
+            },
+            "delete": {
+                "summary": "Admin: delete a sender (409 while it has pending or in-flight"
+                " messages)" + read_only,
+                "parameters": [sender_id],
+                "responses": {
+                    "204": {"description": "Deleted"},
+                    **_errors(401, 403, 404, 409, 503),
+                },
+            },
+        },
+        "/api/v1/whatsapp/senders/{sender_id}/pause": {
+            "post": {
+                "summary": "Admin: pause a sender by hand" + read_only,
+                "parameters": [sender_id],
+                "requestBody": pause_body,
+                "responses": {
+                    "200": _json(_ref("SenderView"), "Paused"),
+                    **_errors(*body_errors, body_bytes=max_body_bytes),
+                },
+            }
+        },
+        "/api/v1/whatsapp/senders/{sender_id}/resume": {
+            "post": {
+                "summary": "Admin: resume a paused sender" + read_only,
+                "parameters": [sender_id],
+                "responses": {"200": view, **_errors(401, 403, 404, 409, 503)},
+            }
+        },
+    }
+
+
 @functools.cache
 def openapi_document(max_body_bytes: int) -> dict[str, Any]:
     """The document for a server whose body limit is `max_body_bytes`
@@ -108,6 +189,9 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         models.ErrorResponse,
         models.BatchRequest,
         models.AdminSummary,
+        senders.SenderView,
+        senders.SenderList,
+        senders.PauseRequest,
     ]
     _, defs = models_json_schema(
         [(model, "serialization") for model in response_models], ref_template=_REF
@@ -116,6 +200,9 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
     send_schema = TypeAdapter(models.SendRequest).json_schema(ref_template=_REF)
     schemas.update(send_schema.pop("$defs", {}))
     schemas["SendRequest"] = send_schema
+    sender_schema = senders.SENDER_REQUEST.json_schema(ref_template=_REF)
+    schemas.update(sender_schema.pop("$defs", {}))
+    schemas["SenderRequest"] = sender_schema
     schemas["StorableJson"] = _storable_json()
     schemas["Template"]["properties"]["components"] = _components()
 
@@ -236,6 +323,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         "/api/v1/whatsapp/messages/{task_id}": message_path,
         "/api/v1/whatsapp/messages/{task_id}/retry": retry_path,
         "/api/v1/admin/summary": summary_path,
+        **_sender_paths(max_body_bytes),
         "/dashboard": {
             "get": {
                 "summary": "The admin dashboard (an HTML page; it asks for an admin token)",

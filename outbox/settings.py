@@ -75,6 +75,22 @@ def _check_timezone(value: str) -> str:
     return value
 
 
+def _check_fernet_keys(value: str) -> str:
+    """Comma-separated Fernet keys (32 url-safe base64-encoded bytes each)."""
+    from cryptography.fernet import Fernet
+
+    for key in (part.strip() for part in value.split(",")):
+        if key:
+            try:
+                Fernet(key.encode())
+            except ValueError:
+                raise ValueError(
+                    "each comma-separated key must be a Fernet key: 32 url-safe"
+                    " base64-encoded bytes, as Fernet.generate_key() makes"
+                ) from None
+    return value
+
+
 CronExpression = Annotated[str, AfterValidator(_check_cron)]
 TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
 
@@ -172,6 +188,12 @@ class Settings(BaseSettings):
     cloud_token: str = ""
     provider_max_response_bytes: int = Field(default=1024 * 1024, ge=1024)  # more: transient
 
+    # Senders (outbox/senders.py): the Fernet keys of the stored credentials, the first
+    # encrypting, all decrypting (rotation); messages per second of a sender that names
+    # no rate_limit (unset: 80 for cloud, unlimited for http and fake).
+    secret_key: Annotated[str, AfterValidator(_check_fernet_keys)] = Field(default="", repr=False)
+    sender_rate: float | None = Field(default=None, gt=0)
+
     # Purge and retention (the scheduled job of the dispatchers, or pg_cron)
     error_retention: Seconds = 7 * 86400.0  # errored messages, by finished_at; 0 keeps
     sent_retention: Seconds = 30 * 86400.0  # sent and cancelled messages; 0 keeps them
@@ -233,12 +255,15 @@ class Settings(BaseSettings):
         return self
 
 
+_UNSHOWN = ("secret_key",)  # settings whose values an error line never repeats
+
+
 def describe_error(error: ValidationError) -> str:
     """One line naming the offending variable(s), for a clean exit at start."""
     parts: dict[str, str] = {}
     for item in error.errors(include_url=False):
         loc = item.get("loc") or ()
         name = "OUTBOX_" + str(loc[0]).upper() if loc else "settings"
-        got = f" (got {item['input']!r})" if loc else ""
+        got = f" (got {item['input']!r})" if loc and loc[0] not in _UNSHOWN else ""
         parts.setdefault(name, f"{name}: {item['msg'].removeprefix('Value error, ')}{got}")
     return "invalid setting " + "; ".join(parts.values())

@@ -358,3 +358,71 @@ CREATE EXTENSION IF NOT EXISTS pg_cron;
 -- name: pg_cron_schedule
 -- Registers the job, or replaces the one of that name; its jobid.
 SELECT cron.schedule(%(name)s, %(schedule)s, %(command)s);
+
+-- Senders (sql/migrations/012_senders.sql): the columns of SenderRow
+-- (outbox/store/senders.py), in order. Every change NOTIFYs outbox_senders (a trigger).
+
+-- name: list_senders
+-- The stored senders, by id; one of them when %(id)s is given.
+SELECT id, provider, settings, secrets, secret_fields, rate_limit, users, paused,
+       created_at, updated_at
+FROM outbox.senders
+WHERE %(id)s::text IS NULL OR id = %(id)s::text
+ORDER BY id;
+
+-- name: sender_counts
+-- Pending and in-flight messages of each sender named (the two partial indexes of the
+-- live statuses find them: finished history is never read). Senders without any are
+-- left out.
+SELECT sender,
+       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'in_flight') AS in_flight
+FROM outbox.messages
+WHERE status IN ('pending', 'in_flight') AND sender = ANY (%(ids)s::text[])
+GROUP BY sender;
+
+-- name: put_sender
+-- Creates or replaces a sender's configuration (its pause, a state, is kept); true when
+-- it was created.
+INSERT INTO outbox.senders AS s
+    (id, provider, settings, secrets, secret_fields, rate_limit, users)
+VALUES (%(id)s, %(provider)s, %(settings)s::jsonb, %(secrets)s::bytea,
+        %(secret_fields)s::text[], %(rate_limit)s::double precision, %(users)s::text[])
+ON CONFLICT (id) DO UPDATE
+SET provider = EXCLUDED.provider,
+    settings = EXCLUDED.settings,
+    secrets = EXCLUDED.secrets,
+    secret_fields = EXCLUDED.secret_fields,
+    rate_limit = EXCLUDED.rate_limit,
+    users = EXCLUDED.users,
+    updated_at = now()
+RETURNING xmax = 0 AS created;
+
+-- name: delete_sender
+-- Deletes a sender that has no pending or in-flight message (its finished history keeps
+-- its id as text); its id, or no row (unknown, or still in use: the caller tells which).
+DELETE FROM outbox.senders
+WHERE id = %(id)s::text
+  AND NOT EXISTS (SELECT FROM outbox.messages
+                  WHERE sender = %(id)s::text AND status IN ('pending', 'in_flight'))
+RETURNING id;
+
+-- name: pause_sender
+-- A pause by hand: `since` kept when the sender was already paused. Its id, or no row.
+UPDATE outbox.senders
+SET paused = jsonb_build_object(
+        'reason', %(reason)s::text,
+        'code', NULL,
+        'since', COALESCE(paused -> 'since', to_jsonb(outbox.wire_time(now()))),
+        'until', NULL,
+        'manual', true),
+    updated_at = now()
+WHERE id = %(id)s::text
+RETURNING id;
+
+-- name: resume_sender
+-- Its id, or no row (unknown).
+UPDATE outbox.senders
+SET paused = NULL, updated_at = now()
+WHERE id = %(id)s::text
+RETURNING id;

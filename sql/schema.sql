@@ -145,6 +145,20 @@ $$;
 
 
 --
+-- Name: notify_senders(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.notify_senders() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM pg_notify('outbox_senders', '');
+    RETURN NULL;
+END;
+$$;
+
+
+--
 -- Name: purge(interval, interval, interval, integer, bigint, bigint, bigint); Type: PROCEDURE; Schema: outbox; Owner: -
 --
 
@@ -470,6 +484,7 @@ CREATE TABLE outbox.messages (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     finished_at timestamp with time zone,
+    sender text DEFAULT 'default'::text NOT NULL,
     CONSTRAINT messages_max_attempts_check CHECK ((max_attempts > 0)),
     CONSTRAINT messages_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'sent'::text, 'error'::text, 'cancelled'::text]))),
     CONSTRAINT messages_type_check CHECK ((type = ANY (ARRAY['text'::text, 'template'::text, 'image'::text, 'document'::text, 'audio'::text, 'video'::text])))
@@ -826,6 +841,27 @@ CREATE TABLE outbox.schema_migrations (
 
 
 --
+-- Name: senders; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.senders (
+    id text NOT NULL,
+    provider text NOT NULL,
+    settings jsonb DEFAULT '{}'::jsonb NOT NULL,
+    secrets bytea,
+    secret_fields text[] DEFAULT '{}'::text[] NOT NULL,
+    rate_limit double precision,
+    users text[] NOT NULL,
+    paused jsonb,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT senders_id_check CHECK ((id ~ '^[a-z0-9_-]{1,64}$'::text)),
+    CONSTRAINT senders_provider_check CHECK ((provider = ANY (ARRAY['cloud'::text, 'http'::text, 'fake'::text]))),
+    CONSTRAINT senders_rate_limit_check CHECK ((rate_limit > (0)::double precision))
+);
+
+
+--
 -- Name: stuck_messages; Type: VIEW; Schema: outbox; Owner: -
 --
 
@@ -919,6 +955,14 @@ ALTER TABLE ONLY outbox.messages
 
 ALTER TABLE ONLY outbox.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+
+
+--
+-- Name: senders senders_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.senders
+    ADD CONSTRAINT senders_pkey PRIMARY KEY (id);
 
 
 --
@@ -1017,6 +1061,13 @@ CREATE INDEX messages_user_status ON outbox.messages USING btree (user_id, statu
 --
 
 CREATE TRIGGER messages_notify_new AFTER INSERT ON outbox.messages FOR EACH STATEMENT EXECUTE FUNCTION outbox.notify_new();
+
+
+--
+-- Name: senders senders_notify; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER senders_notify AFTER INSERT OR DELETE OR UPDATE ON outbox.senders FOR EACH STATEMENT EXECUTE FUNCTION outbox.notify_senders();
 
 
 --

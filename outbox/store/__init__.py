@@ -1,5 +1,5 @@
 """The only package that runs SQL: named queries from sql/queries.sql → typed functions,
-one class per role (messages, queue, events, jobs, figures) over one `Database`."""
+one class per role (messages, queue, events, jobs, figures, senders) over one `Database`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from outbox.store.messages import (
     NewMessage,
 )
 from outbox.store.queue import Claimed, Completion, Queue
+from outbox.store.senders import NewSender, SenderCounts, SenderRow, Senders, stored_senders
 
 __all__ = [
     "JOB_LOCK_NAMESPACE",
@@ -47,15 +48,20 @@ __all__ = [
     "MessageRow",
     "Messages",
     "NewMessage",
+    "NewSender",
     "PgCronJob",
     "PurgeCounts",
     "PurgeCutoffs",
     "Queue",
     "QueueFigures",
+    "SenderCounts",
+    "SenderRow",
+    "Senders",
     "StatusSummary",
     "Store",
     "dataclass_row",
     "estimate_count",
+    "stored_senders",
 ]
 
 
@@ -77,6 +83,7 @@ class Store:
         self.events = Events(self.db)
         self.jobs = Jobs(self.db)
         self.figures = Figures(self.db)
+        self.senders = Senders(self.db)
 
     @property
     def pool(self) -> AsyncConnectionPool:

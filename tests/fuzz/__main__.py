@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from cryptography.fernet import Fernet
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -75,6 +76,7 @@ def main() -> int:
             OUTBOX_JWT_SECRET=secret,
             OUTBOX_PORT=str(port),
             OUTBOX_LOG_FORMAT="json",
+            OUTBOX_SECRET_KEY=Fernet.generate_key().decode(),  # senders can be stored
         )
         with (workdir / "serve.log").open("wb") as log:
             serve = subprocess.Popen(

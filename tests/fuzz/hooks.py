@@ -8,6 +8,10 @@ so before each call this moves a generated instant that falls outside its window
 it (same UTC offset, so odd offsets still reach the server) and drops a repeated id.
 Nothing else is touched: what is invalid for any other reason stays invalid.
 
+Likewise a sender's credentials: omitted on a PUT, they keep the stored ones, so they are
+required only when the sender is created or changes provider, which JSON Schema cannot
+say either. Before a PUT whose settings lack one, the hook adds it.
+
 And one check's premise is not this API's: use_after_free expects a 404 once a DELETE
 succeeded, but `DELETE …/messages/{task_id}` cancels (DESIGN.md): the message stays,
 readable as `cancelled`, or in any state again after an admin's retry requeued it. A
@@ -77,11 +81,25 @@ def _unique_ids(messages: list[Any]) -> None:
             seen.add(key)
 
 
+_SENDER_PATH = "/api/v1/whatsapp/senders/{sender_id}"
+# The credentials a sender needs, by provider (outbox.senders.REQUIRED_SECRETS).
+_CREDENTIALS = {"cloud": "access_token", "http": "secret"}
+
+
+def _with_credential(body: dict[str, Any]) -> None:
+    settings = body.get("settings")
+    credential = _CREDENTIALS.get(str(body.get("provider")))
+    if credential and isinstance(settings, dict) and settings.get(credential) is None:
+        settings[credential] = "fuzz-credential"
+
+
 @schemathesis.hook
 def before_call(
     context: schemathesis.HookContext, case: schemathesis.Case, kwargs: dict[str, Any]
 ) -> None:
     body = case.body
+    if case.method.upper() == "PUT" and case.path == _SENDER_PATH and isinstance(body, dict):
+        _with_credential(body)
     if case.method.upper() != "POST" or not isinstance(body, dict):
         return
     now = datetime.now(UTC)

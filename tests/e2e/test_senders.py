@@ -1,0 +1,133 @@
+"""Senders and OUTBOX_SECRET_KEY with the real processes: credentials never reach serve's
+log, and a missing, wrong or malformed key stops `outbox serve` and `outbox dispatch`
+at start with one line once a sender is stored."""
+
+from __future__ import annotations
+
+import subprocess
+
+import httpx
+import psycopg
+import pytest
+from cryptography.fernet import Fernet
+
+from outbox.auth import mint_token
+from tests.conftest import JWT_SECRET
+from tests.e2e.conftest import OUTBOX, Process, clean_env, free_port
+from tests.integration.test_senders import (
+    APP_SECRET,
+    HTTP_SECRET,
+    SENDERS,
+    TOKEN,
+    cloud,
+    http_sender,
+    never_shown,
+)
+from tests.support import wait_for
+
+KEY = Fernet.generate_key().decode()
+
+
+def env_for(database_url: str, **overrides: str) -> dict[str, str]:
+    return clean_env(
+        OUTBOX_DATABASE_URL=database_url,
+        OUTBOX_JWT_SECRET=JWT_SECRET,
+        OUTBOX_LOG_FORMAT="json",
+        OUTBOX_METRICS_PORT="0",
+        **overrides,
+    )
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*OUTBOX, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def store_sender(conn: psycopg.Connection, key: str) -> None:
+    """A stored sender whose credentials `key` encrypted, as PUT writes one."""
+    token = Fernet(key.encode()).encrypt(b'{"secret": "' + HTTP_SECRET.encode() + b'"}')
+    conn.execute(
+        """INSERT INTO outbox.senders (id, provider, settings, secrets, secret_fields, users)
+           VALUES ('gw', 'http', '{"url": "https://gw.example.com"}', %s, '{secret}', '{*}')""",
+        [token],
+    )
+
+
+def test_credentials_never_reach_the_log(start: type[Process], database_url: str) -> None:
+    port = free_port()
+    serve = start(["serve"], env_for(database_url, OUTBOX_SECRET_KEY=KEY, OUTBOX_PORT=str(port)))
+    url = f"http://127.0.0.1:{port}"
+    wait_for(
+        lambda: _answers(f"{url}/healthz") or serve.popen.poll() is not None,
+        timeout=30,
+        what="serve to answer",
+    )
+    headers = {"Authorization": f"Bearer {mint_token(JWT_SECRET, 'root', admin=True)}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=10) as http:
+        assert http.put(f"{SENDERS}/cloud-1", json=cloud()).status_code == 201
+        assert http.put(f"{SENDERS}/http-1", json=http_sender()).status_code == 201
+        bad = cloud(base_url="http://graph.example.com")  # refused, its secrets with it
+        assert http.put(f"{SENDERS}/cloud-2", json=bad).status_code == 422
+        assert http.put(f"{SENDERS}/cloud-1", json=cloud()).status_code == 200
+        assert http.post(f"{SENDERS}/cloud-1/pause").status_code == 200
+        listing = http.get(SENDERS)
+        assert listing.status_code == 200
+        never_shown(listing.content, TOKEN, APP_SECRET, HTTP_SECRET)
+    assert serve.interrupt() == 0
+    log = "\n".join(serve.stdout + serve.stderr)
+    assert '"sender stored"' in log  # the log speaks of senders, by id
+    never_shown(log, TOKEN, APP_SECRET, HTTP_SECRET, KEY)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.parametrize("command", ["serve", "dispatch"])
+@pytest.mark.parametrize("key", ["missing", "wrong"])
+def test_a_missing_or_wrong_key_stops_the_process_with_one_line(
+    command: str, key: str, database_url: str, sql_conn: psycopg.Connection
+) -> None:
+    store_sender(sql_conn, KEY)
+    other = Fernet.generate_key().decode()
+    overrides = {"OUTBOX_SECRET_KEY": other} if key == "wrong" else {}
+    result = run(command, env=env_for(database_url, OUTBOX_PORT=str(free_port()), **overrides))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("outbox: OUTBOX_SECRET_KEY"), lines[0]
+    expected = "'gw'" if key == "wrong" else "sender(s) are stored"
+    assert expected in lines[0], lines[0]
+    never_shown(result.stderr, other, HTTP_SECRET)
+
+
+@pytest.mark.parametrize("command", ["serve", "dispatch"])
+def test_a_malformed_key_is_an_invalid_setting_and_not_repeated(
+    command: str, database_url: str
+) -> None:
+    malformed = "not-a-fernet-key-but-a-secret-all-the-same"
+    env = env_for(database_url, OUTBOX_SECRET_KEY=f"{KEY},{malformed}")
+    result = run(command, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "OUTBOX_SECRET_KEY" in lines[0]
+    assert malformed not in result.stderr and KEY not in result.stderr
+
+
+def test_the_old_key_second_in_the_list_still_lets_both_start(
+    start: type[Process], database_url: str, sql_conn: psycopg.Connection
+) -> None:
+    store_sender(sql_conn, KEY)
+    rotated = f"{Fernet.generate_key().decode()},{KEY}"
+    dispatcher = start(["dispatch"], env_for(database_url, OUTBOX_SECRET_KEY=rotated))
+    dispatcher.wait_for_output('"ready"', stream="stderr")
+    port = free_port()
+    serve = start(
+        ["serve"], env_for(database_url, OUTBOX_SECRET_KEY=rotated, OUTBOX_PORT=str(port))
+    )
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/readyz"), timeout=30, what="serve ready")
+    assert serve.interrupt() == 0
+    assert dispatcher.interrupt() == 0
