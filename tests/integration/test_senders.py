@@ -407,3 +407,21 @@ def test_no_repr_shows_a_credential() -> None:
         repr(Settings(secret_key=KEY)),
     ]
     never_shown("\n".join(shown), TOKEN, APP_SECRET, HTTP_SECRET, KEY)
+
+
+def test_every_change_is_announced_on_outbox_senders(
+    admin: httpx.Client, database_url: str
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN outbox_senders")
+        changes = [
+            lambda: admin.put(f"{SENDERS}/n", json={"provider": "fake"}),
+            lambda: admin.put(f"{SENDERS}/n", json={"provider": "fake", "rate_limit": 3}),
+            lambda: admin.post(f"{SENDERS}/n/pause"),
+            lambda: admin.post(f"{SENDERS}/n/resume"),
+            lambda: admin.delete(f"{SENDERS}/n"),
+        ]
+        for change in changes:
+            assert change().status_code in (200, 201, 204)
+            heard = list(listener.notifies(timeout=10, stop_after=1))
+            assert [n.channel for n in heard] == ["outbox_senders"]
