@@ -205,12 +205,12 @@ ORDER BY id
 LIMIT %(limit)s;
 
 -- name: oldest_event_id
--- The oldest id still kept; on an empty table the id the next event will get, so a
--- resume point before a purge that emptied the table is still recognised.
+-- The oldest id still kept; on an empty table the one after the newest ever purged, so
+-- a resume point before a purge that emptied the table is still recognised (and one
+-- after it is not, whatever ids transactions not yet committed have taken).
 SELECT COALESCE(
     (SELECT min(id) FROM outbox.events),
-    (SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END
-     FROM outbox.events_id_seq));
+    (SELECT through + 1 FROM outbox.events_purged));
 
 -- Admin: dashboard and retry ---------------------------------------------------------
 

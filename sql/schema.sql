@@ -131,6 +131,21 @@ CREATE FUNCTION outbox.event_lock_key() RETURNS bigint
 
 
 --
+-- Name: note_events_purged(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.note_events_purged() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    -- GREATEST ignores the NULL of a delete that removed nothing.
+    UPDATE outbox.events_purged SET through = GREATEST(through, (SELECT max(id) FROM gone));
+    RETURN NULL;
+END
+$$;
+
+
+--
 -- Name: notify_new(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -726,6 +741,17 @@ ALTER SEQUENCE outbox.events_id_seq OWNED BY outbox.events.id;
 
 
 --
+-- Name: events_purged; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.events_purged (
+    only_row boolean DEFAULT true NOT NULL,
+    through bigint NOT NULL,
+    CONSTRAINT events_purged_only_row_check CHECK (only_row)
+);
+
+
+--
 -- Name: job_runs; Type: TABLE; Schema: outbox; Owner: -
 --
 
@@ -934,6 +960,14 @@ ALTER TABLE ONLY outbox.events
 
 
 --
+-- Name: events_purged events_purged_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.events_purged
+    ADD CONSTRAINT events_purged_pkey PRIMARY KEY (only_row);
+
+
+--
 -- Name: job_runs job_runs_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
 --
 
@@ -1054,6 +1088,13 @@ CREATE INDEX messages_user_id ON outbox.messages USING btree (user_id, id);
 --
 
 CREATE INDEX messages_user_status ON outbox.messages USING btree (user_id, status, id) WHERE (status <> 'in_flight'::text);
+
+
+--
+-- Name: events events_purged; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER events_purged AFTER DELETE ON outbox.events REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION outbox.note_events_purged();
 
 
 --

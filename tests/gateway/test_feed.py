@@ -287,6 +287,24 @@ def test_a_purged_since_closes_with_4410_and_a_since_beyond_the_newest_waits(
         assert next_event(ahead)["data"]["message_id"] == new[1]
 
 
+def test_an_event_id_taken_but_never_committed_does_not_make_a_resume_look_purged(
+    serve: Serve, token: Token, sql_conn: psycopg.Connection
+) -> None:
+    """Every event purged, then an id taken by a writer that rolled back (or has not
+    committed yet): a client resuming from the newest event it saw lost nothing."""
+    server = serve()
+    write_events(sql_conn, 2)
+    newest = event_ids(sql_conn)[-1]
+    sql_conn.execute("DELETE FROM outbox.events")
+    with sql_conn.transaction(force_rollback=True):
+        write_events(sql_conn, 1)  # its id is taken for good
+    with open_feed(server, token("user-1"), since=newest) as feed:
+        (new,) = write_events(sql_conn, 1)
+        assert next_event(feed)["data"]["message_id"] == new
+    with open_feed(server, token("user-1"), since=newest - 1) as feed:
+        assert close_of(feed)[0] == 4410  # the purged one is still told apart
+
+
 def test_a_rolled_back_completion_produces_no_event(
     serve: Serve, token: Token, sql_conn: psycopg.Connection
 ) -> None:
