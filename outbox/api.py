@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,14 +21,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outbox import dashboard, db, models, senders_api
-from outbox.auth import AuthError, Principal, TokenVerifier, bearer_token
+from outbox.auth import Principal, TokenVerifier
 from outbox.body import BodyReader
 from outbox.errors import (
     EXCEPTION_HANDLERS,
     ApiError,
     error_response,
-    forbidden,
-    unauthorized,
     unavailable,
     validation_fields,
 )
@@ -37,6 +34,7 @@ from outbox.feed import Feed
 from outbox.ingest import InsertCoalescer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import UNMATCHED, ApiMetrics, QueueGauges, render
+from outbox.services import SERVICES, Services, authenticate, require_admin, services_of
 from outbox.settings import Settings
 from outbox.states import LIVE_STATUSES, DeliveryState, MessageStatus
 from outbox.store import Conflict, Inserted, ListedRow, MessageRow, NewMessage, Store
@@ -66,46 +64,6 @@ class OrjsonResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
-
-
-@dataclass(frozen=True)
-class Services:
-    settings: Settings
-    store: Store
-    verifier: TokenVerifier
-    ingest: InsertCoalescer
-    bodies: BodyReader
-    metrics: ApiMetrics
-    queue_gauges: QueueGauges
-    metrics_registries: tuple[CollectorRegistry, ...]  # rendered together on /metrics
-    feed: Feed  # the live status feed (outbox/feed/)
-
-
-# The key of the app's services in its lifespan state (each request's `state` copies it).
-SERVICES = "services"
-
-
-def lifespan_services(state: Mapping[str, Any]) -> Services | None:
-    """The app's services in a server's lifespan state (None before start-up, or for
-    another app)."""
-    services = state.get(SERVICES)
-    return services if isinstance(services, Services) else None
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.state.services
-    return services
-
-
-def _authenticate(request: Request) -> Principal:
-    try:
-        principal = _services(request).verifier.authenticate(
-            bearer_token(request.headers.get("authorization"))
-        )
-    except AuthError as exc:
-        raise unauthorized(str(exc)) from exc
-    request.state.user_id = principal.user_id
-    return principal
 
 
 def _new_message(message: models.AnyMessage) -> NewMessage:
@@ -148,8 +106,8 @@ def _conflict(client_message_id: str | None, index: int | None = None) -> ApiErr
 
 
 async def send(request: Request) -> Response:
-    principal = _authenticate(request)
-    services = _services(request)
+    principal = authenticate(request)
+    services = services_of(request)
     body = await services.bodies.read(request, services.settings.max_body_bytes)
     try:
         message = await services.bodies.parse(
@@ -170,8 +128,8 @@ async def send(request: Request) -> Response:
 
 async def send_batch(request: Request) -> Response:
     """All the batch validated, then inserted in one transaction, then answered."""
-    principal = _authenticate(request)
-    services = _services(request)
+    principal = authenticate(request)
+    services = services_of(request)
     bodies = services.bodies
     body = await bodies.read(request, services.settings.max_body_bytes * BATCH_BODY_FACTOR)
     try:
@@ -288,20 +246,20 @@ def _owner_filter(principal: Principal) -> str | None:
 
 
 async def get_message(request: Request) -> Response:
-    principal = _authenticate(request)
+    principal = authenticate(request)
     task_id = _parse_task_id(request)
     request.state.message_id = str(task_id)
-    row = await _services(request).store.messages.get(task_id, _owner_filter(principal))
+    row = await services_of(request).store.messages.get(task_id, _owner_filter(principal))
     if row is None:
         raise ApiError(404, "no such message")
     return OrjsonResponse(message_view(row))
 
 
 async def cancel_message(request: Request) -> Response:
-    principal = _authenticate(request)
+    principal = authenticate(request)
     task_id = _parse_task_id(request)
     request.state.message_id = str(task_id)
-    store = _services(request).store
+    store = services_of(request).store
     owner = _owner_filter(principal)
     cancelled = await store.messages.cancel(task_id, owner)
     row = await store.messages.get(task_id, owner)
@@ -318,19 +276,12 @@ async def message(request: Request) -> Response:
     return await get_message(request)
 
 
-def _require_admin(request: Request) -> Principal:
-    principal = _authenticate(request)
-    if not principal.is_admin:
-        raise forbidden("this route needs an admin token")
-    return principal
-
-
 async def retry_message(request: Request) -> Response:
-    _require_admin(request)
+    require_admin(request)
     task_id = _parse_task_id(request)
     request.state.message_id = str(task_id)
-    store = _services(request).store
-    row = await store.messages.retry(task_id, _services(request).settings.max_attempts)
+    store = services_of(request).store
+    row = await store.messages.retry(task_id, services_of(request).settings.max_attempts)
     if row is not None:
         return OrjsonResponse(message_view(row))
     row = await store.messages.get(task_id, None)
@@ -345,8 +296,8 @@ async def retry_message(request: Request) -> Response:
 
 
 async def admin_summary(request: Request) -> Response:
-    _require_admin(request)
-    document = await _services(request).store.figures.dashboard(
+    require_admin(request)
+    document = await services_of(request).store.figures.dashboard(
         SUMMARY_COUNT_CAP, SUMMARY_DONE_CAP, SUMMARY_ROWS
     )
     # Built as JSON by PostgreSQL: passed through, never parsed here.
@@ -358,7 +309,7 @@ def _query_error(path: str, message: str) -> ApiError:
 
 
 async def list_messages(request: Request) -> Response:
-    principal = _authenticate(request)
+    principal = authenticate(request)
     params = request.query_params
     for name in LIST_PARAMETERS:  # `?limit=` is not `limit` left out: OpenAPI refuses it
         if params.get(name) == "":
@@ -384,7 +335,7 @@ async def list_messages(request: Request) -> Response:
         except ValueError as exc:
             raise _query_error("after", "must be a task_id") from exc
     limit = int(raw_limit)
-    rows = await _services(request).store.messages.listing(
+    rows = await services_of(request).store.messages.listing(
         _owner_filter(principal),
         status=status_filter,
         client_message_id=client_message_id,
@@ -403,7 +354,7 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     expected = db.latest_version()
     try:
-        version = await _services(request).store.schema_version()
+        version = await services_of(request).store.schema_version()
     except Exception as exc:  # the table may not exist yet, or the database is down
         log.warning("not ready", error=str(exc).splitlines()[0:1])
         return error_response(unavailable("database unreachable or not migrated"))
@@ -419,7 +370,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    services = _services(request)
+    services = services_of(request)
     await services.queue_gauges.refresh()  # cached: at most one query per OUTBOX_METRICS_CACHE
     return Response(render(services.metrics_registries), media_type=CONTENT_TYPE_LATEST)
 
@@ -427,7 +378,7 @@ async def metrics(request: Request) -> Response:
 async def openapi(request: Request) -> Response:
     from outbox.openapi import openapi_document
 
-    return OrjsonResponse(openapi_document(_services(request).settings.max_body_bytes))
+    return OrjsonResponse(openapi_document(services_of(request).settings.max_body_bytes))
 
 
 ROUTES = [

@@ -15,12 +15,13 @@ import uvicorn
 import uvloop
 
 from outbox import db
-from outbox.api import create_app, lifespan_services
+from outbox.api import create_app
 from outbox.cancellation import cancel_and_wait
 from outbox.connections import http_protocol
 from outbox.dispatcher import run_dispatcher
 from outbox.feed.protocol import FeedWebSocketProtocol
 from outbox.metrics import DispatchMetrics, MetricsServer, QueueGauges
+from outbox.services import lifespan_services
 from outbox.settings import Settings
 from outbox.store import Store
 

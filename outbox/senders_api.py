@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -16,8 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from outbox.auth import AuthError, bearer_token
-from outbox.errors import ApiError, forbidden, unauthorized, unavailable, validation_fields
+from outbox.errors import ApiError, unavailable, validation_fields
 from outbox.log import get_logger
 from outbox.senders import (
     DEFAULT_SENDER,
@@ -39,10 +38,8 @@ from outbox.senders import (
     split_settings,
     unique_users,
 )
+from outbox.services import require_admin, services_of
 from outbox.store import NewSender, SenderRow, Store
-
-if TYPE_CHECKING:
-    from outbox.api import Services
 
 log = get_logger("outbox.senders")
 
@@ -57,23 +54,6 @@ READ_ONLY = (
 
 def _respond(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.state.services
-    return services
-
-
-def _require_admin(request: Request) -> None:
-    try:
-        principal = _services(request).verifier.authenticate(
-            bearer_token(request.headers.get("authorization"))
-        )
-    except AuthError as exc:
-        raise unauthorized(str(exc)) from exc
-    request.state.user_id = principal.user_id
-    if not principal.is_admin:
-        raise forbidden("this route needs an admin token")
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,8 +79,8 @@ async def _stored_or_404(store: Store, sender_id: str) -> SenderRow:
 
 
 async def list_senders(request: Request) -> Response:
-    _require_admin(request)
-    services = _services(request)
+    require_admin(request)
+    services = services_of(request)
     store = services.store
     senders = [environment_sender(services.settings)]
     senders += [SenderConfig.stored(row) for row in await store.senders.all()]
@@ -109,8 +89,8 @@ async def list_senders(request: Request) -> Response:
 
 
 async def get_sender(request: Request) -> Response:
-    _require_admin(request)
-    services = _services(request)
+    require_admin(request)
+    services = services_of(request)
     sender_id = _sender_id(request)
     if sender_id == DEFAULT_SENDER:
         return _respond(await _view(services.store, environment_sender(services.settings)))
@@ -171,8 +151,8 @@ def _encrypted(
 
 
 async def put_sender(request: Request) -> Response:
-    _require_admin(request)
-    services = _services(request)
+    require_admin(request)
+    services = services_of(request)
     sender_id = _sender_id(request)
     if not _SENDER_ID.fullmatch(sender_id):
         raise ApiError(
@@ -220,8 +200,8 @@ async def put_sender(request: Request) -> Response:
 
 
 async def delete_sender(request: Request) -> Response:
-    _require_admin(request)
-    store = _services(request).store
+    require_admin(request)
+    store = services_of(request).store
     sender_id = _sender_id(request)
     if sender_id == DEFAULT_SENDER:
         raise ApiError(409, READ_ONLY)
@@ -247,7 +227,7 @@ async def sender(request: Request) -> Response:
 
 
 async def _pause_request(request: Request) -> PauseRequest:
-    services = _services(request)
+    services = services_of(request)
     body = await services.bodies.read(request, services.settings.max_body_bytes)
     if not body.strip():
         return PauseRequest()
@@ -258,8 +238,8 @@ async def _pause_request(request: Request) -> PauseRequest:
 
 
 async def pause_sender(request: Request) -> Response:
-    _require_admin(request)
-    store = _services(request).store
+    require_admin(request)
+    store = services_of(request).store
     sender_id = _sender_id(request)
     pause = await _pause_request(request)
     if sender_id == DEFAULT_SENDER:
@@ -273,8 +253,8 @@ async def pause_sender(request: Request) -> Response:
 
 
 async def resume_sender(request: Request) -> Response:
-    _require_admin(request)
-    store = _services(request).store
+    require_admin(request)
+    store = services_of(request).store
     sender_id = _sender_id(request)
     if sender_id == DEFAULT_SENDER:
         raise ApiError(409, f"{READ_ONLY}; it is never paused by hand")

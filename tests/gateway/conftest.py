@@ -15,9 +15,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from outbox.api import create_app, lifespan_services
+from outbox.api import create_app
 from outbox.feed import Feed
 from outbox.process import websocket_options
+from outbox.services import lifespan_services
 from outbox.settings import Settings
 
 # The dispatcher fixtures (a scripted provider, real `outbox dispatch` processes).
