@@ -223,6 +223,7 @@ def listed_message(row: ListedRow) -> dict[str, Any]:
         "created_at": models.iso_utc(row.created_at),
         "updated_at": models.iso_utc(row.updated_at),
         "finished_at": models.iso_utc(row.finished_at),
+        "sender": row.sender,
     }
 
 

@@ -190,7 +190,7 @@ SELECT max(id) FROM outbox.events;
 -- name: events_after
 -- The next page of events, all users (the gateway's one reader, and admins' replay).
 -- Ids become visible in id order (the event lock), so `id > last` never skips one.
-SELECT id, user_id, event, data
+SELECT id, user_id, sender, event, data
 FROM outbox.events
 WHERE id > %(after)s
 ORDER BY id
@@ -198,7 +198,7 @@ LIMIT %(limit)s;
 
 -- name: user_events_after
 -- One user's page of events, for a resuming client (events_user_id (user_id, id)).
-SELECT id, user_id, event, data
+SELECT id, user_id, sender, event, data
 FROM outbox.events
 WHERE user_id = %(user_id)s AND id > %(after)s
 ORDER BY id
@@ -408,21 +408,10 @@ WHERE id = %(id)s::text
 RETURNING id;
 
 -- name: pause_sender
--- A pause by hand: `since` kept when the sender was already paused. Its id, or no row.
-UPDATE outbox.senders
-SET paused = jsonb_build_object(
-        'reason', %(reason)s::text,
-        'code', NULL,
-        'since', COALESCE(paused -> 'since', to_jsonb(outbox.wire_time(now()))),
-        'until', NULL,
-        'manual', true),
-    updated_at = now()
-WHERE id = %(id)s::text
-RETURNING id;
+-- A pause by hand, with its sender_paused event (014_sender_routing.sql). Its id, or no
+-- row (unknown).
+SELECT id FROM outbox.pause_sender(%(id)s::text, %(reason)s::text, NULL, NULL, true) AS id;
 
 -- name: resume_sender
--- Its id, or no row (unknown).
-UPDATE outbox.senders
-SET paused = NULL, updated_at = now()
-WHERE id = %(id)s::text
-RETURNING id;
+-- With its sender_resumed event when it was paused. Its id, or no row (unknown).
+SELECT id FROM outbox.resume_sender(%(id)s::text) AS id;

@@ -174,6 +174,38 @@ $$;
 
 
 --
+-- Name: pause_sender(text, text, text, timestamp with time zone, boolean); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.pause_sender(p_id text, p_reason text, p_code text, p_until timestamp with time zone, p_manual boolean) RETURNS SETOF text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    before jsonb;
+    after jsonb;
+BEGIN
+    SELECT paused INTO before FROM outbox.senders WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    after := jsonb_build_object(
+        'reason', p_reason,
+        'code', p_code,
+        'since', COALESCE(before -> 'since', to_jsonb(outbox.wire_time(now()))),
+        'until', outbox.wire_time(p_until),
+        'manual', p_manual);
+    UPDATE outbox.senders SET paused = after, updated_at = now() WHERE id = p_id;
+    IF before IS DISTINCT FROM after THEN
+        PERFORM outbox.write_sender_event(p_id, 'sender_paused', jsonb_build_object(
+            'reason', p_reason, 'code', p_code, 'since', after -> 'since',
+            'until', after -> 'until', 'manual', p_manual));
+    END IF;
+    RETURN NEXT p_id;
+END;
+$$;
+
+
+--
 -- Name: purge(interval, interval, interval, integer, bigint, bigint, bigint); Type: PROCEDURE; Schema: outbox; Owner: -
 --
 
@@ -470,6 +502,32 @@ END;
 $$;
 
 
+--
+-- Name: resume_sender(text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.resume_sender(p_id text) RETURNS SETOF text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    before jsonb;
+BEGIN
+    SELECT paused INTO before FROM outbox.senders WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF before IS NOT NULL THEN
+        UPDATE outbox.senders SET paused = NULL, updated_at = now() WHERE id = p_id;
+        PERFORM outbox.write_sender_event(p_id, 'sender_resumed', jsonb_build_object(
+            'reason', NULL, 'code', NULL, 'paused_since', before -> 'since'));
+        -- Its messages are due again: wake the dispatchers as an insert would.
+        PERFORM pg_notify('outbox_new', '');
+    END IF;
+    RETURN NEXT p_id;
+END;
+$$;
+
+
 SET default_tablespace = '';
 
 SET default_table_access_method = heap;
@@ -584,7 +642,8 @@ CREATE VIEW outbox.listed_message AS
     m.provider_message_id,
     m.created_at,
     m.updated_at,
-    m.finished_at
+    m.finished_at,
+    m.sender
    FROM outbox.messages m;
 
 
@@ -609,6 +668,7 @@ CREATE VIEW outbox.message_view AS
     l.created_at,
     l.updated_at,
     l.finished_at,
+    l.sender,
     COALESCE(( SELECT jsonb_agg(jsonb_build_object('attempt', a.attempt, 'started_at', a.started_at, 'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error) ORDER BY a.id) AS jsonb_agg
            FROM outbox.attempts a
           WHERE (a.message_id = l.id)), '[]'::jsonb) AS history
@@ -655,9 +715,10 @@ BEGIN
     END IF;
     PERFORM pg_advisory_xact_lock(outbox.event_lock_key());
     WITH inserted AS (
-        INSERT INTO outbox.events (message_id, user_id, event, data, created_at)
+        INSERT INTO outbox.events (message_id, user_id, sender, event, data, created_at)
         SELECT m.id,
                m.user_id,
+               m.sender,
                CASE m.status WHEN 'pending' THEN 'message_retrying'
                              WHEN 'cancelled' THEN 'message_cancelled'
                              ELSE 'message_sent' END,
@@ -673,7 +734,8 @@ BEGIN
                                  ELSE m.last_error END,
                    'client_message_id', m.client_message_id,
                    'provider_message_id', m.provider_message_id,
-                   'attempt', m.attempts)
+                   'attempt', m.attempts,
+                   'sender', m.sender)
                || CASE WHEN m.status = 'pending'
                        THEN jsonb_build_object('next_attempt_at', outbox.wire_time(m.next_attempt_at))
                        ELSE '{}'::jsonb END,
@@ -688,6 +750,28 @@ BEGIN
         PERFORM pg_notify('outbox_events', last_id::text);
     END IF;
     RETURN last_id;
+END;
+$$;
+
+
+--
+-- Name: write_sender_event(text, text, jsonb); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.write_sender_event(p_sender text, p_event text, p_data jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(outbox.event_lock_key());
+    INSERT INTO outbox.events (message_id, user_id, sender, event, data)
+    VALUES (NULL, NULL, p_sender, p_event,
+            jsonb_build_object('sender', p_sender, 'timestamp', outbox.wire_time(now()))
+            || p_data)
+    RETURNING id INTO new_id;
+    PERFORM pg_notify('outbox_events', new_id::text);
+    RETURN new_id;
 END;
 $$;
 
@@ -712,11 +796,12 @@ ALTER TABLE outbox.attempts ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 CREATE TABLE outbox.events (
     id bigint NOT NULL,
-    message_id uuid NOT NULL,
-    user_id text NOT NULL,
+    message_id uuid,
+    user_id text,
     event text NOT NULL,
     data jsonb NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    sender text
 )
 WITH (autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.02');
 
@@ -1025,6 +1110,13 @@ CREATE INDEX events_created_at ON outbox.events USING brin (created_at);
 --
 
 CREATE INDEX events_message_id ON outbox.events USING btree (message_id);
+
+
+--
+-- Name: events_sender_events; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX events_sender_events ON outbox.events USING btree (id) WHERE (message_id IS NULL);
 
 
 --

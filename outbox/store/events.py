@@ -16,7 +16,8 @@ class EventRow:
     without `event_id`."""
 
     id: int
-    user_id: str
+    user_id: str | None  # None: a sender event (sender_paused, sender_resumed)
+    sender: str | None
     event: str
     data: dict[str, Any]
 

@@ -63,7 +63,7 @@ class HistoryEntry(TypedDict):
 
 @dataclass(slots=True)
 class ListedRow:
-    """A message as the view outbox.listed_message shows it (011_message_views.sql): the
+    """A message as the view outbox.listed_message shows it (014_sender_routing.sql): the
     view's columns, by name and in order."""
 
     id: uuid.UUID
@@ -82,6 +82,7 @@ class ListedRow:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    sender: str
 
     def __post_init__(self) -> None:
         self.status = MessageStatus(self.status)  # the column is text

@@ -75,6 +75,7 @@ def test_post_then_event_with_the_task_id_and_the_exact_v1_shape(
         "client_message_id": "c-1",
         "provider_message_id": f"prov-{task_id}",
         "attempt": data["attempt"],
+        "sender": "default",
     }
 
 
@@ -241,6 +242,7 @@ def test_a_cancel_is_announced_as_message_cancelled(serve: Serve, token: Token) 
         "client_message_id": "c-9",
         "provider_message_id": None,
         "attempt": 0,
+        "sender": "default",
     }
 
 

@@ -1,0 +1,147 @@
+"""The senders a process knows, kept in memory: the environment's `default` and the stored
+ones, read again whenever one changes (NOTIFY outbox_senders, sent by a trigger on every
+change) and every REREAD_INTERVAL as a backstop for a notification lost while the LISTEN
+connection was down. `serve` checks a message's sender here, so that the send path stays
+one round trip; `dispatch` builds each sender's provider from it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from outbox import notifier
+from outbox.log import get_logger
+from outbox.retry import Backoff
+from outbox.senders import (
+    DEFAULT_SENDER,
+    Keyring,
+    SecretKeyError,
+    SenderConfig,
+    environment_sender,
+)
+from outbox.settings import Settings
+from outbox.store import Store
+
+log = get_logger("outbox.senders")
+
+CHANNEL = "outbox_senders"
+REREAD_INTERVAL = 30.0  # seconds between reads when no notification came
+RETRY_MIN, RETRY_MAX = 0.1, 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class KnownSender:
+    """A sender as this process uses it: its configuration and, where the process calls
+    providers, its decrypted credentials (never logged: repr leaves them out)."""
+
+    config: SenderConfig
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    def allows(self, user_id: str) -> bool:
+        """Whether this JWT sub may send from it."""
+        users = self.config.users
+        return "*" in users or user_id in users
+
+
+class SenderDirectory:
+    """The known senders by id. `decrypt`: keep their credentials (dispatchers do; serve
+    needs only who may send from which). `on_change` runs after each read that changed
+    something."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        decrypt: bool = False,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._keyring = Keyring(settings.secret_key) if decrypt else None
+        self._on_change = on_change
+        default = KnownSender(environment_sender(settings), _environment_secrets(settings))
+        self._default = default
+        self.senders: dict[str, KnownSender] = {DEFAULT_SENDER: default}
+        self.loaded = asyncio.Event()  # set after the first read
+        self._wake = asyncio.Event()
+
+    def get(self, sender_id: str) -> KnownSender | None:
+        return self.senders.get(sender_id)
+
+    def allowed_ids(self, user_id: str) -> frozenset[str]:
+        """The senders this JWT sub may send from."""
+        return frozenset(s.id for s in self.senders.values() if s.allows(user_id))
+
+    def wake(self) -> None:
+        """Read the senders again soon (a change was announced)."""
+        self._wake.set()
+
+    async def load(self) -> bool:
+        """Read the stored senders now; True when anything changed. A sender whose
+        credentials do not decrypt is left out (logged): never called with them."""
+        rows = await self._store.senders.all()
+        senders = {DEFAULT_SENDER: self._default}
+        for row in rows:
+            secrets: dict[str, str] = {}
+            if self._keyring is not None and row.secrets is not None:
+                try:
+                    secrets = self._keyring.decrypt(row.secrets, row.id)
+                except SecretKeyError as exc:
+                    log.error("sender left out: its credentials do not decrypt", error=str(exc))
+                    continue
+            senders[row.id] = KnownSender(SenderConfig.stored(row), secrets)
+        changed = senders != self.senders
+        self.senders = senders
+        self.loaded.set()
+        if changed and self._on_change is not None:
+            self._on_change()
+        return changed
+
+    async def run(self) -> None:
+        """Follow changes until cancelled: LISTEN, and a read at each notification, at
+        each (re)connection and every REREAD_INTERVAL."""
+        listener = asyncio.create_task(
+            notifier.listen(
+                self._settings.listen_database_url,
+                CHANNEL,
+                lambda _payload: self.wake(),
+                on_connect=self.wake,  # changes missed while away: read now
+            ),
+            name="senders-listen",
+        )
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(REREAD_INTERVAL):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                try:
+                    await self.load()
+                    backoff.reset()
+                except Exception as exc:  # the database away: keep what is known, retry
+                    delay = backoff.next_delay()
+                    log.warning("reading senders failed", error=str(exc).strip(), retry_in=delay)
+                    await asyncio.sleep(delay)
+                    self._wake.set()
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+
+def _environment_secrets(settings: Settings) -> dict[str, str]:
+    """The default sender's credentials, from the environment."""
+    match settings.provider:
+        case "http":
+            return {"secret": settings.provider_secret} if settings.provider_secret else {}
+        case "cloud":
+            return {"access_token": settings.cloud_token} if settings.cloud_token else {}
+    return {}
