@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from outbox import dashboard, db, models, senders_api
 from outbox.auth import Principal, TokenVerifier
 from outbox.body import BodyReader
+from outbox.cancellation import cancel_and_wait
 from outbox.errors import (
     EXCEPTION_HANDLERS,
     ApiError,
@@ -34,6 +36,7 @@ from outbox.feed import Feed
 from outbox.ingest import InsertCoalescer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import UNMATCHED, ApiMetrics, QueueGauges, render
+from outbox.sender_directory import SenderDirectory
 from outbox.services import SERVICES, Services, authenticate, require_admin, services_of
 from outbox.settings import Settings
 from outbox.states import LIVE_STATUSES, DeliveryState, MessageStatus
@@ -479,7 +482,8 @@ def create_app(
         store = Store(pool, statement_timeout=settings.api_statement_timeout)
         queue_gauges = QueueGauges(store, settings.metrics_cache)
         api_metrics.registry.register(queue_gauges)
-        feed = Feed(settings, store, verifier, api_metrics)
+        senders = SenderDirectory(settings, store)
+        feed = Feed(settings, store, verifier, api_metrics, senders=senders)
         services = Services(
             settings=settings,
             store=store,
@@ -490,11 +494,14 @@ def create_app(
             queue_gauges=queue_gauges,
             metrics_registries=(api_metrics.registry, *extra_registries),
             feed=feed,
+            senders=senders,
         )
         feed.start()
+        following = asyncio.create_task(senders.run(), name="senders-follow")
         try:
             yield {SERVICES: services}
         finally:
+            await cancel_and_wait([following])
             await feed.stop()
             await pool.close(timeout=0.2)  # a worker still connecting is cancelled at exit
             api_metrics.registry.unregister(queue_gauges)

@@ -16,6 +16,7 @@ from outbox.errors import forbidden, unauthorized
 from outbox.feed import Feed
 from outbox.ingest import InsertCoalescer
 from outbox.metrics import ApiMetrics, QueueGauges
+from outbox.sender_directory import SenderDirectory
 from outbox.settings import Settings
 from outbox.store import Store
 
@@ -31,6 +32,7 @@ class Services:
     queue_gauges: QueueGauges
     metrics_registries: tuple[CollectorRegistry, ...]  # rendered together on /metrics
     feed: Feed  # the live status feed (outbox/feed/)
+    senders: SenderDirectory  # the known senders, kept in memory
 
 
 # The key of the app's services in its lifespan state (each request's `state` copies it).

@@ -21,6 +21,7 @@ from outbox.feed.wire import GOING_AWAY, SHUTTING_DOWN, Receive, Scope, Send, cl
 from outbox.log import get_logger
 from outbox.metrics import ApiMetrics
 from outbox.retry import Backoff
+from outbox.sender_directory import SenderDirectory
 from outbox.settings import Settings
 from outbox.store import EventRow, Store
 
@@ -42,8 +43,11 @@ class Feed:
         store: Store,
         verifier: TokenVerifier,
         metrics: ApiMetrics | None = None,
+        *,
+        senders: SenderDirectory | None = None,
     ) -> None:
         self.settings = settings
+        self.senders = senders  # who may see a sender's events
         self.metrics = metrics or ApiMetrics()
         self.store = store
         self.verifier = verifier
@@ -178,7 +182,8 @@ class Feed:
                 return
 
     def _fan_out(self, row: EventRow, tally: list[int]) -> None:
-        users = self.subscribers.by_user.get(row.user_id)
+        # A sender event (no user) goes to admins only, for now.
+        users = self.subscribers.by_user.get(row.user_id) if row.user_id is not None else None
         admins = self.subscribers.admins
         if not users and not admins:
             return
