@@ -21,7 +21,7 @@ from outbox import db
 from outbox.auth import mint_token
 from outbox.log import configure_logging, flush_logs, get_logger
 from outbox.settings import Settings, describe_error, parse_duration
-from outbox.store import PurgeCounts, StatusSummary
+from outbox.store import PurgeCounts, SenderStatus, StatusSummary
 
 
 class UsageError(Exception):
@@ -241,24 +241,104 @@ def _ago(value: datetime | None, now: datetime) -> str:
     return f"{value:%Y-%m-%d %H:%M:%S} ({seconds:.0f}s {suffix})"
 
 
+def _table(header: Sequence[str], body: Sequence[Sequence[str]], right: set[int]) -> str:
+    """Columns two spaces apart, those in `right` aligned right; the last one unpadded."""
+    lines = [header, *body]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for line in lines:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(line[:-1])
+        ]
+        cells.append(line[-1].rjust(widths[-1]) if len(line) - 1 in right else line[-1])
+        out.append("  ".join(cells))
+    return "\n".join(out)
+
+
 def format_status_table(rows: list[StatusSummary], now: datetime) -> str:
     header = ("STATUS", "COUNT", "DUE NOW", "OLDEST")
     body = [(row.status, str(row.count), str(row.due_now), _ago(row.oldest, now)) for row in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(3)]
-    lines = [
-        f"{line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:>{widths[2]}}  {line[3]}"
-        for line in [header, *body]
+    return _table(header, body, right={1, 2})
+
+
+# A pause's reason comes from an admin or a provider: shown on one line, shortened, with
+# no control character that a terminal would act on.
+_REASON_CHARS = 60
+
+
+def _one_line(text: str) -> str:
+    clean = "".join(c if c.isprintable() else " " for c in text)
+    return clean if len(clean) <= _REASON_CHARS else clean[: _REASON_CHARS - 1] + "…"
+
+
+def sender_documents(settings: Settings, rows: list[SenderStatus]) -> list[dict[str, Any]]:
+    """Each sender as `outbox status --json` shows it; `default` from the environment."""
+    from outbox.senders import DEFAULT_SENDER, environment_sender
+
+    default = environment_sender(settings)
+    documents = []
+    for row in rows:
+        own = row.id == DEFAULT_SENDER
+        documents.append(
+            {
+                "id": row.id,
+                "provider": default.provider if own else row.provider,
+                "source": "environment" if own else "api",
+                "state": "paused" if row.paused else "active",
+                "paused": row.paused,
+                "rate_limit": default.rate_limit if own else row.rate_limit,
+                "pending": row.pending,
+                "in_flight": row.in_flight,
+            }
+        )
+    return documents
+
+
+def _sender_state(sender: dict[str, Any], now: datetime) -> str:
+    paused = sender["paused"]
+    if not paused:
+        return "active"
+    state = "paused"
+    if paused.get("until"):
+        try:
+            at = datetime.fromisoformat(paused["until"]).astimezone(now.tzinfo)
+            until = f"{at:%Y-%m-%d %H:%M:%S}"
+        except (TypeError, ValueError):
+            until = _one_line(str(paused["until"]))
+        state += f" until {until}"
+    why = _one_line(str(paused.get("reason") or ""))
+    if paused.get("code"):
+        why = f"{why} [{_one_line(str(paused['code']))}]"
+    return f"{state}: {why}" if why else state
+
+
+def format_senders_table(senders: list[dict[str, Any]], now: datetime) -> str:
+    header = ("SENDER", "PROVIDER", "STATE", "RATE LIMIT", "PENDING", "IN FLIGHT")
+    body = [
+        (
+            sender["id"],
+            str(sender["provider"]),
+            _sender_state(sender, now),
+            "unlimited" if sender["rate_limit"] is None else f"{sender['rate_limit']:g}/s",
+            str(sender["pending"]),
+            str(sender["in_flight"]),
+        )
+        for sender in senders
     ]
-    return "\n".join(lines)
+    return _table(header, body, right={3, 4, 5})
 
 
-def status_document(rows: list[StatusSummary], now: datetime) -> dict[str, Any]:
+def status_document(
+    rows: list[StatusSummary], senders: list[dict[str, Any]], now: datetime
+) -> dict[str, Any]:
     return {
         "at": now.isoformat(),
         "statuses": {
             row.status: {"count": row.count, "due_now": row.due_now, "oldest": _iso(row.oldest)}
             for row in rows
         },
+        "senders": senders,
     }
 
 
@@ -271,15 +351,18 @@ async def _status(settings: Settings, *, as_json: bool, watch: float | None) -> 
         store = Store(pool)
         while True:
             rows = await store.figures.queue_summary()
+            senders = sender_documents(settings, await store.senders.status())
             now = datetime.now(UTC)
             if as_json:
-                print(json.dumps(status_document(rows, now)), flush=True)
+                print(json.dumps(status_document(rows, senders, now)), flush=True)
             else:
                 if watch is not None and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
                 local = now.astimezone(ZoneInfo(settings.timezone))
                 print(f"outbox queue at {local:%Y-%m-%d %H:%M:%S %Z}")
-                print(format_status_table(rows, local), flush=True)
+                print(format_status_table(rows, local))
+                print()
+                print(format_senders_table(senders, local), flush=True)
             if watch is None:
                 return
             await asyncio.sleep(watch)
@@ -381,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="print the queue summary (count, oldest, due now per status)",
-        description="Print outbox.queue_summary as a table.",
+        help="print the queue summary (count, oldest, due now per status) and the senders",
+        description="Print outbox.queue_summary as a table, then each sender: its state, "
+        "rate limit and live messages.",
     )
     status.add_argument("--json", action="store_true", help="print JSON (one line per refresh)")
     status.add_argument(

@@ -415,3 +415,27 @@ SELECT id FROM outbox.pause_sender(%(id)s::text, %(reason)s::text, NULL, NULL, t
 -- name: resume_sender
 -- With its sender_resumed event when it was paused. Its id, or no row (unknown).
 SELECT id FROM outbox.resume_sender(%(id)s::text) AS id;
+
+-- name: sender_status
+-- Every sender with its live messages, for `outbox status`: `default` first (the
+-- environment's, never stored: its provider and rate_limit are NULL here, the caller
+-- knows them), then the stored ones by id, their credentials left unread. The live
+-- messages are read as sender_counts reads them, from the live statuses' partial indexes.
+WITH live AS (
+    SELECT sender,
+           count(*) FILTER (WHERE status = 'pending') AS pending,
+           count(*) FILTER (WHERE status = 'in_flight') AS in_flight
+    FROM outbox.messages
+    WHERE status IN ('pending', 'in_flight')
+    GROUP BY sender
+), senders AS (
+    SELECT 'default'::text AS id, NULL::text AS provider,
+           NULL::double precision AS rate_limit, NULL::jsonb AS paused
+    UNION ALL
+    SELECT id, provider, rate_limit, paused FROM outbox.senders
+)
+SELECT s.id, s.provider, s.rate_limit, s.paused,
+       coalesce(l.pending, 0) AS pending, coalesce(l.in_flight, 0) AS in_flight
+FROM senders AS s
+LEFT JOIN live AS l ON l.sender = s.id
+ORDER BY s.id <> 'default', s.id;

@@ -27,7 +27,14 @@ from outbox.store.messages import (
     NewMessage,
 )
 from outbox.store.queue import Claimed, Completion, Queue
-from outbox.store.senders import NewSender, SenderCounts, SenderRow, Senders, stored_senders
+from outbox.store.senders import (
+    NewSender,
+    SenderCounts,
+    SenderRow,
+    Senders,
+    SenderStatus,
+    stored_senders,
+)
 
 __all__ = [
     "JOB_LOCK_NAMESPACE",
@@ -56,6 +63,7 @@ __all__ = [
     "QueueFigures",
     "SenderCounts",
     "SenderRow",
+    "SenderStatus",
     "Senders",
     "StatusSummary",
     "Store",

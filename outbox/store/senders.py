@@ -42,6 +42,19 @@ class SenderCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class SenderStatus:
+    """A sender as `outbox status` shows it (the columns of sender_status): `default`, the
+    environment's, has no provider or rate_limit here."""
+
+    id: str
+    provider: str | None
+    rate_limit: float | None
+    paused: dict[str, Any] | None
+    pending: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
 class NewSender:
     """A sender's configuration as PUT stores it (its secrets already encrypted)."""
 
@@ -56,6 +69,7 @@ class NewSender:
 
 _SENDER_ROW = dataclass_row(SenderRow)
 _COUNTS_ROW = dataclass_row(SenderCounts)
+_STATUS_ROW = dataclass_row(SenderStatus)
 
 
 class Senders:
@@ -74,6 +88,10 @@ class Senders:
             QUERIES["sender_counts"], {"ids": list(sender_ids)}, row=_COUNTS_ROW
         )
         return {row.sender: row for row in rows}
+
+    async def status(self) -> list[SenderStatus]:
+        """Every sender, `default` first, with its live messages (one statement)."""
+        return await self._db.fetchall(QUERIES["sender_status"], row=_STATUS_ROW)
 
     async def put(self, sender: NewSender) -> bool:
         """Create or replace `sender`'s configuration; True when it was created."""

@@ -1,9 +1,11 @@
 """Senders and OUTBOX_SECRET_KEY with the real processes: credentials never reach serve's
 log, and a missing, wrong or malformed key stops `outbox serve` and `outbox dispatch`
-at start with one line once a sender is stored."""
+at start with one line once a sender is stored; `outbox status` lists the senders."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 
 import httpx
@@ -23,6 +25,7 @@ from tests.integration.test_senders import (
     http_sender,
     never_shown,
 )
+from tests.purge.conftest import add_message
 from tests.support import wait_for
 
 KEY = Fernet.generate_key().decode()
@@ -131,3 +134,58 @@ def test_the_old_key_second_in_the_list_still_lets_both_start(
     wait_for(lambda: _answers(f"http://127.0.0.1:{port}/readyz"), timeout=30, what="serve ready")
     assert serve.interrupt() == 0
     assert dispatcher.interrupt() == 0
+
+
+def test_status_shows_each_sender_default_first_with_its_state_and_live_messages(
+    database_url: str, sql_conn: psycopg.Connection
+) -> None:
+    store_sender(sql_conn, KEY)  # gw, an http sender with a credential
+    sql_conn.execute(
+        """INSERT INTO outbox.senders (id, provider, settings, rate_limit, users)
+           VALUES ('bulk', 'fake', '{"latency_ms": 0, "failure_rate": 0}', 50, '{*}')"""
+    )
+    # A reason with a terminal escape in it: printed without it.
+    reason = "token expired \x1b[2J(190)"
+    sql_conn.execute(
+        "SELECT outbox.pause_sender('gw', %s, 'E190', now() + interval '1 hour', false)",
+        [reason],
+    )
+    add_message(sql_conn, "pending")
+    add_message(sql_conn, "sent", finished_ago="1 minute")
+    gw = [
+        add_message(sql_conn, "pending"),
+        add_message(sql_conn, "pending"),
+        add_message(sql_conn, "in_flight", locked_until_in="1 minute", attempts=1),
+    ]
+    sql_conn.execute("UPDATE outbox.messages SET sender = 'gw' WHERE id = ANY(%s)", [gw])
+    env = env_for(database_url)
+
+    result = run("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    senders = json.loads(result.stdout)["senders"]
+    paused = senders[2].pop("paused")
+    assert senders == [
+        {"id": "default", "provider": "fake", "source": "environment", "state": "active",
+         "paused": None, "rate_limit": None, "pending": 1, "in_flight": 0},
+        {"id": "bulk", "provider": "fake", "source": "api", "state": "active",
+         "paused": None, "rate_limit": 50.0, "pending": 0, "in_flight": 0},
+        {"id": "gw", "provider": "http", "source": "api", "state": "paused",
+         "rate_limit": None, "pending": 2, "in_flight": 1},
+    ]  # fmt: skip
+    assert paused["reason"] == reason and paused["code"] == "E190"
+    assert paused["manual"] is False and paused["until"] and paused["since"]
+    never_shown(result.stdout, HTTP_SECRET, KEY)
+
+    result = run("status", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    never_shown(result.stdout, HTTP_SECRET, KEY)
+    queue, table = result.stdout.split("\n\n")
+    assert queue.splitlines()[1].split()[0] == "STATUS"
+    lines = table.splitlines()
+    header = ["SENDER", "PROVIDER", "STATE", "RATE LIMIT", "PENDING", "IN FLIGHT"]
+    assert re.split(r" {2,}", lines[0].strip()) == header
+    assert lines[1].split() == ["default", "fake", "active", "unlimited", "1", "0"]
+    assert lines[2].split() == ["bulk", "fake", "active", "50/s", "0", "0"]
+    assert lines[3].startswith("gw ") and lines[3].split()[-3:] == ["unlimited", "2", "1"]
+    assert "paused until " in lines[3] and ": token expired  [2J(190) [E190]" in lines[3]
