@@ -197,10 +197,24 @@ ORDER BY id
 LIMIT %(limit)s;
 
 -- name: user_events_after
--- One user's page of events, for a resuming client (events_user_id (user_id, id)).
+-- One user's page of events, for a resuming client: its messages' (events_user_id
+-- (user_id, id)) and the sender events of %(senders)s, the senders it may use (the few
+-- events of events_sender_events, filtered). Each branch is an ordered index scan that
+-- stops at a page: a Merge Append of the two, cut at a page.
 SELECT id, user_id, sender, event, data
-FROM outbox.events
-WHERE user_id = %(user_id)s AND id > %(after)s
+FROM (
+    (SELECT id, user_id, sender, event, data
+     FROM outbox.events
+     WHERE user_id = %(user_id)s AND id > %(after)s
+     ORDER BY id
+     LIMIT %(limit)s)
+    UNION ALL
+    (SELECT id, user_id, sender, event, data
+     FROM outbox.events
+     WHERE message_id IS NULL AND id > %(after)s AND sender = ANY (%(senders)s::text[])
+     ORDER BY id
+     LIMIT %(limit)s)
+) page
 ORDER BY id
 LIMIT %(limit)s;
 

@@ -1,7 +1,8 @@
 """`Feed`: the process-wide half of the status feed. One LISTEN connection per process
 (`NOTIFY outbox_events`, whose payload is the highest new id); each new event read once
 from `outbox.events`, a page at a time, and handed, serialised once, to every session
-allowed to see it (its user's and the admins'). It lives in the app's lifespan state:
+allowed to see it: a message's to its user and the admins, a sender's to the admins and
+the users allowed to send from it (everyone for `*`). It lives in the app's lifespan state:
 started with the app, it closes its sockets with 1001 when the server shuts down."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from outbox import notifier
 from outbox.auth import TokenVerifier
 from outbox.cancellation import cancel_and_wait
 from outbox.feed import session
-from outbox.feed.session import DROPPED, QUEUED
+from outbox.feed.session import DROPPED, QUEUED, Session
 from outbox.feed.subscribers import Subscribers
 from outbox.feed.wire import GOING_AWAY, SHUTTING_DOWN, Receive, Scope, Send, close, wire_message
 from outbox.log import get_logger
@@ -182,8 +183,10 @@ class Feed:
                 return
 
     def _fan_out(self, row: EventRow, tally: list[int]) -> None:
-        # A sender event (no user) goes to admins only, for now.
-        users = self.subscribers.by_user.get(row.user_id) if row.user_id is not None else None
+        if row.user_id is None:  # a sender event: rare, routed apart
+            self._fan_out_sender_event(row, tally)
+            return
+        users = self.subscribers.by_user.get(row.user_id)
         admins = self.subscribers.admins
         if not users and not admins:
             return
@@ -191,4 +194,23 @@ class Feed:
         for subscriber in tuple(users or ()):  # an offer may cut a session (and remove it)
             tally[subscriber.offer(event_id, text)] += 1
         for subscriber in tuple(admins):
+            tally[subscriber.offer(event_id, text)] += 1
+
+    def _fan_out_sender_event(self, row: EventRow, tally: list[int]) -> None:
+        """To the admins and the sessions of the users the sender allows (everyone's for
+        `*`); only to the admins when the sender is not known (deleted since)."""
+        known = self.senders.get(row.sender) if self.senders and row.sender else None
+        subscribers = self.subscribers
+        targets: list[Session] = list(subscribers.admins)
+        if known is not None:
+            users = known.config.users
+            if "*" in users:
+                targets = list(subscribers)
+            else:
+                for user_id in users:
+                    targets.extend(subscribers.by_user.get(user_id, ()))
+        if not targets:
+            return
+        event_id, text = row.id, wire_message(row.id, row.event, row.data)
+        for subscriber in targets:  # a copy: an offer may cut a session (and remove it)
             tally[subscriber.offer(event_id, text)] += 1

@@ -112,7 +112,8 @@ class Session:
         self.task = self.backlog = None
 
     async def replay(self, since: int) -> None:
-        """Stored events after `since` page by page, then the held-back live ones, then live.
+        """Stored events after `since` page by page (a user's: its messages' and its senders'),
+        then the held-back live ones, then live.
         Each page is sent (at the client's pace) before the next is read: any number of
         events can follow `since`, the process holds one page per replaying session."""
         try:
@@ -152,9 +153,13 @@ class Session:
             self.state, self.held = REPLAYING, deque()
 
     async def _send_stored(self, user_id: str | None) -> None:
-        page_size, events = self.feed.page_size, self.feed.store.events
+        feed = self.feed
+        page_size, events, directory = feed.page_size, feed.store.events, feed.senders
         while not self.closing:
-            rows = await events.after(self.last_id, page_size, user_id)
+            # A user's own events and those of the senders it may use, as the directory
+            # says now (a sender deleted since is nobody's but the admins').
+            senders = directory.allowed_ids(user_id) if user_id and directory else frozenset()
+            rows = await events.after(self.last_id, page_size, user_id, senders)
             for row in rows:
                 text = wire_message(row.id, row.event, row.data)
                 await self.send({"type": "websocket.send", "text": text})

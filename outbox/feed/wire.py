@@ -15,7 +15,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 WIRE_VERSION = "v1"
-# The order of `data` on the wire: the v1 fields first, the additive ones after.
+# The order of a message event's `data` on the wire: the v1 fields first, the additive
+# ones after.
 DATA_ORDER = (
     "message_id",
     "status",
@@ -28,6 +29,8 @@ DATA_ORDER = (
     "attempt",
     "next_attempt_at",
 )
+# A sender's events (no message_id): who, why, when first.
+SENDER_DATA_ORDER = ("sender", "reason", "code", "timestamp", "event_id")
 
 # Close codes (RFC 6455 and the 4000–4999 private range).
 GOING_AWAY = 1001
@@ -45,7 +48,8 @@ SHUTTING_DOWN = "server shutting down"
 def wire_message(event_id: int, event: str, data: dict[str, Any]) -> str:
     """The v1 wire message of one event (computed once per event, not per client)."""
     full = {**data, "event_id": event_id}
-    ordered = {key: full.pop(key) for key in DATA_ORDER if key in full}
+    order = DATA_ORDER if "message_id" in full else SENDER_DATA_ORDER
+    ordered = {key: full.pop(key) for key in order if key in full}
     ordered.update(full)
     return orjson.dumps({"event": event, "data": ordered, "version": WIRE_VERSION}).decode()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,17 @@ class Events:
         oldest = await self._db.fetchone(QUERIES["oldest_event_id"], row=scalar_row)
         return int(oldest) if oldest is not None else None
 
-    async def after(self, after: int, limit: int, user_id: str | None = None) -> list[EventRow]:
-        """Events with id > after in id order; one user's, or everyone's when None."""
-        query = QUERIES["events_after"] if user_id is None else QUERIES["user_events_after"]
-        params = {"after": after, "limit": limit, "user_id": user_id}
-        return await self._db.fetchall(query, params, row=_EVENT_ROW)
+    async def after(
+        self,
+        after: int,
+        limit: int,
+        user_id: str | None = None,
+        senders: Collection[str] = (),
+    ) -> list[EventRow]:
+        """Events with id > after in id order: everyone's when `user_id` is None, else that
+        user's message events and the sender events of `senders` (those it may use)."""
+        if user_id is None:
+            params: dict[str, Any] = {"after": after, "limit": limit}
+            return await self._db.fetchall(QUERIES["events_after"], params, row=_EVENT_ROW)
+        params = {"after": after, "limit": limit, "user_id": user_id, "senders": sorted(senders)}
+        return await self._db.fetchall(QUERIES["user_events_after"], params, row=_EVENT_ROW)

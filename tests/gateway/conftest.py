@@ -112,6 +112,8 @@ def write_events(
 
 
 def event_ids(conn: psycopg.Connection, user_id: str | None = None) -> list[int]:
+    """Every event's id, or only those of `user_id`'s messages (sender events belong to no
+    user: their user_id is NULL)."""
     rows = conn.execute(
         "SELECT id FROM outbox.events WHERE %(u)s::text IS NULL OR user_id = %(u)s ORDER BY id",
         {"u": user_id},
