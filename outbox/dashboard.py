@@ -1,7 +1,8 @@
 """The admin dashboard: one static page (HTML, CSS, JS shipped in outbox/static/).
 
 The page holds no data: it asks for an admin token, then reads
-`GET /api/v1/admin/summary` and the WebSocket feed with it, like any other client.
+`GET /api/v1/admin/summary`, `GET /api/v1/whatsapp/senders` and the WebSocket feed with
+it, like any other client, and pauses or resumes senders through the admin routes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-// The outbox dashboard: figures from GET /api/v1/admin/summary (polled), a live tail of
-// the WebSocket feed, retry and cancel buttons. No build step, no library.
+// The outbox dashboard: figures from GET /api/v1/admin/summary and the senders from
+// GET /api/v1/whatsapp/senders (both polled), a live tail of the WebSocket feed, retry,
+// cancel, pause and resume buttons. No build step, no library.
 // Every string from the server reaches the page as a text node or an attribute value
 // set through the DOM, never parsed as markup.
 "use strict";
@@ -15,6 +16,7 @@
   const STATUSES = ["pending", "in_flight", "sent", "error", "cancelled"];
   const BADGES = new Set(["queued", "failed", "retrying", ...STATUSES]);
   const SVG_NS = "http://www.w3.org/2000/svg";
+  const SENDERS = "/api/v1/whatsapp/senders";
 
   const $ = (id) => document.getElementById(id);
   let token = sessionStorage.getItem(TOKEN_KEY);
@@ -87,19 +89,21 @@
 
   class AuthProblem extends Error {}
 
-  async function api(method, path) {
-    const response = await fetch(path, {
-      method,
-      headers: { Authorization: `Bearer ${token}` },
-      cache: "no-store",
-    });
-    let body = null;
-    try {
-      body = await response.json();
-    } catch {
-      body = null;
+  async function api(method, path, body) {
+    const headers = { Authorization: `Bearer ${token}` };
+    const init = { method, headers, cache: "no-store" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
     }
-    const message = body && body.error ? body.error.message : `HTTP ${response.status}`;
+    const response = await fetch(path, init);
+    let answer = null;
+    try {
+      answer = await response.json();
+    } catch {
+      answer = null;
+    }
+    const message = answer && answer.error ? answer.error.message : `HTTP ${response.status}`;
     if (response.status === 401) {
       askForToken(`Token refused: ${message}. Enter an admin token.`);
       throw new AuthProblem(message);
@@ -109,7 +113,7 @@
       throw new AuthProblem(message);
     }
     if (!response.ok) throw new Error(message);
-    return body;
+    return answer;
   }
 
   // Figures -----------------------------------------------------------------------------
@@ -119,6 +123,11 @@
     clearTimeout(soonTimer);
     soonTimer = null;
     if (!running) return;
+    await Promise.all([refreshSummary(), refreshSenders()]);
+    if (running) pollTimer = setTimeout(refresh, POLL_MS);
+  }
+
+  async function refreshSummary() {
     try {
       render(await api("GET", "/api/v1/admin/summary"));
       $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
@@ -128,7 +137,20 @@
       $("updated").textContent = `summary unavailable: ${error.message}`;
       $("updated").className = "error";
     }
-    if (running) pollTimer = setTimeout(refresh, POLL_MS);
+  }
+
+  async function refreshSenders() {
+    const problem = $("senders-error");
+    try {
+      const answer = await api("GET", SENDERS);
+      if (!running) return;
+      renderSenders(answer.senders || []);
+      problem.hidden = true;
+    } catch (error) {
+      if (error instanceof AuthProblem) return;
+      problem.textContent = `senders unavailable: ${error.message}`;
+      problem.hidden = false;
+    }
   }
 
   function refreshSoon() {
@@ -239,6 +261,113 @@
   const retryButton = (id) => actionButton("Retry", "POST", `${messagePath(id)}/retry`, "Requeued");
   const cancelButton = (id) => actionButton("Cancel", "DELETE", messagePath(id), "Cancelled");
 
+  // Senders -----------------------------------------------------------------------------
+  // Rows are kept per sender and updated in place, so that a pause reason being typed
+  // survives the polls; a row's buttons are rebuilt only when its state changes.
+
+  const senderPath = (id) => `${SENDERS}/${encodeURIComponent(id)}`;
+  // The columns after the sender's id, each from its view (never its settings, which
+  // hold the credentials' {"set": …}).
+  const SENDER_CELLS = [
+    ["provider", (s) => s.provider],
+    ["state", (s) => s.state],
+    ["reason", (s) => pauseText(s.paused)],
+    ["rate_limit", (s) => rate(s.rate_limit)],
+    ["effective_rate", (s) => rate(s.effective_rate)],
+    ["pending", (s) => number(s.pending)],
+    ["in_flight", (s) => number(s.in_flight)],
+  ];
+  const NUMBER_CELLS = new Set(["rate_limit", "effective_rate", "pending", "in_flight"]);
+
+  function rate(perSecond) {
+    return typeof perSecond === "number" ? `${perSecond.toLocaleString()}/s` : "unlimited";
+  }
+
+  function pauseText(paused) {
+    if (!paused) return "";
+    let text = paused.reason ?? "";
+    if (paused.code) text += ` [${paused.code}]`;
+    if (paused.until) text += ` · until ${time(paused.until)}`;
+    if (paused.since) text += ` · since ${time(paused.since)}`;
+    return text;
+  }
+
+  function senderButton(sender, label, action, bodyOf, done) {
+    return el("button", {
+      type: "button",
+      onclick: async (event) => {
+        event.target.disabled = true;
+        try {
+          const view = await api("POST", `${senderPath(sender.id)}/${action}`, bodyOf());
+          notice(`${done} ${view.id}: now ${view.state}`);
+        } catch (error) {
+          if (!(error instanceof AuthProblem)) notice(`${label} ${sender.id} failed: ${error.message}`, true);
+        }
+        event.target.disabled = false;
+        refresh();
+      },
+    }, label);
+  }
+
+  function senderActions(sender) {
+    if (sender.source === "environment") {
+      return [el("span", { class: "muted", title: "Defined by OUTBOX_PROVIDER: change it there" },
+        "environment")];
+    }
+    if (sender.state === "paused") {
+      return [senderButton(sender, "Resume", "resume", () => undefined, "Resumed")];
+    }
+    const reason = el("input", {
+      class: "pause-reason",
+      placeholder: "reason (optional)",
+      maxlength: 500,
+      spellcheck: "false",
+      "aria-label": `Reason to pause ${sender.id}`,
+    });
+    const body = () => (reason.value.trim() ? { reason: reason.value.trim() } : undefined);
+    return [reason, senderButton(sender, "Pause", "pause", body, "Paused")];
+  }
+
+  function senderRow(sender) {
+    return el("tr", { "data-sender-id": sender.id },
+      el("td", { class: "id" }, sender.id),
+      ...SENDER_CELLS.map(([key]) =>
+        el("td", { "data-key": key, class: NUMBER_CELLS.has(key) ? "number" : "" })),
+      el("td", { "data-key": "actions" }));
+  }
+
+  function updateSenderRow(row, sender) {
+    for (const [key, text] of SENDER_CELLS) {
+      const cell = row.querySelector(`td[data-key="${key}"]`);
+      if (key === "state") {
+        const state = sender.state === "paused" ? "paused" : "active";
+        if (cell.textContent !== sender.state) cell.replaceChildren(el("span", { class: `badge ${state}` }, sender.state));
+      } else {
+        const value = String(text(sender) ?? "");
+        if (cell.textContent !== value) cell.textContent = value;
+      }
+    }
+    const look = `${sender.source}/${sender.state}`;
+    if (row.dataset.look !== look) {
+      row.dataset.look = look;
+      row.dataset.state = sender.state;
+      row.querySelector('td[data-key="actions"]').replaceChildren(...senderActions(sender));
+    }
+  }
+
+  function renderSenders(senders) {
+    const body = $("senders").tBodies[0];
+    const existing = new Map([...body.rows].map((row) => [row.dataset.senderId, row]));
+    const rows = senders.map((sender) => {
+      const row = existing.get(sender.id) || senderRow(sender);
+      updateSenderRow(row, sender);
+      return row;
+    });
+    // Moved only when the list changed: a moved row would lose the focus of its input.
+    const same = rows.length === body.rows.length && rows.every((row, i) => body.rows[i] === row);
+    if (!same) body.replaceChildren(...rows);
+  }
+
   function renderFailures(rows) {
     $("failures").tBodies[0].replaceChildren(
       ...rows.map((row) =>
@@ -307,11 +436,13 @@
     if (typeof data.event_id === "number") lastEventId = data.event_id;
     const tail = $("tail");
     tail.prepend(
-      el("li", { "data-event-id": data.event_id ?? "", "data-message-id": data.message_id ?? "" },
+      el("li", { "data-event-id": data.event_id ?? "", "data-message-id": data.message_id ?? "",
+                 "data-sender": data.sender ?? "" },
         el("span", {}, time(data.timestamp)),
         el("span", {}, event.event ?? "?"),
-        badge(data.status),
-        el("span", { class: "id" }, data.message_id ?? ""),
+        data.status ? badge(data.status) : null,
+        el("span", { class: "id" }, data.message_id ?? data.sender ?? ""),
+        data.message_id == null && data.reason ? el("span", {}, data.reason) : null,
         data.attempt !== undefined && data.attempt !== null ? el("span", {}, `attempt ${data.attempt}`) : null,
         data.error ? el("span", { class: "error" }, data.error) : null),
     );

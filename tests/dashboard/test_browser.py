@@ -11,12 +11,14 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from cryptography.fernet import Fernet
 
 from outbox.api import create_app
 from outbox.settings import Settings
 from tests.dispatch.conftest import DispatcherProcess, Reply, ScriptedProvider
 from tests.e2e.conftest import free_port
 from tests.gateway.conftest import write_events
+from tests.integration.test_senders import HTTP_SECRET, SENDERS, http_sender, never_shown
 from tests.support import ServerThread
 
 SEND = "/api/v1/whatsapp/send/"
@@ -207,3 +209,91 @@ def test_feed_reconnects_after_the_server_goes_away_and_misses_nothing(
             expect(page.locator(f'#tail li[data-message-id="{task_id}"]')).to_have_count(1)
         expect(page.locator(f'#tail li[data-message-id="{before[0]}"]')).to_have_count(1)
         expect(page.locator("#count-sent")).to_have_text("3")
+
+
+def test_senders_panel_shows_each_sender_and_pauses_and_resumes_one(
+    browser: Any, settings: Settings, token: Callable[..., str], auth: Callable[..., dict[str, str]]
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    keyed = settings.model_copy(update={"secret_key": Fernet.generate_key().decode()})
+    with (
+        ServerThread(create_app(keyed)) as server,
+        httpx.Client(base_url=server.url, timeout=10) as client,
+    ):
+        admin = auth("ops", admin=True)
+        bulk = {"provider": "fake", "rate_limit": 25, "users": ["*"]}
+        assert client.put(f"{SENDERS}/bulk", json=bulk, headers=admin).status_code == 201
+        assert client.put(f"{SENDERS}/gw", json=http_sender(), headers=admin).status_code == 201
+        send(client, auth(), "waits for a dispatcher")  # from default, no dispatcher runs
+
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.on(
+            "console",
+            lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None,
+        )
+        page.goto(f"{server.url}/dashboard")
+        page.fill("#token-input", token("ops", admin=True))
+        page.click("#login-form button[type=submit]")
+
+        rows = page.locator("#senders tbody tr")
+        expect(rows).to_have_count(3)
+        assert rows.evaluate_all("rows => rows.map(r => r.dataset.senderId)") == [
+            "default",
+            "bulk",
+            "gw",
+        ]
+        default = page.locator('#senders tr[data-sender-id="default"]')
+        row = page.locator('#senders tr[data-sender-id="bulk"]')
+
+        def cell(tr: Any, key: str) -> Any:
+            return tr.locator(f'td[data-key="{key}"]')
+
+        # The environment's sender has no buttons (it is read-only); its message waits.
+        expect(cell(default, "pending")).to_have_text("1")
+        expect(cell(default, "actions")).to_have_text("environment")
+        expect(default.get_by_role("button")).to_have_count(0)
+        expect(cell(row, "state")).to_have_text("active")
+        expect(cell(row, "rate_limit")).to_have_text("25/s")
+        expect(cell(row, "effective_rate")).to_have_text("25/s")
+        expect(cell(row, "pending")).to_have_text("0")
+        expect(cell(row, "in_flight")).to_have_text("0")
+        expect(cell(page.locator('#senders tr[data-sender-id="gw"]'), "rate_limit")).to_have_text(
+            "unlimited"
+        )
+
+        # A reason being typed outlives the polls that refresh the panel.
+        gw_reason = page.locator('#senders tr[data-sender-id="gw"] input.pause-reason')
+        gw_reason.fill("half typed")
+        shown = page.locator("#updated").text_content()
+        expect(page.locator("#updated")).not_to_have_text(shown or "")
+        expect(gw_reason).to_have_value("half typed")
+
+        # Paused from the page, with a reason (shown as text, never as markup).
+        reason = "maintenance <b>window</b>"
+        row.locator("input.pause-reason").fill(reason)
+        row.get_by_role("button", name="Pause").click()
+        expect(page.locator("#notice")).to_contain_text("Paused bulk: now paused")
+        expect(cell(row, "state")).to_have_text("paused")
+        expect(cell(row, "reason")).to_contain_text(reason)
+        assert row.locator("b").count() == 0
+        view = client.get(f"{SENDERS}/bulk", headers=admin).json()
+        assert view["state"] == "paused"
+        assert view["paused"]["reason"] == reason and view["paused"]["manual"] is True
+        expect(row.get_by_role("button", name="Pause")).to_have_count(0)
+
+        # Resumed from the page.
+        row.get_by_role("button", name="Resume").click()
+        expect(page.locator("#notice")).to_contain_text("Resumed bulk: now active")
+        expect(cell(row, "state")).to_have_text("active")
+        expect(cell(row, "reason")).to_have_text("")
+        expect(row.get_by_role("button", name="Pause")).to_have_count(1)
+        view = client.get(f"{SENDERS}/bulk", headers=admin).json()
+        assert view["state"] == "active" and view["paused"] is None
+
+        never_shown(page.content(), HTTP_SECRET)
+        page.close()
+    assert problems == [], problems
