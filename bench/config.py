@@ -23,6 +23,7 @@ class Config:
     m1_clients: int
     m2_n: int
     m2_concurrency: int
+    m2_senders: int
     m3_n: int
     m3_latency_ms: float
     m3_concurrency: int
@@ -49,6 +50,8 @@ class Config:
             m2_n=_env_int("BENCH_M2_N", 5_000 if quick else 20_000),
             # PROTOCOL.md runs each system's drain "at its best concurrency setting".
             m2_concurrency=_env_int("BENCH_M2_CONCURRENCY", 256),
+            # The m2_senders step: M2's backlog spread round-robin over this many senders.
+            m2_senders=_env_int("BENCH_M2_SENDERS", 100),
             m3_n=_env_int("BENCH_M3_N", 1_000 if quick else 5_000),
             m3_latency_ms=20.0,
             m3_concurrency=50,

@@ -1,8 +1,9 @@
 """Drain workloads: a backlog of due pending rows delivered by `outbox dispatch` — the
-`m2_1p` / `m2_2p` steps (1 and 2 dispatchers against a provider that answers at once), `m3`
-(a provider with 20 ms latency, 50 calls in flight) and `growth` (M2 with old rows in the
-table). Each stops at the first 100 ms poll that finds nothing left, as PROTOCOL.md times
-the peers."""
+`m2_1p` / `m2_2p` steps (1 and 2 dispatchers against a provider that answers at once),
+`m2_senders` (M2 with one dispatcher, the backlog spread round-robin over 100 stored `fake`
+senders), `m3` (a provider with 20 ms latency, 50 calls in flight) and `growth` (M2 with old
+rows in the table). Each stops at the first 100 ms poll that finds nothing left, as
+PROTOCOL.md times the peers."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ def m2_1p(h: Harness, rep: int) -> None:
 
 def m2_2p(h: Harness, rep: int) -> None:
     drain(h, "m2_2p", rep, h.cfg.m2_n, 2, _m2_env(h))
+
+
+def m2_senders(h: Harness, rep: int) -> None:
+    """M2 with one dispatcher, its rows spread round-robin over `m2_senders` stored senders
+    (created before the dispatcher starts, removed after)."""
+    senders = h.cfg.m2_senders
+    h.db.q(sql.DROP_SENDERS)
+    h.db.q(sql.STORE_SENDERS, {"senders": senders})
+    try:
+        drain(h, "m2_senders", rep, h.cfg.m2_n, 1, _m2_env(h), senders=senders)
+    finally:
+        h.db.q(sql.DROP_SENDERS)
 
 
 def m3(h: Harness, rep: int) -> None:
@@ -60,14 +73,19 @@ def prefill_old(h: Harness) -> dict[str, float]:
     return took
 
 
-def _prepare(h: Harness, n: int, old_rows: bool) -> dict[str, Any]:
-    """The table as the drain starts it: n due pending rows (after the history, if asked)."""
+def _prepare(h: Harness, n: int, old_rows: bool, senders: int) -> dict[str, Any]:
+    """The table as the drain starts it: n due pending rows (after the history, if asked),
+    from `default`, or spread over `senders` stored senders."""
     h.db.reset()
     extra: dict[str, Any] = {}
     if old_rows:
         extra["prefill_seconds"] = prefill_old(h)
         h.db.vacuum()
-    h.db.q(sql.PREFILL_PENDING, {"n": n})
+    if senders:
+        h.db.q(sql.PREFILL_PENDING_SENDERS, {"n": n, "senders": senders})
+        extra["senders"] = senders
+    else:
+        h.db.q(sql.PREFILL_PENDING, {"n": n})
     h.db.vacuum()  # autovacuum is off here: visibility map and statistics by hand
     h.db.checkpoint()
     if old_rows:
@@ -87,10 +105,12 @@ def drain(
     env: dict[str, str],
     *,
     old_rows: bool = False,
+    senders: int = 0,
 ) -> None:
     """n rows delivered by nproc dispatchers started with `env`, timed from the first
-    `ready` to the poll that finds none left; `old_rows`: cost growth's history first."""
-    extra = _prepare(h, n, old_rows)
+    `ready` to the poll that finds none left; `old_rows`: cost growth's history first;
+    `senders`: the rows spread over that many stored senders (see m2_senders)."""
+    extra = _prepare(h, n, old_rows, senders)
     procs = h.start_dispatchers(f"{name}-{rep}", nproc, **env)
     try:
         ready = wait_ready(procs)

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import Fernet
+
 from bench.common import (
     BENCH_DIR,
     ROOT,
@@ -39,7 +41,7 @@ SEND_BATCH = "/api/v1/whatsapp/send/batch"
 # Settings the bench owns; any other OUTBOX_* of the caller is passed through.
 MANAGED = re.compile(
     r"^OUTBOX_(DATABASE_URL|LISTEN_DATABASE_URL|JWT_.*|PROVIDER.*|FAKE_.*|LOG_.*|HOST|PORT|"
-    r"BENCH_.*|DISPATCHER_ID|DEV_DATA_DIR)$"
+    r"BENCH_.*|DISPATCHER_ID|DEV_DATA_DIR|SECRET_KEY)$"
 )
 
 
@@ -81,6 +83,9 @@ class Harness:
         self.errors: list[dict[str, str]] = []
         self.rss: dict[str, list[dict[str, Any]]] = {"serve": [], "dispatch": []}
         self.secret = os.urandom(24).hex()
+        # Once a sender is stored (the m2_senders step), serve and dispatch need a key to
+        # start: every process gets this run's own.
+        self.secret_key = Fernet.generate_key().decode()
         self.passthrough = {
             k: v for k, v in os.environ.items() if k.startswith("OUTBOX_") and not MANAGED.match(k)
         }
@@ -128,6 +133,7 @@ class Harness:
             PYTHONPATH=str(self.src),
             OUTBOX_DATABASE_URL=self.db.url,
             OUTBOX_JWT_SECRET=self.secret,
+            OUTBOX_SECRET_KEY=self.secret_key,
             OUTBOX_LOG_FORMAT="json",  # the level stays the default (info)
             OUTBOX_PROVIDER="fake",
             OUTBOX_FAKE_LATENCY_MS="0",

@@ -180,6 +180,17 @@ ROWS: tuple[Spec, ...] = (
         cpu=DRAIN,
     ),
     Spec(
+        "M2 over {m2_senders} senders, 1 dispatcher ({m2_concurrency} in flight)",
+        "msg/s",
+        "m2_senders",
+        bar="≥ 0.9× M2 1 disp.",
+        threshold=0.9,
+        relative_to="m2_1p",
+        ratios=(Ratio("m2_1p", "M2 1 disp."),),
+        note="round-robin, stored fake senders",
+        cpu=DRAIN,
+    ),
+    Spec(
         "M2 drain, 2 dispatchers ({m2_concurrency} in flight each)",
         "msg/s",
         "m2_2p",

@@ -4,10 +4,12 @@
 A fresh database on the local PostgreSQL per run (or OUTBOX_BENCH_DATABASE_URL), logs and
 the raw data under bench/results/<timestamp>/, the table on stdout and in
 bench/results/<timestamp>.json. Knobs (environment): BENCH_QUICK=1 (small N, 1 repetition),
-BENCH_REPS, BENCH_M1_N, BENCH_M2_N, BENCH_M3_N, BENCH_M4_SECONDS, BENCH_GROWTH_SENT,
-BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840), BENCH_KEEP_DB=1,
-BENCH_ONLY=floor,m1,m2_1p,m2_2p,m3,m4,m4_floor,growth,ws (a subset of the steps; m1 includes
-M1's stack floor, bench/bare_app.py), BENCH_WS_CLIENTS (the `ws` step's idle feeds).
+BENCH_REPS, BENCH_M1_N, BENCH_M2_N, BENCH_M2_SENDERS (default 100), BENCH_M3_N,
+BENCH_M4_SECONDS, BENCH_GROWTH_SENT, BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S
+(default 840), BENCH_KEEP_DB=1, BENCH_ONLY=floor,m1,m2_1p,m2_senders,m2_2p,m3,m4,m4_floor,
+growth,ws (a subset of the steps; m1 includes M1's stack floor, bench/bare_app.py;
+m2_senders is judged against m2_1p of the same run), BENCH_WS_CLIENTS (the `ws` step's idle
+feeds).
 OUTBOX_* variables that the bench does not set itself (e.g. OUTBOX_DB_POOL_SIZE,
 OUTBOX_DISPATCH_CONCURRENCY outside M3) are passed to the processes and recorded.
 
@@ -50,6 +52,7 @@ def steps(cfg: Config) -> list[Step]:
         Step("floor", ingest.floor, cfg.reps),
         Step("m1", ingest.m1, cfg.reps),
         Step("m2_1p", drain.m2_1p, cfg.reps),
+        Step("m2_senders", drain.m2_senders, cfg.reps),
         Step("m2_2p", drain.m2_2p, cfg.reps),
         Step("m3", drain.m3, cfg.reps),
         Step("m4", latency.m4, cfg.reps),

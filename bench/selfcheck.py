@@ -25,7 +25,14 @@ from bench.common import (
 from bench.config import Config
 from bench.httpclient import RawClient, build_post
 from bench.report import ROWS, Row, render, rows
-from bench.sql import FLOOR_SCRIPT, PREFILL_OLD_SENT, PREFILL_PENDING
+from bench.sql import (
+    DROP_SENDERS,
+    FLOOR_SCRIPT,
+    PREFILL_OLD_SENT,
+    PREFILL_PENDING,
+    PREFILL_PENDING_SENDERS,
+    STORE_SENDERS,
+)
 from bench.wrk import run_wrk
 
 
@@ -67,6 +74,9 @@ def check_rows() -> None:
     assert by_figure["M1 ingest, 1 client sequential"].note == "1.00× floor@1; 1.00× bare app"
     m2_2p = f"M2 drain, 2 dispatchers ({cfg.m2_concurrency} in flight each)"
     assert by_figure[m2_2p].threshold == 3.0  # 1× the median of m2_1p
+    senders = f"M2 over {cfg.m2_senders} senders, 1 dispatcher ({cfg.m2_concurrency} in flight)"
+    assert by_figure[senders].threshold == 0.9 * 3.0  # 0.9× the median of m2_1p
+    assert by_figure[senders].note.startswith("1.00× M2 1 disp.")
     assert by_figure["peak RSS, serve (each process)"].note == "1 processes"
     assert by_figure["M4 latency p50"].cpu == "other 12"
 
@@ -76,8 +86,11 @@ def check_payload_and_sql() -> None:
     assert set(body) == {"to", "type", "text", "client_message_id"}  # no "tenant": see common
     assert len(payload_bytes("c-0000000001")) == 185
     assert "%(n)s" in PREFILL_PENDING and "%(n)s" in PREFILL_OLD_SENT
-    for query in (PREFILL_PENDING, PREFILL_OLD_SENT):  # psycopg placeholders only
-        assert "%" not in query.replace("%(n)s", ""), "a bare % breaks psycopg"
+    for query in (PREFILL_PENDING, PREFILL_OLD_SENT, PREFILL_PENDING_SENDERS, STORE_SENDERS):
+        bare = query.replace("%(n)s", "").replace("%(senders)s", "")
+        assert "%" not in bare, "a bare % breaks psycopg"  # psycopg placeholders only
+    assert "%(senders)s" in PREFILL_PENDING_SENDERS and "%(senders)s" in STORE_SENDERS
+    assert "%" not in DROP_SENDERS  # run without parameters: no placeholder to escape
     assert FLOOR_SCRIPT.startswith("\\set cid") and FLOOR_SCRIPT.count(";") == 1
 
 

@@ -26,14 +26,32 @@ VACUUM = [
 # The API stores `text` as {"body", "preview_url"}; request_hash is a sha256.
 _PAYLOAD = f"""jsonb_build_object('body', '{TEXT}'::text, 'preview_url', false)"""
 
-# N due pending rows, as `POST /send/batch` would leave them (user `bench`).
-PREFILL_PENDING = f"""
+
+def _prefill_pending(sender: str) -> str:
+    """N due pending rows, as `POST /send/batch` would leave them (user `bench`), each
+    from the sender that the SQL expression `sender` names."""
+    return f"""
 INSERT INTO outbox.messages (id, user_id, client_message_id, "to", type, payload, request_hash,
-                             max_attempts, next_attempt_at, created_at, updated_at)
+                             max_attempts, next_attempt_at, created_at, updated_at, sender)
 SELECT bench.uuid7(), 'bench', 'c-' || lpad(i::text, 10, '0'), '{TO}', 'text', {_PAYLOAD},
-       sha256(convert_to('c-' || i, 'UTF8')), 4, now(), now(), now()
+       sha256(convert_to('c-' || i, 'UTF8')), 4, now(), now(), now(), {sender}
 FROM generate_series(1, %(n)s) AS i
 """
+
+
+PREFILL_PENDING = _prefill_pending("'default'")
+# The same rows spread round-robin over the senders of STORE_SENDERS.
+PREFILL_PENDING_SENDERS = _prefill_pending("'bench-' || mod(i, %(senders)s)")
+
+# %(senders)s stored senders bench-0, bench-1, …, as `PUT /senders/{id}` would store a
+# `fake` one with no limit, no latency and no failures (no credentials to encrypt).
+STORE_SENDERS = """
+INSERT INTO outbox.senders (id, provider, settings, secrets, secret_fields, rate_limit, users)
+SELECT 'bench-' || k, 'fake', '{"latency_ms": 0.0, "failure_rate": 0.0}', NULL, '{}', NULL,
+       '{*}'
+FROM generate_series(0, %(senders)s - 1) AS k
+"""
+DROP_SENDERS = "DELETE FROM outbox.senders WHERE starts_with(id, 'bench-')"
 
 # Cost growth: history older than the run, spread over the last days (ids time-ordered by
 # their creation time), 1,000 users; every error row and every 10th sent row has an attempt
