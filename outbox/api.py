@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -36,6 +37,7 @@ from outbox.feed import Feed
 from outbox.ingest import InsertCoalescer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import UNMATCHED, ApiMetrics, QueueGauges, render
+from outbox.sender_access import check_senders
 from outbox.sender_directory import SenderDirectory
 from outbox.services import SERVICES, Services, authenticate, require_admin, services_of
 from outbox.settings import Settings
@@ -53,7 +55,8 @@ LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
 STATUSES = tuple(MessageStatus)
 CLIENT_CLOSED = 499  # the request log's status for a client that left mid-request
-LIST_PARAMETERS = ("status", "limit", "after", "client_message_id")
+LIST_PARAMETERS = ("status", "limit", "after", "client_message_id", "sender")
+_SENDER = re.compile(models.SENDER_PATTERN.removeprefix("^").removesuffix("$"))
 # The admin summary: where its counts stop (index-only counts of pending, in-flight and
 # errored rows; sent and cancelled rows, read from the heap: see the admin_summary
 # query), and how many recent failures and waiting messages it lists.
@@ -80,6 +83,7 @@ def _new_message(message: models.AnyMessage) -> NewMessage:
         request_hash=models.request_hash(message, content),
         send_at=message.send_at,
         expires_at=message.expires_at,
+        sender=message.sender,
     )
 
 
@@ -118,13 +122,14 @@ async def send(request: Request) -> Response:
         )
     except ValidationError as exc:
         raise ApiError(422, "invalid message", fields=validation_fields(exc)) from exc
+    await check_senders(services.senders, principal, [message.sender], batch=False)
     new = _new_message(message)
     inserted = await services.ingest.insert(principal.user_id, new)
     if inserted is None:
         raise _conflict(new.client_message_id)
     request.state.message_id = str(inserted.id)
     request.state.to = mask_phone(new.to)
-    services.metrics.accepted_single.inc()
+    services.metrics.accepted("single", new.sender)
     headers = {"Idempotent-Replayed": "true"} if inserted.replayed else None
     return OrjsonResponse(_accepted(inserted, new), status_code=202, headers=headers)
 
@@ -141,6 +146,8 @@ async def send_batch(request: Request) -> Response:
         raise ApiError(422, "invalid batch", fields=validation_fields(exc, batch=True)) from exc
     del body  # the items are parsed: the bytes need not outlive them
     items = _batch_items(envelope.messages)
+    senders = [item.sender for item in items]
+    await check_senders(services.senders, principal, senders, batch=True)
     user_id = principal.user_id
     # Built as the store takes them, a statement's worth at a time: while PostgreSQL
     # inserts one chunk, the next one's ids and request hashes are computed.
@@ -153,7 +160,8 @@ async def send_batch(request: Request) -> Response:
         _accepted(result, item, batch=True) for item, result in zip(items, results, strict=True)
     ]
     request.state.batch_size = len(answers)
-    services.metrics.accepted_batch.inc(len(answers))
+    for sender, count in Counter(senders).items():
+        services.metrics.accepted("batch", sender, count)
     return OrjsonResponse({"messages": answers}, status_code=202)
 
 
@@ -291,7 +299,15 @@ async def retry_message(request: Request) -> Response:
     row = await store.messages.get(task_id, None)
     if row is None:
         raise ApiError(404, "no such message")
-    if row.status in (MessageStatus.ERROR, MessageStatus.CANCELLED):  # refused for its expiry
+    if row.status in (MessageStatus.ERROR, MessageStatus.CANCELLED):
+        # Refused for its sender, deleted since (read from the database, not the cached
+        # senders), or else for its expiry.
+        if not await store.messages.sender_exists(row.sender):
+            raise ApiError(
+                409,
+                f"message's sender {row.sender!r} no longer exists: create it again"
+                f" (PUT /api/v1/whatsapp/senders/{row.sender}) before retrying",
+            )
         expired = models.iso_utc(row.expires_at)
         raise ApiError(409, f"message expired at {expired}: a retry would only expire again")
     raise ApiError(
@@ -332,6 +348,9 @@ async def list_messages(request: Request) -> Response:
     client_message_id = params.get("client_message_id")
     if client_message_id is not None and "\x00" in client_message_id:
         raise _query_error("client_message_id", "must not contain the NUL character")
+    sender = params.get("sender")
+    if sender is not None and not _SENDER.fullmatch(sender):
+        raise _query_error("sender", f"must match {models.SENDER_PATTERN}")
     after = None
     if "after" in params:
         try:
@@ -343,6 +362,7 @@ async def list_messages(request: Request) -> Response:
         _owner_filter(principal),
         status=status_filter,
         client_message_id=client_message_id,
+        sender=sender,
         after=after,
         limit=limit,
     )

@@ -26,6 +26,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from outbox.log import get_logger
+from outbox.models import DEFAULT_SENDER
 from outbox.states import AttemptOutcome, MessageStatus
 
 if TYPE_CHECKING:
@@ -53,15 +54,19 @@ class ApiMetrics:
             ["route", "method", "status"],
             registry=registry,
         )
-        accepted = Counter(
+        self._accepted = Counter(
             "outbox_messages_accepted_total",
             "Messages answered 202 (idempotent replays included), by endpoint: single "
-            "(POST /send/) or batch (each item of POST /send/batch counts).",
-            ["endpoint"],
+            "(POST /send/) or batch (each item of POST /send/batch counts), and by the "
+            "sender they name.",
+            ["endpoint", "sender"],
             registry=registry,
         )
-        self.accepted_single = accepted.labels("single")
-        self.accepted_batch = accepted.labels("batch")
+        # Series by (endpoint, sender): only senders that exist get one (a message naming
+        # any other is refused first); the default's start at zero.
+        self._accepted_series: dict[tuple[str, str], Any] = {}
+        for endpoint in ("single", "batch"):
+            self._accepted_child(endpoint, DEFAULT_SENDER)
         self.websocket_clients = Gauge(
             "outbox_websocket_clients",
             "WebSocket status-feed clients connected and authenticated now.",
@@ -78,6 +83,17 @@ class ApiMetrics:
             registry=registry,
         )
         self._requests: dict[tuple[str, str, int], Any] = {}
+
+    def _accepted_child(self, endpoint: str, sender: str) -> Any:
+        key = (endpoint, sender)
+        child = self._accepted_series.get(key)
+        if child is None:
+            child = self._accepted_series[key] = self._accepted.labels(endpoint, sender)
+        return child
+
+    def accepted(self, endpoint: str, sender: str, count: int = 1) -> None:
+        """`count` messages of `sender` answered 202 by `endpoint` (single or batch)."""
+        self._accepted_child(endpoint, sender).inc(count)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         if method not in _METHODS:

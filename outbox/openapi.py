@@ -235,7 +235,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
             "summary": "Admin: requeue an errored or cancelled message with a fresh attempt budget",
             "description": "Back to pending, due now, with OUTBOX_MAX_ATTEMPTS more attempts;"
             " the attempts made so far stay in its history. 409 from any other state (or"
-            " once the message has expired).",
+            " once the message has expired, or when its sender has been deleted).",
             "parameters": [task_id],
             "responses": {
                 "200": _json(_ref("MessageView"), "Requeued: the message as it is now"),
@@ -252,6 +252,13 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
             },
         }
     }
+    # A sender that exists but does not list the token's sub (DESIGN.md).
+    forbidden_sender = {
+        "403": _json(
+            _ref("ErrorResponse"),
+            "sender_forbidden: this token may not send from the sender named",
+        )
+    }
     send_op = {
         "post": {
             "summary": "Queue one WhatsApp message",
@@ -261,6 +268,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
             "responses": {
                 "202": _json(_ref("SendResponse"), "Committed to the outbox"),
                 **_errors(400, 401, 409, 413, 415, 422, 503, body_bytes=max_body_bytes),
+                **forbidden_sender,
             },
         }
     }
@@ -276,6 +284,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
             "responses": {
                 "202": _json(_ref("BatchResponse"), "All committed to the outbox"),
                 **_errors(400, 401, 409, 413, 415, 422, 503, body_bytes=batch_body_bytes),
+                **forbidden_sender,
             },
         }
     }
@@ -295,6 +304,11 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                     "name": "client_message_id",
                     "in": "query",
                     "schema": {"type": "string", "minLength": 1, "pattern": models.NO_NUL_PATTERN},
+                },
+                {
+                    "name": "sender",
+                    "in": "query",
+                    "schema": {"type": "string", "pattern": models.SENDER_PATTERN},
                 },
                 {
                     "name": "limit",

@@ -7,6 +7,7 @@ one round trip; `dispatch` builds each sender's provider from it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ log = get_logger("outbox.senders")
 
 CHANNEL = "outbox_senders"
 REREAD_INTERVAL = 30.0  # seconds between reads when no notification came
+MISS_INTERVAL = 1.0  # at least this long between reads asked for by lookups that missed
 RETRY_MIN, RETRY_MAX = 0.1, 5.0
 
 
@@ -70,6 +72,15 @@ class SenderDirectory:
         self.senders: dict[str, KnownSender] = {DEFAULT_SENDER: default}
         self.loaded = asyncio.Event()  # set after the first read
         self._wake = asyncio.Event()
+        # Reads of the stored senders begun, numbered: one that began earlier never
+        # replaces the senders of one that began later (tests count them, too).
+        self.reads = 0
+        self._read_shown = 0
+        # The read that lookups which missed wait for (reread), not begun yet.
+        self._next_miss_read: asyncio.Task[None] | None = None
+        self._miss_reads: set[asyncio.Task[None]] = set()
+        self._miss_lock = asyncio.Lock()
+        self._miss_read_at = -MISS_INTERVAL
 
     def get(self, sender_id: str) -> KnownSender | None:
         return self.senders.get(sender_id)
@@ -85,6 +96,8 @@ class SenderDirectory:
     async def load(self) -> bool:
         """Read the stored senders now; True when anything changed. A sender whose
         credentials do not decrypt is left out (logged): never called with them."""
+        self.reads += 1
+        read = self.reads
         rows = await self._store.senders.all()
         senders = {DEFAULT_SENDER: self._default}
         for row in rows:
@@ -96,12 +109,48 @@ class SenderDirectory:
                     log.error("sender left out: its credentials do not decrypt", error=str(exc))
                     continue
             senders[row.id] = KnownSender(SenderConfig.stored(row), secrets)
+        if read < self._read_shown:  # a later read finished first: it is newer
+            return False
+        self._read_shown = read
         changed = senders != self.senders
         self.senders = senders
         self.loaded.set()
         if changed and self._on_change is not None:
             self._on_change()
         return changed
+
+    async def reread(self) -> None:
+        """Read the stored senders again for a lookup that missed (a sender created a
+        moment ago, whose notification has not come yet): returns once a read that began
+        after this call has ended, and raises what it raised (the database away).
+
+        Callers share the next read, and such reads begin MISS_INTERVAL apart at least,
+        one at a time: a flood of requests naming unknown senders costs the database one
+        read a second, each request waiting for the next one."""
+        task = self._next_miss_read
+        if task is None:
+            task = asyncio.create_task(self._miss_read(), name="senders-reread")
+            self._next_miss_read = task
+            self._miss_reads.add(task)
+            task.add_done_callback(self._miss_read_done)
+        # Shielded: a caller that leaves (its client went away) leaves it to the others.
+        await asyncio.shield(task)
+
+    async def _miss_read(self) -> None:
+        async with self._miss_lock:  # after the read before, if it has not ended
+            delay = self._miss_read_at + MISS_INTERVAL - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._next_miss_read = None  # callers from now on need a read begun later
+            self._miss_read_at = time.monotonic()
+            await self.load()
+
+    def _miss_read_done(self, task: asyncio.Task[None]) -> None:
+        self._miss_reads.discard(task)
+        if self._next_miss_read is task:
+            self._next_miss_read = None
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers, if any are left, have it too
 
     async def run(self) -> None:
         """Follow changes until cancelled: LISTEN, and a read at each notification, at
@@ -133,8 +182,10 @@ class SenderDirectory:
                     await asyncio.sleep(delay)
                     self._wake.set()
         finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            tasks = [listener, *self._miss_reads]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _environment_secrets(settings: Settings) -> dict[str, str]:

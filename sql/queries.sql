@@ -10,13 +10,14 @@
 -- and the caller runs insert_messages instead.
 INSERT INTO outbox.messages AS m
     (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
-     send_at, expires_at, next_attempt_at)
+     send_at, expires_at, next_attempt_at, sender)
 SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
        decode(b.request_hash, 'hex'), b.max_attempts, b.send_at, b.expires_at,
-       GREATEST(now(), COALESCE(b.send_at, now()))
+       GREATEST(now(), COALESCE(b.send_at, now())), b.sender
 FROM jsonb_to_recordset(%(messages)s::jsonb)
     AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
-         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz);
+         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz,
+         sender text);
 
 -- name: insert_messages
 -- insert_new_messages when some rows may be replays: the same INSERT, and per row
@@ -24,13 +25,14 @@ FROM jsonb_to_recordset(%(messages)s::jsonb)
 -- under the same client_message_id), or a conflict (nothing comes back for it).
 INSERT INTO outbox.messages AS m
     (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
-     send_at, expires_at, next_attempt_at)
+     send_at, expires_at, next_attempt_at, sender)
 SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
        decode(b.request_hash, 'hex'), b.max_attempts, b.send_at, b.expires_at,
-       GREATEST(now(), COALESCE(b.send_at, now()))
+       GREATEST(now(), COALESCE(b.send_at, now())), b.sender
 FROM jsonb_to_recordset(%(messages)s::jsonb)
     AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
-         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz)
+         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz,
+         sender text)
 ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL
 DO UPDATE SET updated_at = m.updated_at
     WHERE m.request_hash = EXCLUDED.request_hash
@@ -51,12 +53,14 @@ SELECT COALESCE(max(version), 0) FROM outbox.schema_migrations;
 
 -- name: list_messages
 -- Keyset pagination, newest first (ids are UUIDv7, so id order is creation order).
--- Run unprepared so the planner folds away the filters that are NULL.
+-- Run unprepared so the planner folds away the filters that are NULL. No index has the
+-- sender: its filter is applied on top of the plan the other filters choose.
 SELECT *
 FROM outbox.listed_message
 WHERE (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text)
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
   AND (%(client_message_id)s::text IS NULL OR client_message_id = %(client_message_id)s::text)
+  AND (%(sender)s::text IS NULL OR sender = %(sender)s::text)
   AND (%(after)s::uuid IS NULL OR id < %(after)s::uuid)
 ORDER BY id DESC
 LIMIT %(limit)s;
@@ -306,8 +310,22 @@ SELECT json_build_object(
 -- name: retry_message
 -- An errored or cancelled message back to pending with a fresh budget, its event and
 -- the dispatchers' wake-up (sql/migrations/004_admin_retry.sql); the view of the row
--- as it is now, or no row when it was not retried (011_message_views.sql).
-SELECT * FROM outbox.retry_message_view(%(id)s, %(budget)s);
+-- as it is now, or no row when it was not retried (011_message_views.sql). Only while
+-- its sender exists (`default`, the environment's, or a stored one): a message whose
+-- sender was deleted is left as it is. The filter applies to the scan of the message,
+-- and the function, the inner side of the lateral join, is called only for a row that
+-- passed it.
+SELECT r.*
+FROM outbox.messages m
+CROSS JOIN LATERAL outbox.retry_message_view(m.id, %(budget)s) AS r
+WHERE m.id = %(id)s
+  AND (m.sender = 'default' OR EXISTS (SELECT FROM outbox.senders s WHERE s.id = m.sender));
+
+-- name: sender_exists
+-- Whether a message may name this sender: `default` (the environment's, never stored)
+-- or a stored one.
+SELECT %(id)s::text = 'default'
+       OR EXISTS (SELECT FROM outbox.senders WHERE id = %(id)s::text) AS sender_exists;
 
 -- Metrics -----------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ class NewMessage:
     request_hash: bytes
     send_at: datetime | None
     expires_at: datetime | None
+    sender: str
 
 
 @dataclass(slots=True)
@@ -131,6 +132,7 @@ def _document(rows: Sequence[tuple[str, NewMessage]], max_attempts: int) -> str:
                 "max_attempts": max_attempts,
                 "send_at": message.send_at,
                 "expires_at": message.expires_at,
+                "sender": message.sender,
             }
             for user_id, message in rows
         ]
@@ -261,6 +263,7 @@ class Messages:
         *,
         status: MessageStatus | None,
         client_message_id: str | None,
+        sender: str | None,
         after: uuid.UUID | None,
         limit: int,
     ) -> list[ListedRow]:
@@ -268,6 +271,7 @@ class Messages:
             "user_id": user_id,
             "status": status,
             "client_message_id": client_message_id,
+            "sender": sender,
             "after": after,
             "limit": limit,
         }
@@ -284,6 +288,13 @@ class Messages:
 
     async def retry(self, message_id: uuid.UUID, budget: int) -> MessageRow | None:
         """Requeue an errored or cancelled message with `budget` more attempts; its view
-        as the retry left it, or None when it was not in a state to retry."""
+        as the retry left it, or None when it was not in a state to retry or its sender
+        no longer exists."""
         params = {"id": message_id, "budget": budget}
         return await self._db.fetchone(QUERIES["retry_message"], params, row=_MESSAGE_ROW)
+
+    async def sender_exists(self, sender: str) -> bool:
+        """Whether a message may name `sender` now: `default`, or a stored sender (read
+        from the database, not from a process's cached senders)."""
+        exists = await self._db.fetchone(QUERIES["sender_exists"], {"id": sender}, row=scalar_row)
+        return bool(exists)

@@ -8,6 +8,10 @@ so before each call this moves a generated instant that falls outside its window
 it (same UTC offset, so odd offsets still reach the server) and drops a repeated id.
 Nothing else is touched: what is invalid for any other reason stays invalid.
 
+A message's `sender` must name a sender that exists (else 422), which JSON Schema cannot
+say either: a generated one that matches the id's pattern is replaced by `default`, which
+every token may send from (one that does not match is left, and refused).
+
 Likewise a sender's credentials: omitted on a PUT, they keep the stored ones, so they are
 required only when the sender is created or changes provider, which JSON Schema cannot
 say either. Before a PUT whose settings lack one, the hook adds it.
@@ -23,17 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import schemathesis
 
-from outbox.models import MAX_EXPIRY_AHEAD, MAX_SCHEDULE_AHEAD
+from outbox.models import DEFAULT_SENDER, MAX_EXPIRY_AHEAD, MAX_SCHEDULE_AHEAD, SENDER_PATTERN
 
 _SEND_PATHS = ("/api/v1/whatsapp/send", "/api/v1/whatsapp/send/")
 _BATCH_PATH = "/api/v1/whatsapp/send/batch"
 _MESSAGE_PATH = "/api/v1/whatsapp/messages/{task_id}"
 _MARGIN = timedelta(days=1)  # clear of the window's edges, however long the call takes
+_SENDER = re.compile(SENDER_PATTERN.removeprefix("^").removesuffix("$"))
 
 
 def _instant(value: object) -> datetime | None:
@@ -67,6 +73,12 @@ def _into_windows(message: dict[str, Any], now: datetime) -> None:
     ceiling = now + MAX_EXPIRY_AHEAD - _MARGIN
     if not floor <= expires_at <= ceiling:
         message["expires_at"] = _inside(expires_at, floor, ceiling - floor)
+
+
+def _known_sender(message: dict[str, Any]) -> None:
+    sender = message.get("sender")
+    if isinstance(sender, str) and _SENDER.fullmatch(sender):
+        message["sender"] = DEFAULT_SENDER
 
 
 def _unique_ids(messages: list[Any]) -> None:
@@ -105,10 +117,12 @@ def before_call(
     now = datetime.now(UTC)
     if case.path in _SEND_PATHS:
         _into_windows(body, now)
+        _known_sender(body)
     elif case.path == _BATCH_PATH and isinstance(body.get("messages"), list):
         for message in body["messages"]:
             if isinstance(message, dict):
                 _into_windows(message, now)
+                _known_sender(message)
         _unique_ids(body["messages"])
 
 

@@ -66,9 +66,13 @@ def every_combination(after: Any) -> list[dict[str, Any]]:
     owners = ["big", "user-7", None]  # None: an admin's listing, everyone's rows
     statuses = [None, "pending", "in_flight", "sent", "error", "cancelled"]
     client_message_ids = [None, "shared", f"c-{HISTORY + 4}"]
+    # Every row's sender is `default`: its filter, on top of the plan, drops none of them.
+    senders = [None, "default"]
     return [
-        {"user_id": o, "status": s, "client_message_id": c, "after": a, "limit": LIMIT}
-        for o, s, c, a in itertools.product(owners, statuses, client_message_ids, [None, after])
+        {"user_id": o, "status": s, "client_message_id": c, "sender": d, "after": a, "limit": LIMIT}
+        for o, s, c, d, a in itertools.product(
+            owners, statuses, client_message_ids, senders, [None, after]
+        )
     ]
 
 

@@ -30,6 +30,7 @@ Auth = Callable[..., dict[str, str]]
 SEND = "/api/v1/whatsapp/send/"
 BATCH = "/api/v1/whatsapp/send/batch"
 MESSAGE = "/api/v1/whatsapp/messages/{task_id}"
+ACCEPTED = "outbox_messages_accepted_total"
 
 
 def _text(to: str, client_message_id: str | None = None) -> dict[str, str]:
@@ -101,8 +102,8 @@ def test_serve_metrics_match_what_happened(
     wait_for(lambda: value(scrape(url), "outbox_websocket_clients") == 0, what="0 clients")
 
     # Accepted: 4 single (a replay included), 2 in the batch.
-    assert value(samples, "outbox_messages_accepted_total", endpoint="single") == 4
-    assert value(samples, "outbox_messages_accepted_total", endpoint="batch") == 2
+    assert value(samples, ACCEPTED, endpoint="single", sender="default") == 4
+    assert value(samples, ACCEPTED, endpoint="batch", sender="default") == 2
 
     # Requests by route template, method and status; the raw path never appears.
     def requests(route: str, method: str, status: str) -> float:
@@ -157,4 +158,4 @@ def test_metrics_answer_while_the_database_is_away(settings: Settings) -> None:
     # No queue figure rather than a made-up one; the request metrics are still there.
     assert total(samples, "outbox_queue_messages") == 0
     assert ("outbox_queue_messages", frozenset({("status", "pending")})) not in samples
-    assert value(samples, "outbox_messages_accepted_total", endpoint="single") == 0
+    assert value(samples, ACCEPTED, endpoint="single", sender="default") == 0
