@@ -1,10 +1,12 @@
 """`outbox dispatch`: claim due messages in batches, call the provider, record outcomes.
 
 Roles, after River: this module is the producer (wake-ups, slots, claims) and watches
-the side tasks; the executor (outbox/executor.py) runs each attempt and turns its end
-into a completion; the completer writes completions in batches; the notifier listens
-for new messages; the reaper returns rows whose lease expired; the scheduler runs the
-scheduled purge. A side task that dies stops the dispatcher, which then fails.
+the side tasks; the executor (outbox/executor.py) runs each attempt, with its message's
+sender's provider (outbox/sender_providers.py), and turns its end into a completion; the
+completer writes completions in batches; the notifier listens for new messages; the
+senders' directory follows their changes; the reaper returns rows whose lease expired;
+the scheduler runs the scheduled purge. A side task that dies stops the dispatcher, which
+then fails.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import psycopg
 
 from outbox.cancellation import RECANCEL_AFTER, cancel_and_wait
@@ -27,11 +28,10 @@ from outbox.executor import Executor
 from outbox.log import get_logger
 from outbox.metrics import DispatchMetrics
 from outbox.notifier import listen
-from outbox.providers import create_provider
-from outbox.providers.base import Provider
 from outbox.reaper import Reaper
 from outbox.retry import Backoff
 from outbox.schedule import Scheduler
+from outbox.sender_providers import SenderProviders
 from outbox.settings import Settings
 from outbox.store import Claimed, Completion, Store
 from outbox.waiting import wait_event
@@ -48,7 +48,8 @@ BACKSTOP_MARGIN = 1.0  # seconds past the grace before a dispatcher still stoppi
 
 
 class SideTaskDied(Exception):
-    """A side task of the dispatcher (completer, notifier, reaper, scheduler) raised: the
+    """A side task of the dispatcher (completer, notifier, senders, reaper, scheduler)
+    raised: the
     dispatcher stopped rather than run on without it."""
 
 
@@ -102,19 +103,19 @@ class Dispatcher:
         self,
         settings: Settings,
         store: Store,
-        provider: Provider,
+        providers: SenderProviders,
         metrics: DispatchMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.provider = provider
+        self.providers = providers
         self.id = settings.dispatcher_id
         self.metrics = metrics or DispatchMetrics()
         self.completer = Completer(
             store, self.id, self.metrics, lambda: self.executor.calls_in_flight > 0, self._settled
         )
         self.executor = Executor(
-            settings, provider, self.completer, self.metrics, self._hand_back_for_pause
+            settings, providers, self.completer, self.metrics, self._hand_back_for_pause
         )
         self.metrics.track_in_flight(lambda: self.executor.calls_in_flight)
         # (id, attempt) of every row claimed whose outcome is not written yet: this
@@ -201,6 +202,8 @@ class Dispatcher:
                 lambda _payload: self.wake(),
                 on_connect=self.wake,  # notifications missed while away: look now
             ),
+            # Senders created, changed, paused or deleted, read again on their NOTIFY.
+            "senders": self.providers.follow(),
             "reaper": reaper.run(),
             # The scheduled purge (once per tick across the cluster); it ends by itself
             # when pg_cron owns the job.
@@ -281,6 +284,8 @@ class Dispatcher:
         """Claim up to `limit` rows and start what slots allow; returns how many were
         claimed, and when the earliest pending row not yet due becomes due."""
         if not self._ready_logged:
+            # The senders first: no row is claimed before its sender can be known.
+            await self.providers.load()
             # One connection claims while another records outcomes: both open before
             # "ready", which marks the end of start-up.
             await self.store.queue.open_claiming_connections(
@@ -289,7 +294,8 @@ class Dispatcher:
             log.info(
                 "ready",
                 dispatcher=self.id,
-                provider=self.provider.name,
+                provider=self.providers.default.name,
+                senders=len(self.providers.directory.senders),
                 concurrency=self._concurrency,
                 prefetch=self._capacity - self._concurrency,
             )
@@ -385,23 +391,14 @@ class Dispatcher:
             )
 
 
-def provider_client(settings: Settings) -> httpx.AsyncClient:
-    """One client per process, its keep-alive pool sized to the concurrency."""
-    return httpx.AsyncClient(
-        timeout=settings.provider_timeout,
-        limits=httpx.Limits(
-            max_connections=settings.dispatch_concurrency,
-            max_keepalive_connections=settings.dispatch_concurrency,
-        ),
-    )
-
-
 async def run_dispatcher(
     settings: Settings, store: Store, stop: asyncio.Event, metrics: DispatchMetrics | None = None
 ) -> None:
     """Run a dispatcher until `stop` is set; used by `outbox dispatch` and `outbox dev`."""
-    async with provider_client(settings) as client:
-        dispatcher = Dispatcher(settings, store, create_provider(settings, client), metrics)
+    metrics = metrics or DispatchMetrics()
+    providers = SenderProviders(settings, store, on_senders=metrics.keep_senders)
+    try:
+        dispatcher = Dispatcher(settings, store, providers, metrics)
         run = asyncio.create_task(dispatcher.run())
         stopper = asyncio.create_task(stop.wait())
         cut = False
@@ -419,3 +416,5 @@ async def run_dispatcher(
                 await cancel_and_wait([run])
         if not (cut and run.cancelled()):
             run.result()  # a dispatcher that failed (or was cancelled) fails the process
+    finally:
+        await providers.aclose()

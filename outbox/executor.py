@@ -22,6 +22,7 @@ from outbox.log import get_logger, mask_phone
 from outbox.metrics import DispatchMetrics
 from outbox.providers.base import OutgoingMessage, Provider, ProviderError, clean_text
 from outbox.retry import ErrorKind, retry_delay
+from outbox.sender_providers import SenderProvider, SenderProviders, UnknownSender
 from outbox.settings import Settings
 from outbox.states import AttemptOutcome, MessageStatus
 from outbox.store import Claimed, Completion
@@ -30,6 +31,7 @@ log = get_logger("outbox.executor")
 
 LEASE_MARGIN = 0.5  # seconds kept between a call's deadline and its lease's end
 RECORD_DELAY = 0.001  # seconds: "the loop's next turn" (a zero delay would be call_soon)
+REREAD_RETRY = 1.0  # seconds before a row is due again when the senders could not be read
 
 _FAILED_OUTCOME = {
     ErrorKind.TRANSIENT: AttemptOutcome.TRANSIENT,
@@ -43,6 +45,7 @@ class Ending(Enum):
 
     ANSWERED = "answered"  # the call ended: sent, unless `failure` says why not
     EXPIRED = "expired"  # not called: the message's expires_at had passed
+    REFUSED = "refused"  # not called: its sender is unknown here (`reason` says why)
     HANDED_BACK = "handed_back"  # not called (a pause, a short lease, a shutdown): refunded
     CUT = "cut"  # called, but the shutdown cut the call short: the attempt counts
 
@@ -90,7 +93,8 @@ def completion(
     Sent → sent. A transient failure with attempts left → pending after the backoff (never
     sooner than the provider's Retry-After); on the last attempt, or a permanent one →
     error. A sender-level failure → pending until the pause ends, the attempt refunded.
-    Expired before the call → error, refunded. Handed back uncalled → pending, refunded;
+    Expired before the call → error, refunded. Its sender unknown → error (permanent),
+    refunded. Handed back uncalled → pending, refunded;
     cut short by the shutdown → pending at once, the attempt spent (the call may have
     reached the provider)."""
     ending = result.ending
@@ -108,17 +112,20 @@ def completion(
             finished_at=result.finished_at,
             latency_ms=result.latency_ms,
             provider_message_id=clean_text(provider_id) if provider_id else None,
+            sender=message.sender,
         )
-    if ending is Ending.EXPIRED:
+    if ending is Ending.EXPIRED or ending is Ending.REFUSED:
+        expired = ending is Ending.EXPIRED
         return Completion(
             id=message.id,
             attempt=message.attempt,
             status=MessageStatus.ERROR,
-            outcome=AttemptOutcome.EXPIRED,
+            outcome=AttemptOutcome.EXPIRED if expired else AttemptOutcome.PERMANENT,
             started_at=result.started_at,
             finished_at=result.finished_at,
-            error="expired",
+            error="expired" if expired else result.reason,
             refund=1,
+            sender=message.sender,
         )
     handed_back = ending is Ending.HANDED_BACK
     next_attempt_at = result.finished_at
@@ -134,6 +141,7 @@ def completion(
         error=result.reason,
         next_attempt_at=next_attempt_at,
         refund=1 if handed_back else 0,
+        sender=message.sender,
     )
 
 
@@ -169,6 +177,7 @@ def _failed(
         error=failure.reason,
         next_attempt_at=next_attempt_at,
         refund=refund,
+        sender=message.sender,
     )
 
 
@@ -187,6 +196,7 @@ def fallback_completion(message: Claimed, result: CallResult) -> Completion:
         latency_ms=result.latency_ms,
         error=None if sent else (failure.reason if failure else result.reason),
         next_attempt_at=None if sent else result.finished_at,
+        sender=message.sender,
     )
 
 
@@ -212,19 +222,20 @@ class Pause:
 
 
 class Executor:
-    """Runs attempts: each calls the provider within what is left of its lease, and its
-    completion goes to the completer. A sender-level error starts the pause and calls
-    `on_pause(reason)`, so that rows waiting to start go back to the database."""
+    """Runs attempts: each calls its message's sender's provider within what is left of
+    its lease, and its completion goes to the completer. A sender-level error starts the
+    pause and calls `on_pause(reason)`, so that rows waiting to start go back to the
+    database."""
 
     def __init__(
         self,
         settings: Settings,
-        provider: Provider,
+        providers: SenderProviders,
         completer: Completer,
         metrics: DispatchMetrics,
         on_pause: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        self.provider = provider
+        self.providers = providers
         self.completer = completer
         self.metrics = metrics
         self.policy = RetryPolicy.from_settings(settings)
@@ -261,6 +272,7 @@ class Executor:
         bound = log.bind(
             message_id=str(message.id),
             user_id=message.user_id,
+            sender=message.sender,
             to=mask_phone(message.to),
             attempt=f"{message.attempt}/{message.max_attempts}",
         )
@@ -269,6 +281,26 @@ class Executor:
         budget = self._call_timeout
         if not self._may_call(message, bound, started_at, lease_end, budget):
             return
+        try:
+            held = self.providers.acquire(message.sender)
+        except UnknownSender:
+            found = await self._acquire_after_reread(message, bound, started_at, lease_end, budget)
+            if found is None:
+                return
+            held = found
+        try:
+            await self._call(message, bound, started_at, held.provider, budget)
+        finally:
+            self.providers.release(held)  # the call no longer uses its client
+
+    async def _call(
+        self,
+        message: Claimed,
+        bound: Any,
+        started_at: datetime,
+        provider: Provider,
+        budget: float,
+    ) -> None:
         # Logged on the loop's next turn, like outcomes: the call starts first (a wave of
         # calls starting together would otherwise each wait for the others' lines).
         self._started_calls.append(bound)
@@ -277,7 +309,7 @@ class Executor:
         self.calls_in_flight += 1
         try:
             async with asyncio.timeout(budget):
-                provider_id = await self.provider.send(
+                provider_id = await provider.send(
                     OutgoingMessage(
                         id=message.id,
                         user_id=message.user_id,
@@ -295,7 +327,7 @@ class Executor:
             provider_id = None
             failure = ProviderError(
                 ErrorKind.TRANSIENT,
-                f"{self.provider.name}: no answer within {budget:.3g}s",
+                f"{provider.name}: no answer within {budget:.3g}s",
             )
         except asyncio.CancelledError:
             # Shutdown grace ran out: hand the row back rather than leave it in flight.
@@ -346,6 +378,37 @@ class Executor:
             self.hand_back(message, "lease too short to attempt", None, started_at)
             return False
         return True
+
+    async def _acquire_after_reread(
+        self, message: Claimed, bound: Any, started_at: datetime, lease_end: float, budget: float
+    ) -> SenderProvider | None:
+        """The message's sender is unknown here (created a moment ago, deleted in a race,
+        or its credentials do not decrypt): read the senders again, once. Still unknown:
+        the attempt ends in error, uncalled and refunded; never a call with another
+        sender's credentials. None: the row's completion is on its way."""
+        try:
+            await self.providers.reread()
+        except asyncio.CancelledError:
+            self.hand_back(message, "interrupted by dispatcher shutdown", None, started_at)
+            raise
+        except Exception as exc:  # the database away: the row is due again shortly
+            bound.warning("could not read the senders again", error=str(exc).strip())
+            retry_at = datetime.now(UTC) + timedelta(seconds=REREAD_RETRY)
+            self.hand_back(message, "senders could not be read", retry_at, started_at)
+            return None
+        try:
+            held = self.providers.acquire(message.sender)
+        except UnknownSender as exc:
+            bound.error(
+                "sender unknown: not sent", outcome=AttemptOutcome.PERMANENT, error=exc.reason
+            )
+            refused = CallResult(Ending.REFUSED, started_at, datetime.now(UTC), reason=exc.reason)
+            self.completer.put(completion(message, refused, self.policy, self.pause.resume_at))
+            return None
+        if not self._may_call(message, bound, started_at, lease_end, budget):
+            self.providers.release(held)  # the read took long, or sending paused meanwhile
+            return None
+        return held
 
     # Recording --------------------------------------------------------------------
 

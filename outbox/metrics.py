@@ -136,8 +136,8 @@ class DispatchMetrics:
         self.attempts = Counter(
             "outbox_attempts_total",
             "Attempts recorded, by outcome (sent, retry, failed, paused, expired, "
-            "handed_back) and error class (none, transient, permanent, sender).",
-            ["outcome", "error_class"],
+            "handed_back), error class (none, transient, permanent, sender) and sender.",
+            ["outcome", "error_class", "sender"],
             registry=registry,
         )
         self.provider_duration = Histogram(
@@ -187,19 +187,34 @@ class DispatchMetrics:
             registry=registry,
         )
         self.purge_rows = {kind: purge_rows.labels(kind) for kind in ("errored", "sent", "events")}
-        self._attempts: dict[tuple[str, str], Any] = {}
-        # Every series exists from the start at 0, so that rate() and increase() see the
-        # first attempt of each kind (a series born at 1 looks like no change).
-        for labels in ATTEMPT_LABELS:
-            self.attempts.labels(*labels)
+        self._attempts: dict[tuple[str, str, str], Any] = {}
+        self._senders: set[str] = set()
+        self.keep_senders(["default"])
+
+    def keep_senders(self, senders: Iterable[str]) -> None:
+        """The senders known now. Each has every series from the start at 0, so that
+        rate() and increase() see its first attempt of each kind (a series born at 1
+        looks like no change); a sender deleted takes its series with it."""
+        known = set(senders)
+        for sender in known - self._senders:
+            for labels in ATTEMPT_LABELS:
+                self.attempts.labels(*labels, sender)
+        for sender in self._senders - known:
+            for labels in ATTEMPT_LABELS:
+                self.attempts.remove(*labels, sender)
+            for key in [key for key in self._attempts if key[2] == sender]:
+                del self._attempts[key]
+        self._senders = known
 
     def count_outcomes(self, completions: Iterable[Completion]) -> None:
-        """One increment per (outcome, status) of a written batch."""
-        for (outcome, status), count in Tally((c.outcome, c.status) for c in completions).items():
-            child = self._attempts.get((outcome, status))
+        """One increment per (outcome, status, sender) of a written batch."""
+        tally = Tally((c.outcome, c.status, c.sender) for c in completions)
+        for key, count in tally.items():
+            child = self._attempts.get(key)
             if child is None:
-                child = self.attempts.labels(*_attempt_labels(outcome, status))
-                self._attempts[(outcome, status)] = child
+                outcome, status, sender = key
+                child = self.attempts.labels(*_attempt_labels(outcome, status), sender)
+                self._attempts[key] = child
             child.inc(count)
 
     def track_in_flight(self, count: Callable[[], float]) -> None:

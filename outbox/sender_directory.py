@@ -19,6 +19,7 @@ from outbox.senders import (
     Keyring,
     SecretKeyError,
     SenderConfig,
+    environment_secrets,
     environment_sender,
 )
 from outbox.settings import Settings
@@ -67,9 +68,10 @@ class SenderDirectory:
         self._store = store
         self._keyring = Keyring(settings.secret_key) if decrypt else None
         self._on_change = on_change
-        default = KnownSender(environment_sender(settings), _environment_secrets(settings))
+        default = KnownSender(environment_sender(settings), environment_secrets(settings))
         self._default = default
         self.senders: dict[str, KnownSender] = {DEFAULT_SENDER: default}
+        self.left_out: frozenset[str] = frozenset()  # stored, but their credentials do not decrypt
         self.loaded = asyncio.Event()  # set after the first read
         self._wake = asyncio.Event()
         # Reads of the stored senders begun, numbered: one that began earlier never
@@ -100,6 +102,7 @@ class SenderDirectory:
         read = self.reads
         rows = await self._store.senders.all()
         senders = {DEFAULT_SENDER: self._default}
+        left_out: set[str] = set()
         for row in rows:
             secrets: dict[str, str] = {}
             if self._keyring is not None and row.secrets is not None:
@@ -107,6 +110,7 @@ class SenderDirectory:
                     secrets = self._keyring.decrypt(row.secrets, row.id)
                 except SecretKeyError as exc:
                     log.error("sender left out: its credentials do not decrypt", error=str(exc))
+                    left_out.add(row.id)
                     continue
             senders[row.id] = KnownSender(SenderConfig.stored(row), secrets)
         if read < self._read_shown:  # a later read finished first: it is newer
@@ -114,6 +118,7 @@ class SenderDirectory:
         self._read_shown = read
         changed = senders != self.senders
         self.senders = senders
+        self.left_out = frozenset(left_out)
         self.loaded.set()
         if changed and self._on_change is not None:
             self._on_change()
@@ -186,13 +191,3 @@ class SenderDirectory:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _environment_secrets(settings: Settings) -> dict[str, str]:
-    """The default sender's credentials, from the environment."""
-    match settings.provider:
-        case "http":
-            return {"secret": settings.provider_secret} if settings.provider_secret else {}
-        case "cloud":
-            return {"access_token": settings.cloud_token} if settings.cloud_token else {}
-    return {}

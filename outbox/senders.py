@@ -291,6 +291,16 @@ def environment_sender(settings: Settings) -> SenderConfig:
     )
 
 
+def environment_secrets(settings: Settings) -> dict[str, str]:
+    """The sender `default`'s credentials, from the environment."""
+    match settings.provider:
+        case "http":
+            return {"secret": settings.provider_secret} if settings.provider_secret else {}
+        case "cloud":
+            return {"access_token": settings.cloud_token} if settings.cloud_token else {}
+    return {}
+
+
 def sender_view(sender: SenderConfig, counts: SenderCounts | None) -> dict[str, Any]:
     """The API's view: credentials as `{"set": true|false}`, never their values."""
     shown = dict(sender.settings)

@@ -77,7 +77,16 @@ LIMIT %(limit)s;
 -- it stays pending, and is claimed next time. One more row, its id NULL, says when
 -- the earliest pending row this claim did not take is due: a dispatcher that got
 -- fewer rows than it asked for sets its timer from it, without another round trip
--- (a time already past: a due row held by another session, or skipped as above).
+-- (a time already past: a due row held by another session, or skipped as above);
+-- NULL after a full claim, which the dispatcher follows with another claim anyway (the
+-- subquery is then never run).
+-- A paused sender's messages are not taken (they stay pending, their attempts
+-- untouched) from the moment the pause commits, and do not count for next_due_at, so
+-- that dispatchers do not wake for them; those that have expired are taken, only to
+-- be ended `expired` uncalled (a dispatcher's poll finds them). The paused senders are
+-- a hashed subplan, read once per statement (senders.id is NOT NULL: NOT IN is a plain
+-- anti-membership). No index has the sender: a paused sender's due rows older than
+-- the others' are read, and passed over, by each claim (20,000 of them: about 20 ms).
 -- %(now)s is the claim's clock, the database's own when NULL (tests set it to claim
 -- as of another time). The claimed rows' columns are the fields of Claimed
 -- (outbox/store/queue.py), in order, then next_due_at.
@@ -85,6 +94,8 @@ WITH due AS (
     SELECT ctid
     FROM outbox.messages
     WHERE status = 'pending' AND next_attempt_at <= COALESCE(%(now)s::timestamptz, now())
+      AND (sender NOT IN (SELECT id FROM outbox.senders WHERE paused IS NOT NULL)
+           OR expires_at <= COALESCE(%(now)s::timestamptz, now()))
     ORDER BY next_attempt_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -99,15 +110,18 @@ claimed AS (
         updated_at = COALESCE(%(now)s::timestamptz, now())
     WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM due))
     RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.attempts,
-              m.max_attempts, m.expires_at
+              m.max_attempts, m.expires_at, m.sender
 )
 SELECT id, user_id, "to", type, payload, client_message_id, attempts AS attempt,
-       max_attempts, expires_at, NULL::timestamptz AS next_due_at
+       max_attempts, expires_at, sender, NULL::timestamptz AS next_due_at
 FROM claimed
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       (SELECT min(next_attempt_at) FROM outbox.messages
-        WHERE status = 'pending' AND id NOT IN (SELECT id FROM claimed));
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s
+            THEN (SELECT min(next_attempt_at) FROM outbox.messages
+                  WHERE status = 'pending' AND id NOT IN (SELECT id FROM claimed)
+                    AND sender NOT IN (SELECT id FROM outbox.senders WHERE paused IS NOT NULL))
+       END;
 
 -- name: complete_attempts
 -- Batched completion, with its events and one NOTIFY (sql/migrations/003_events.sql).

@@ -1,13 +1,18 @@
-"""Providers behind one small interface; `OUTBOX_PROVIDER` picks one."""
+"""Providers behind one small interface; each sender names one (`OUTBOX_PROVIDER` the
+sender `default`'s)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import httpx
 
-from outbox.providers.base import OutgoingMessage, Provider, ProviderError
+from outbox.providers.base import MAX_RESPONSE_BYTES, OutgoingMessage, Provider, ProviderError
 from outbox.providers.cloud import CloudProvider
 from outbox.providers.fake import FakeProvider
 from outbox.providers.http import HttpProvider
+from outbox.senders import environment_secrets, environment_sender
 from outbox.settings import Settings
 
 __all__ = [
@@ -17,30 +22,56 @@ __all__ = [
     "OutgoingMessage",
     "Provider",
     "ProviderError",
+    "build_provider",
     "create_provider",
 ]
 
 
-def create_provider(settings: Settings, client: httpx.AsyncClient) -> Provider:
-    """The configured provider, using the caller's shared client (its timeout and pool)."""
-    match settings.provider:
-        case "fake":
-            return FakeProvider(
-                latency_ms=settings.fake_latency_ms, failure_rate=settings.fake_failure_rate
-            )
+def build_provider(
+    kind: str,
+    settings: Mapping[str, Any],
+    secrets: Mapping[str, str],
+    client: httpx.AsyncClient | None,
+    *,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
+) -> Provider:
+    """A provider of `kind` (cloud, http, fake) from a sender's plain settings and its
+    credentials, calling through `client` (its timeout and pool; a fake provider needs
+    none). The environment's provider and a stored sender's both come from here."""
+    if kind == "fake":
+        return FakeProvider(
+            latency_ms=float(settings.get("latency_ms", 0.0)),
+            failure_rate=float(settings.get("failure_rate", 0.0)),
+        )
+    if client is None:
+        raise ValueError(f"the {kind} provider calls through an HTTP client")
+    match kind:
         case "http":
             return HttpProvider(
                 client,
-                url=settings.provider_url,
-                secret=settings.provider_secret,
-                max_response_bytes=settings.provider_max_response_bytes,
+                url=str(settings.get("url") or ""),
+                secret=secrets.get("secret", ""),
+                max_response_bytes=max_response_bytes,
             )
         case "cloud":
             return CloudProvider(
                 client,
-                base_url=settings.cloud_base_url,
-                api_version=settings.cloud_api_version,
-                phone_number_id=settings.cloud_phone_number_id,
-                token=settings.cloud_token,
-                max_response_bytes=settings.provider_max_response_bytes,
+                base_url=str(settings.get("base_url") or ""),
+                api_version=str(settings.get("api_version") or ""),
+                phone_number_id=str(settings.get("phone_number_id") or ""),
+                token=secrets.get("access_token", ""),
+                max_response_bytes=max_response_bytes,
             )
+    raise ValueError(f"unknown provider {kind!r}")
+
+
+def create_provider(settings: Settings, client: httpx.AsyncClient) -> Provider:
+    """The environment's provider (the sender `default`), using the caller's client."""
+    sender = environment_sender(settings)
+    return build_provider(
+        sender.provider,
+        sender.settings,
+        environment_secrets(settings),
+        client,
+        max_response_bytes=settings.provider_max_response_bytes,
+    )

@@ -31,6 +31,7 @@ class Claimed:
     attempt: int
     max_attempts: int
     expires_at: datetime | None
+    sender: str  # whose provider and credentials the call uses
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 5× more, per message
@@ -48,6 +49,7 @@ class Completion:
     provider_message_id: str | None = None
     next_attempt_at: datetime | None = None
     refund: int = 0  # 1 when the attempt was not spent (sender-level error, expiry)
+    sender: str = "default"  # the message's sender, for the metrics (not written)
 
 
 CLAIM_COLUMNS = [*(field.name for field in dataclasses.fields(Claimed)), "next_due_at"]
@@ -93,9 +95,10 @@ class Queue:
     async def claim(
         self, dispatcher: str, limit: int, lease_seconds: float, *, now: datetime | None = None
     ) -> tuple[list[Claimed], datetime | None]:
-        """Up to `limit` due messages, and when the earliest pending one not yet due
-        becomes due (None: none is pending). `now`: claim as of that time (the
-        database's clock when None)."""
+        """Up to `limit` due messages, and, when fewer came, when the earliest pending one
+        not yet due becomes due (None: none is pending, or `limit` came). A paused
+        sender's messages are left pending (unless expired). `now`: claim as of that
+        time (the database's clock when None)."""
         params = {
             "dispatcher": dispatcher,
             "limit": limit,

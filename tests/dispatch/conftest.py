@@ -37,6 +37,7 @@ class Call:
     signature_256: str
     body: bytes
     at: float  # time.time() when the call arrived
+    path: str = "/send"  # where it arrived (senders of their own are given other paths)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class ScriptedProvider:
         self.max_in_flight = 0
         self._lock = threading.Lock()
         self.script: Script = lambda call, n: Reply(body={"id": f"prov-{call.task_id}"})
-        self.app = Starlette(routes=[Route("/send", self._send, methods=["POST"])])
+        self.app = Starlette(routes=[Route("/{name}", self._send, methods=["POST"])])
 
     async def _send(self, request: Request) -> Response:
         body = await request.body()
@@ -72,6 +73,7 @@ class ScriptedProvider:
             signature_256=request.headers.get("x-outbox-signature-256", ""),
             body=body,
             at=time.time(),
+            path=request.url.path,
         )
         with self._lock:
             previous = sum(1 for c in self.calls if c.task_id == call.task_id)
@@ -193,18 +195,19 @@ def insert_messages(
     max_attempts: int = 4,
     send_at: str | None = None,
     expires_at: str | None = None,
+    sender: str = "default",
 ) -> list[str]:
     """Queue `count` text messages directly (the API is tested elsewhere)."""
     ids = [str(uuid.uuid4()) for _ in range(count)]
     conn.execute(
         """INSERT INTO outbox.messages
                (id, user_id, "to", type, payload, request_hash, max_attempts, send_at, expires_at,
-                next_attempt_at)
+                next_attempt_at, sender)
            SELECT id, %s, '5511999999999', 'text', '{"body": "hi", "preview_url": false}',
                   '\\x00', %s, %s::timestamptz, %s::timestamptz,
-                  GREATEST(now(), COALESCE(%s::timestamptz, now()))
+                  GREATEST(now(), COALESCE(%s::timestamptz, now())), %s
            FROM unnest(%s::uuid[]) AS id""",
-        [user_id, max_attempts, send_at, expires_at, send_at, ids],
+        [user_id, max_attempts, send_at, expires_at, send_at, sender, ids],
     )
     return ids
 

@@ -114,7 +114,7 @@ def test_a_success_after_the_row_was_reaped_back_to_pending_is_recorded(
     assert events(sql_conn) == [("message_retrying", "retrying", 1), ("message_sent", "queued", 1)]
     assert metrics.registry.get_sample_value("outbox_late_successes_recorded_total") == 1
     assert metrics.registry.get_sample_value("outbox_outcomes_lost_total") == 0
-    sent = {"outcome": "sent", "error_class": "none"}
+    sent = {"outcome": "sent", "error_class": "none", "sender": "default"}
     assert metrics.registry.get_sample_value("outbox_attempts_total", sent) == 1
     recorded = [line for line in lines if line["event"].startswith("late success recorded")]
     assert [(line["message_id"], line["attempt"]) for line in recorded] == [(message_id, 1)]

@@ -13,6 +13,8 @@ from tests.e2e.conftest import OUTBOX, Process, clean_env, free_port
 from tests.scrape import listening_ports, scrape, value
 from tests.support import wait_for
 
+SENT = {"outcome": "sent", "error_class": "none", "sender": "default"}
+
 
 def test_dev_shows_the_dispatcher_metrics_on_serve_and_opens_no_other_port(
     start: type[Process], database_url: str
@@ -34,7 +36,7 @@ def test_dev_shows_the_dispatcher_metrics_on_serve_and_opens_no_other_port(
 
     def sent() -> bool:
         got = scrape(f"{url}/metrics")
-        return value(got, "outbox_attempts_total", 0, outcome="sent", error_class="none") == 1
+        return value(got, "outbox_attempts_total", 0, **SENT) == 1
 
     wait_for(sent, timeout=30, what="the in-process dispatcher's attempt on serve's /metrics")
     samples = scrape(f"{url}/metrics")

@@ -11,6 +11,7 @@ from outbox.dispatcher import Dispatcher
 from outbox.executor import Executor
 from outbox.metrics import DispatchMetrics
 from outbox.providers.base import Provider
+from outbox.sender_providers import SenderProviders
 from outbox.settings import Settings
 from outbox.store import Claimed, Store
 
@@ -19,14 +20,21 @@ def offline_settings(**settings: Any) -> Settings:
     return Settings(database_url="postgresql://127.0.0.1/unused", **settings)
 
 
+def offline_providers(provider: Provider, settings: Settings) -> SenderProviders:
+    """`provider` as the sender `default`'s; no other sender is known."""
+    return SenderProviders(settings, Store.__new__(Store), default=provider)
+
+
 def offline_dispatcher(provider: Provider, **settings: Any) -> Dispatcher:
-    return Dispatcher(offline_settings(**settings), Store.__new__(Store), provider)
+    config = offline_settings(**settings)
+    return Dispatcher(config, Store.__new__(Store), offline_providers(provider, config))
 
 
 def offline_executor(provider: Provider, **settings: Any) -> Executor:
+    config = offline_settings(**settings)
     metrics = DispatchMetrics()
     completer = Completer(Store.__new__(Store), "offline", metrics)
-    return Executor(offline_settings(**settings), provider, completer, metrics)
+    return Executor(config, offline_providers(provider, config), completer, metrics)
 
 
 def claimed(attempt: int = 1) -> Claimed:
@@ -41,4 +49,5 @@ def claimed(attempt: int = 1) -> Claimed:
         attempt=attempt,
         max_attempts=4,
         expires_at=None,
+        sender="default",
     )

@@ -1,0 +1,203 @@
+"""Each sender's provider, for a dispatcher: built from the SenderDirectory (the
+environment's `default` and the stored senders with their credentials), each calling
+through an HTTP client of its own, so that one sender's keep-alive pool and settings never
+serve another's calls.
+
+A sender's provider is built when first needed, and again when its provider, settings or
+credentials change; the client of the one replaced (or of a deleted sender) is closed once
+the calls that hold it have ended, never under a call in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from outbox.log import get_logger
+from outbox.providers import build_provider
+from outbox.providers.base import Provider
+from outbox.sender_directory import KnownSender, SenderDirectory
+from outbox.senders import DEFAULT_SENDER
+from outbox.settings import Settings
+from outbox.store import Store
+
+log = get_logger("outbox.senders")
+
+
+class UnknownSender(Exception):
+    """The sender cannot be called: no such sender here (deleted, or its credentials do
+    not decrypt with this process's key), or its settings make no provider."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def provider_client(settings: Settings) -> httpx.AsyncClient:
+    """A sender's client, its keep-alive pool sized to the concurrency."""
+    return httpx.AsyncClient(
+        timeout=settings.provider_timeout,
+        limits=httpx.Limits(
+            max_connections=settings.dispatch_concurrency,
+            max_keepalive_connections=settings.dispatch_concurrency,
+        ),
+    )
+
+
+# What a sender's provider is built from: a change in any of them builds it again.
+_Source = tuple[str, Mapping[str, Any], Mapping[str, str]]
+
+
+def _source(known: KnownSender) -> _Source:
+    return (known.config.provider, known.config.settings, known.secrets)
+
+
+@dataclass(eq=False, slots=True)
+class SenderProvider:
+    """One sender's provider, built from one version of its settings. Held by each call
+    that uses it (`calls`), from `acquire` to `release`."""
+
+    sender: str
+    provider: Provider
+    client: httpx.AsyncClient | None  # None: a fake sender, or a provider given by a test
+    known: KnownSender | None  # what it was built from (None: given, never rebuilt)
+    calls: int = 0
+    retired: bool = False  # replaced or deleted: closed when its last call ends
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+
+class SenderProviders:
+    """The providers of the known senders, by id. `default`: the provider of the sender
+    `default` (tests give theirs; otherwise built from the environment at once, so that a
+    setting that cannot work stops the start). `on_senders(ids)` runs with the known ids
+    at start and after each change."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        default: Provider | None = None,
+        on_senders: Callable[[Collection[str]], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._on_senders = on_senders
+        self.directory = SenderDirectory(
+            settings, store, decrypt=True, on_change=self._directory_changed
+        )
+        self._providers: dict[str, SenderProvider] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        if default is not None:
+            self._providers[DEFAULT_SENDER] = SenderProvider(DEFAULT_SENDER, default, None, None)
+        else:
+            known = self.directory.get(DEFAULT_SENDER)
+            assert known is not None  # the directory always has the environment's
+            self._providers[DEFAULT_SENDER] = self._build(known)
+        if on_senders is not None:
+            on_senders(self.directory.senders.keys())
+
+    @property
+    def default(self) -> Provider:
+        return self._providers[DEFAULT_SENDER].provider
+
+    async def load(self) -> None:
+        """Read the stored senders now (before the first claim)."""
+        await self.directory.load()
+
+    async def follow(self) -> None:
+        """Follow the senders' changes until cancelled (a side task of the dispatcher)."""
+        await self.directory.run()
+
+    def acquire(self, sender_id: str) -> SenderProvider:
+        """The sender's provider as the directory knows it now, held until `release`.
+        Raises UnknownSender."""
+        known = self.directory.get(sender_id)
+        if known is None:
+            if sender_id in self.directory.left_out:
+                raise UnknownSender(
+                    f"sender {sender_id!r} cannot be used: its credentials do not decrypt"
+                    " with this dispatcher's OUTBOX_SECRET_KEY"
+                )
+            raise UnknownSender(f"sender {sender_id!r} does not exist")
+        held = self._providers.get(sender_id)
+        if held is not None and held.known is not None and held.known is not known:
+            if _source(held.known) == _source(known):
+                held.known = known  # read again, unchanged: the next look is by identity
+            else:
+                self._retire(held)
+                held = None
+        if held is None:
+            held = self._providers[sender_id] = self._build(known)
+        held.calls += 1
+        return held
+
+    def release(self, held: SenderProvider) -> None:
+        held.calls -= 1
+        if held.retired and held.calls == 0:
+            self._close(held)
+
+    async def reread(self) -> None:
+        """Read the senders again, by a read that begins after this call (shared with the
+        other lookups that missed; see SenderDirectory.reread)."""
+        await self.directory.reread()
+
+    async def aclose(self) -> None:
+        """Close every client (the dispatcher has stopped: no call is left)."""
+        for held in list(self._providers.values()):
+            self._retire(held)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _build(self, known: KnownSender) -> SenderProvider:
+        config = known.config
+        client = provider_client(self._settings) if config.provider != "fake" else None
+        try:
+            provider = build_provider(
+                config.provider,
+                config.settings,
+                known.secrets,
+                client,
+                max_response_bytes=self._settings.provider_max_response_bytes,
+            )
+        except ValueError as exc:
+            # `client` never made a call: it holds no connection, nothing to close.
+            if config.id == DEFAULT_SENDER:
+                raise  # the environment's settings: the start fails, as it always did
+            raise UnknownSender(f"sender {config.id!r} cannot be used: {exc}") from exc
+        return SenderProvider(config.id, provider, client, known)
+
+    def _directory_changed(self) -> None:
+        """Providers of senders deleted or changed are retired at once (their clients
+        close when their calls end); the others are built when next needed."""
+        for sender_id, held in list(self._providers.items()):
+            if held.known is None:
+                continue
+            known = self.directory.get(sender_id)
+            if known is None or _source(known) != _source(held.known):
+                self._retire(held)
+        if self._on_senders is not None:
+            self._on_senders(self.directory.senders.keys())
+
+    def _retire(self, held: SenderProvider) -> None:
+        if self._providers.get(held.sender) is held:
+            del self._providers[held.sender]
+        if not held.retired:
+            held.retired = True
+            if held.calls == 0:
+                self._close(held)
+
+    def _close(self, held: SenderProvider) -> None:
+        if held.client is not None:
+            self._closing_task(held.client)
+            held.client = None
+
+    def _closing_task(self, client: httpx.AsyncClient) -> None:
+        task = asyncio.get_running_loop().create_task(client.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

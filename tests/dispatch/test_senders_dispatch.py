@@ -1,0 +1,297 @@
+"""Senders as real `outbox dispatch` processes use them: each message goes through its own
+sender's provider, URL and credentials; a paused sender's messages wait, pending and
+unattempted, until it resumes; senders created or changed while a dispatcher runs are
+used within a moment, without a restart; a message whose sender is unknown ends in error,
+never called with another sender's credentials."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import pytest
+from cryptography.fernet import Fernet
+
+from outbox.api import create_app
+from outbox.auth import mint_token
+from outbox.settings import Settings
+from outbox.store import QUERIES
+from tests.conftest import JWT_SECRET
+from tests.dispatch.conftest import (
+    PROVIDER_SECRET,
+    Call,
+    DispatcherProcess,
+    ScriptedProvider,
+    insert_messages,
+    statuses,
+)
+from tests.e2e.conftest import free_port
+from tests.integration.test_senders import never_shown
+from tests.scrape import scrape, value
+from tests.support import ServerThread, wait_for
+
+Provider = tuple[ScriptedProvider, str]
+Start = Callable[..., DispatcherProcess]
+
+SENDERS = "/api/v1/whatsapp/senders"
+KEY = Fernet.generate_key().decode()
+SECRETS = {"gw-a": "secret-of-gateway-a-7c1e", "gw-b": "secret-of-gateway-b-93fd"}
+# Within this, a change made through the API is what a running dispatcher uses: its
+# NOTIFY is heard in milliseconds (the backstop read is every 30 s).
+PICKED_UP_WITHIN = 2.0
+
+
+@pytest.fixture
+def admin(settings: Settings) -> Iterator[httpx.Client]:
+    """A real API server with the secret key, and an admin's token on every request."""
+    keyed = settings.model_copy(update={"secret_key": KEY})
+    with ServerThread(create_app(keyed)) as server:
+        token = mint_token(JWT_SECRET, "root", admin=True)
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as http:
+            yield http
+
+
+def put_http_sender(admin: httpx.Client, sender_id: str, url: str, secret: str) -> None:
+    body = {"provider": "http", "settings": {"url": url, "secret": secret}, "users": ["*"]}
+    answer = admin.put(f"{SENDERS}/{sender_id}", json=body)
+    assert answer.status_code in (200, 201), answer.text
+
+
+def base_of(provider: Provider) -> str:
+    """The scripted provider's address; its paths tell the senders' calls apart."""
+    return provider[1].rsplit("/", 1)[0]
+
+
+def signed_with(call: Call, secret: str) -> bool:
+    """Both signature headers of the call are the HMACs of its body under `secret`."""
+    body_only = "sha256=" + hmac.new(secret.encode(), call.body, hashlib.sha256).hexdigest()
+    stamp, _, v1 = call.signature_256.partition(",")
+    signed = stamp.removeprefix("t=").encode() + b"." + call.body
+    timestamped = "v1=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    return call.signature == body_only and v1 == timestamped
+
+
+def message(conn: psycopg.Connection, task_id: str) -> tuple[str, int, str | None]:
+    row = conn.execute(
+        "SELECT status, attempts, last_error FROM outbox.messages WHERE id = %s", [task_id]
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+def wait_status(conn: psycopg.Connection, task_id: str, *wanted: str) -> str:
+    status: str = wait_for(
+        lambda: (got := message(conn, task_id)[0]) in wanted and got,
+        what=f"message {task_id} {' or '.join(wanted)} (now {message(conn, task_id)})",
+    )
+    return status
+
+
+def log_events(process: DispatcherProcess, event: str) -> list[dict[str, Any]]:
+    lines = [line for line in process.log().splitlines() if line.startswith("{")]
+    return [entry for line in lines if (entry := orjson.loads(line))["event"] == event]
+
+
+def test_each_sender_calls_its_own_url_signed_with_its_own_secret(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start, admin: httpx.Client
+) -> None:
+    scripted, _ = provider
+    base = base_of(provider)
+    for sender_id, secret in SECRETS.items():
+        put_http_sender(admin, sender_id, f"{base}/{sender_id}", secret)
+    port = free_port()
+    dispatcher = start_dispatcher(secret_key=KEY, metrics_port=str(port))
+    by_sender = {
+        sender_id: insert_messages(sql_conn, 2, sender=sender_id)
+        for sender_id in ("gw-a", "gw-b", "default")
+    }
+    wait_for(lambda: statuses(sql_conn) == {"sent": 6}, what=f"6 sent ({statuses(sql_conn)})")
+
+    secrets = {**SECRETS, "default": PROVIDER_SECRET}
+    paths = {"gw-a": "/gw-a", "gw-b": "/gw-b", "default": "/send"}  # no sender: the env's
+    for sender_id, task_ids in by_sender.items():
+        for task_id in task_ids:
+            [call] = scripted.calls_for(task_id)
+            assert call.path == paths[sender_id], (sender_id, call.path)
+            assert signed_with(call, secrets[sender_id]), sender_id
+            assert not any(
+                signed_with(call, other) for name, other in secrets.items() if name != sender_id
+            )
+    # The attempt lines and the attempts counter say which sender each attempt was for.
+    sent_lines = {line["message_id"]: line["sender"] for line in log_events(dispatcher, "sent")}
+    assert sent_lines == {t: s for s, task_ids in by_sender.items() for t in task_ids}
+    url = f"http://127.0.0.1:{port}/metrics"
+    for sender_id in by_sender:
+        labels = {"outcome": "sent", "error_class": "none", "sender": sender_id}
+        wait_for(
+            lambda labels=labels: value(scrape(url), "outbox_attempts_total", **labels) == 2,
+            what=f"2 attempts of {sender_id} counted",
+        )
+    never_shown(dispatcher.log(), *SECRETS.values(), KEY)
+
+
+def test_a_paused_sender_holds_its_messages_until_it_resumes(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start, admin: httpx.Client
+) -> None:
+    scripted, _ = provider
+    base = base_of(provider)
+    for sender_id, secret in SECRETS.items():
+        put_http_sender(admin, sender_id, f"{base}/{sender_id}", secret)
+    start_dispatcher(secret_key=KEY)
+    assert admin.post(f"{SENDERS}/gw-a/pause").status_code == 200
+
+    [held] = insert_messages(sql_conn, 1, sender="gw-a")
+    expiring_at = sql_conn.execute("SELECT now() + interval '1 second'").fetchone()
+    assert expiring_at is not None
+    [expiring] = insert_messages(sql_conn, 1, sender="gw-a", expires_at=str(expiring_at[0]))
+    # Due after the held one: the claim that takes it passed over the held one.
+    [other] = insert_messages(sql_conn, 1, sender="gw-b")
+    wait_status(sql_conn, other, "sent")
+    assert message(sql_conn, held) == ("pending", 0, None)
+    assert [call.path for call in scripted.calls] == ["/gw-b"]
+
+    # Still paused when it expires: it ends as an expired message does, uncalled.
+    assert wait_status(sql_conn, expiring, "error", "sent") == "error"
+    assert message(sql_conn, expiring) == ("error", 0, "expired")
+
+    deleted = admin.delete(f"{SENDERS}/gw-a")
+    assert deleted.status_code == 409, deleted.text
+    assert message(sql_conn, held) == ("pending", 0, None)
+    assert scripted.calls_for(held) == []
+
+    assert admin.post(f"{SENDERS}/gw-a/resume").status_code == 200
+    wait_status(sql_conn, held, "sent")
+    [call] = scripted.calls_for(held)
+    assert call.path == "/gw-a" and call.attempt == 1 and signed_with(call, SECRETS["gw-a"])
+    assert message(sql_conn, held)[1] == 1
+
+
+def first_call_after(
+    conn: psycopg.Connection, scripted: ScriptedProvider, sender_id: str, path: str
+) -> float:
+    """Seconds from now until a message of `sender_id` is called at `path`: a message at a
+    time, each inserted once the one before was called."""
+    start = time.monotonic()
+    while True:
+        [task_id] = insert_messages(conn, 1, sender=sender_id)
+        wait_status(conn, task_id, "sent", "error")
+        [call] = scripted.calls_for(task_id)
+        if call.path == path:
+            return time.monotonic() - start
+        assert time.monotonic() - start < PICKED_UP_WITHIN, f"still {call.path}"
+
+
+def test_senders_created_or_changed_while_running_are_used_without_a_restart(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start, admin: httpx.Client
+) -> None:
+    scripted, _ = provider
+    base = base_of(provider)
+    dispatcher = start_dispatcher(secret_key=KEY)  # no sender stored yet
+
+    put_http_sender(admin, "gw-a", f"{base}/first", SECRETS["gw-a"])
+    assert first_call_after(sql_conn, scripted, "gw-a", "/first") < PICKED_UP_WITHIN
+
+    # A new URL and secret: the calls move, signed with the new secret.
+    put_http_sender(admin, "gw-a", f"{base}/second", SECRETS["gw-b"])
+    assert first_call_after(sql_conn, scripted, "gw-a", "/second") < PICKED_UP_WITHIN
+    moved = [call for call in scripted.calls if call.path == "/second"]
+    assert moved and all(signed_with(call, SECRETS["gw-b"]) for call in moved)
+    assert all(signed_with(c, SECRETS["gw-a"]) for c in scripted.calls if c.path == "/first")
+    assert dispatcher.proc.poll() is None  # the same process throughout
+
+
+def test_a_message_whose_sender_is_unknown_ends_in_error_uncalled(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    start_dispatcher(secret_key=KEY)
+    # Stored after the start, its credentials encrypted with another key: this
+    # dispatcher cannot decrypt them, so it never calls with them.
+    foreign = Fernet(Fernet.generate_key()).encrypt(b'{"secret": "not-ours"}')
+    sql_conn.execute(
+        """INSERT INTO outbox.senders (id, provider, settings, secrets, secret_fields, users)
+           VALUES ('foreign', 'http', %s, %s, '{secret}', '{*}')""",
+        [orjson.dumps({"url": f"{base_of(provider)}/foreign"}).decode(), foreign],
+    )
+    [ghost] = insert_messages(sql_conn, 1, sender="ghost")
+    [undecryptable] = insert_messages(sql_conn, 1, sender="foreign")
+    [fine] = insert_messages(sql_conn, 1)
+    for task_id in (ghost, undecryptable, fine):
+        wait_status(sql_conn, task_id, "sent", "error")
+
+    assert message(sql_conn, ghost) == ("error", 0, "sender 'ghost' does not exist")
+    assert message(sql_conn, undecryptable) == (
+        "error",
+        0,
+        "sender 'foreign' cannot be used: its credentials do not decrypt with this"
+        " dispatcher's OUTBOX_SECRET_KEY",
+    )
+    assert message(sql_conn, fine)[0] == "sent"
+    assert [call.path for call in scripted.calls] == ["/send"]
+    outcomes = sql_conn.execute(
+        "SELECT message_id::text, outcome FROM outbox.attempts WHERE message_id = ANY(%s)",
+        [[ghost, undecryptable]],
+    ).fetchall()
+    assert sorted(outcome for _, outcome in outcomes) == ["permanent", "permanent"]
+
+
+# The claim statement itself -----------------------------------------------------------
+
+
+def claim(conn: psycopg.Connection, limit: int = 10) -> tuple[list[str], Any]:
+    """One claim, rolled back: the ids it took and its next_due_at."""
+    with conn.transaction(force_rollback=True):
+        rows = conn.execute(
+            QUERIES["claim_messages"],
+            {"dispatcher": "d-1", "limit": limit, "lease_seconds": 30, "now": None},
+        ).fetchall()
+    return [str(row[0]) for row in rows if row[0] is not None], rows[-1][-1]
+
+
+def pause(conn: psycopg.Connection, sender_id: str) -> None:
+    conn.execute(
+        """INSERT INTO outbox.senders (id, provider, settings, users)
+           VALUES (%s, 'fake', '{}', '{*}') ON CONFLICT DO NOTHING""",
+        [sender_id],
+    )
+    conn.execute("SELECT outbox.pause_sender(%s, 'by hand', NULL, NULL, true)", [sender_id])
+
+
+def test_a_claim_leaves_a_paused_senders_messages_and_does_not_wake_for_them(
+    sql_conn: psycopg.Connection,
+) -> None:
+    pause(sql_conn, "gw-p")
+    insert_messages(sql_conn, 3, sender="gw-p")
+    later = sql_conn.execute("SELECT now() + interval '1 hour'").fetchone()
+    assert later is not None
+    insert_messages(sql_conn, 1, sender="gw-p", send_at=str(later[0]))
+    # Nothing to claim, and no time to wake up at: a dispatcher waits for a NOTIFY.
+    assert claim(sql_conn) == ([], None)
+
+    [active] = insert_messages(sql_conn, 1)
+    [expired] = insert_messages(sql_conn, 1, sender="gw-p", expires_at="2000-01-01T00:00:00Z")
+    taken, next_due_at = claim(sql_conn)
+    assert sorted(taken) == sorted([active, expired])  # the expired one, to end it
+    assert next_due_at is None
+
+    # The plan: in the scan of due rows and in next_due_at's, the paused senders are a
+    # hashed subplan, read once.
+    with sql_conn.transaction(force_rollback=True):
+        plan = "\n".join(
+            row[0]
+            for row in sql_conn.execute(
+                b"EXPLAIN (ANALYZE, COSTS OFF) " + QUERIES["claim_messages"].encode(),
+                {"dispatcher": "d-1", "limit": 10, "lease_seconds": 30, "now": None},
+            )
+        )
+    filters = [line for line in plan.splitlines() if "Filter:" in line and "SubPlan" in line]
+    assert len(filters) == 2 and all("hashed SubPlan" in line for line in filters), plan
+    reads = [line for line in plan.splitlines() if "Seq Scan on senders" in line]
+    assert len(reads) == 2 and all("loops=1)" in line for line in reads), plan
