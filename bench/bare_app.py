@@ -68,6 +68,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "max_attempts": 4,
                 "send_at": None,
                 "expires_at": None,
+                "sender": "default",
             }
         ]
     ).decode()

@@ -23,7 +23,13 @@ from tests.support import wait_for
 SEND = "/api/v1/whatsapp/send/"
 MESSAGES = "/api/v1/whatsapp/messages"
 TEXT = {"to": "5511999999999", "type": "text", "text": "hi"}
-NO_FILTER: dict[str, Any] = {"status": None, "client_message_id": None, "after": None, "limit": 50}
+NO_FILTER: dict[str, Any] = {
+    "status": None,
+    "client_message_id": None,
+    "sender": None,
+    "after": None,
+    "limit": 50,
+}
 
 
 def test_a_query_past_the_timeout_answers_503_and_the_connection_serves_the_next_request(
@@ -65,6 +71,7 @@ def new_message() -> NewMessage:
         request_hash=b"\x00",
         send_at=None,
         expires_at=None,
+        sender="default",
     )
 
 

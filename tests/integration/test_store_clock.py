@@ -25,6 +25,7 @@ def scheduled(send_at: datetime) -> NewMessage:
         request_hash=b"\x00",
         send_at=send_at,
         expires_at=None,
+        sender="default",
     )
 
 

@@ -15,7 +15,7 @@ from outbox.settings import Settings
 from outbox.store import Store
 from tests.ops.conftest import PgBouncer
 
-NO_FILTER = {"status": None, "client_message_id": None, "after": None}
+NO_FILTER = {"status": None, "client_message_id": None, "sender": None, "after": None}
 
 
 def test_the_statement_timeout_stays_in_its_transaction_through_pgbouncer(
