@@ -125,8 +125,13 @@ def test_each_sender_calls_its_own_url_signed_with_its_own_secret(
                 signed_with(call, other) for name, other in secrets.items() if name != sender_id
             )
     # The attempt lines and the attempts counter say which sender each attempt was for.
-    sent_lines = {line["message_id"]: line["sender"] for line in log_events(dispatcher, "sent")}
-    assert sent_lines == {t: s for s, task_ids in by_sender.items() for t in task_ids}
+    expected = {t: s for s, task_ids in by_sender.items() for t in task_ids}
+
+    def sent_lines() -> dict[str, str]:
+        return {line["message_id"]: line["sender"] for line in log_events(dispatcher, "sent")}
+
+    wait_for(lambda: len(sent_lines()) == 6, what="the 6 sent lines in the dispatcher's log")
+    assert sent_lines() == expected
     url = f"http://127.0.0.1:{port}/metrics"
     for sender_id in by_sender:
         labels = {"outcome": "sent", "error_class": "none", "sender": sender_id}

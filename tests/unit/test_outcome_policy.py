@@ -128,6 +128,14 @@ def test_an_expired_message_is_final_uncalled_and_refunded() -> None:
     assert done.finished_at == done.started_at
 
 
+def test_a_message_whose_sender_is_unknown_is_final_uncalled_and_refunded() -> None:
+    reason = "sender 'gone' does not exist"
+    done = outcome_of(1, CallResult(Ending.REFUSED, STARTED, FINISHED, reason=reason))
+    assert (done.status, done.outcome) == (MessageStatus.ERROR, AttemptOutcome.PERMANENT)
+    assert (done.error, done.refund, done.next_attempt_at) == (reason, 1, None)
+    assert done.sender == "default"  # the message's, for the attempts counter
+
+
 def test_a_call_cut_short_by_the_shutdown_is_pending_at_once_its_attempt_spent() -> None:
     cut = CallResult(Ending.CUT, STARTED, FINISHED, reason="interrupted by dispatcher shutdown")
     done = outcome_of(2, cut)
