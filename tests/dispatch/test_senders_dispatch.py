@@ -64,6 +64,17 @@ def put_http_sender(admin: httpx.Client, sender_id: str, url: str, secret: str) 
     assert answer.status_code in (200, 201), answer.text
 
 
+def send(http: httpx.Client, sender_id: str) -> str:
+    """A text message sent through the API from `sender_id` (`default`: none named)."""
+    body = {"to": "5511999999999", "type": "text", "text": "hi"}
+    if sender_id != "default":
+        body["sender"] = sender_id
+    answer = http.post("/api/v1/whatsapp/send/", json=body)
+    assert answer.status_code == 202, answer.text
+    task_id: str = answer.json()["task_id"]
+    return task_id
+
+
 def base_of(provider: Provider) -> str:
     """The scripted provider's address; its paths tell the senders' calls apart."""
     return provider[1].rsplit("/", 1)[0]
@@ -108,8 +119,10 @@ def test_each_sender_calls_its_own_url_signed_with_its_own_secret(
         put_http_sender(admin, sender_id, f"{base}/{sender_id}", secret)
     port = free_port()
     dispatcher = start_dispatcher(secret_key=KEY, metrics_port=str(port))
+    # One message of each through the API ("sender" named, or not: the environment's),
+    # one inserted directly.
     by_sender = {
-        sender_id: insert_messages(sql_conn, 2, sender=sender_id)
+        sender_id: [send(admin, sender_id), *insert_messages(sql_conn, 1, sender=sender_id)]
         for sender_id in ("gw-a", "gw-b", "default")
     }
     wait_for(lambda: statuses(sql_conn) == {"sent": 6}, what=f"6 sent ({statuses(sql_conn)})")
