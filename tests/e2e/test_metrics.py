@@ -40,7 +40,9 @@ def test_dev_shows_the_dispatcher_metrics_on_serve_and_opens_no_other_port(
 
     wait_for(sent, timeout=30, what="the in-process dispatcher's attempt on serve's /metrics")
     samples = scrape(f"{url}/metrics")
-    assert value(samples, "outbox_messages_accepted_total", endpoint="single") == 1
+    assert (
+        value(samples, "outbox_messages_accepted_total", endpoint="single", sender="default") == 1
+    )
     assert value(samples, "outbox_provider_request_duration_seconds_count") == 1
     assert value(samples, "outbox_provider_calls_in_flight") == 0
     assert listening_ports(process.popen.pid) == {port}
