@@ -49,8 +49,7 @@ BACKSTOP_MARGIN = 1.0  # seconds past the grace before a dispatcher still stoppi
 
 class SideTaskDied(Exception):
     """A side task of the dispatcher (completer, notifier, senders, reaper, scheduler)
-    raised: the
-    dispatcher stopped rather than run on without it."""
+    raised: the dispatcher stopped rather than run on without it."""
 
 
 class SideTasks:

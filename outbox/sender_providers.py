@@ -67,10 +67,6 @@ class SenderProvider:
     calls: int = 0
     retired: bool = False  # replaced or deleted: closed when its last call ends
 
-    @property
-    def name(self) -> str:
-        return self.provider.name
-
 
 class SenderProviders:
     """The providers of the known senders, by id. `default`: the provider of the sender
@@ -194,10 +190,7 @@ class SenderProviders:
 
     def _close(self, held: SenderProvider) -> None:
         if held.client is not None:
-            self._closing_task(held.client)
+            task = asyncio.get_running_loop().create_task(held.client.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
             held.client = None
-
-    def _closing_task(self, client: httpx.AsyncClient) -> None:
-        task = asyncio.get_running_loop().create_task(client.aclose())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
