@@ -1,7 +1,7 @@
 """Whether a request may send from the senders its messages name, decided from the senders
 kept in memory (outbox/sender_directory.py): the send path makes no query of its own.
-A sender not known is read for again before it is refused (it may have been created a
-moment ago); one that is known but not this user's is refused whatever the rest."""
+A sender not known, or not allowed to this user, is read for again before it is refused
+(it may have been created or changed a moment ago)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ async def check_senders(
     `index` in a batch), else 403 `sender_forbidden` for the first message whose sender
     does not list this user (an admin may send from any). When the senders could not be
     read (the database away since start-up), the database's error: 503."""
-    unknown = {sender for sender in set(senders) if directory.get(sender) is None}
-    if unknown:
+    if _refused(directory, principal, senders):
+        # Maybe created or changed a moment ago, its NOTIFY not yet heard: read again.
         await directory.reread()
-        unknown = {sender for sender in unknown if directory.get(sender) is None}
+    unknown = {sender for sender in set(senders) if directory.get(sender) is None}
     if unknown:
         fields = [
             ({"index": index} if batch else {})
@@ -46,3 +46,12 @@ async def check_senders(
                 code=SENDER_FORBIDDEN,
                 extra={"index": index} if batch else None,
             )
+
+
+def _refused(directory: SenderDirectory, principal: Principal, senders: Sequence[str]) -> bool:
+    """Whether the senders as known now refuse any of these messages."""
+    for sender in set(senders):
+        known = directory.get(sender)
+        if known is None or not (principal.is_admin or known.allows(principal.user_id)):
+            return True
+    return False

@@ -13,12 +13,12 @@ import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from outbox.models import NO_NUL_PATTERN, iso_utc
+from outbox.models import DEFAULT_SENDER as DEFAULT_SENDER  # defined once, with the body
+from outbox.models import NO_NUL_PATTERN, SENDER_PATTERN, iso_utc
 from outbox.settings import Settings
 from outbox.store import SenderCounts, SenderRow
 
-DEFAULT_SENDER = "default"
-SENDER_ID_PATTERN = r"^[a-z0-9_-]{1,64}$"
+SENDER_ID_PATTERN = SENDER_PATTERN
 PROVIDERS = ("cloud", "http", "fake")
 CLOUD_RATE = 80.0  # messages per second: the Cloud API's standard throughput
 MAX_RATE = 1_000_000.0

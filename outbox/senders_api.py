@@ -243,7 +243,7 @@ async def pause_sender(request: Request) -> Response:
     sender_id = _sender_id(request)
     pause = await _pause_request(request)
     if sender_id == DEFAULT_SENDER:
-        raise ApiError(409, f"{READ_ONLY}; pausing it by hand is not supported yet")
+        raise ApiError(409, f"{READ_ONLY}; it cannot be paused by hand")
     await _stored_or_404(store, sender_id)
     if not await store.senders.pause(sender_id, pause.reason):
         raise ApiError(404, f"no such sender: {sender_id!r}")

@@ -199,6 +199,21 @@ def test_a_sender_stored_without_its_notification_is_found_by_the_next_send(
     assert [sender for _, _, sender in stored(sql_conn)] == ["quiet"]
 
 
+def test_a_user_added_without_its_notification_may_send_at_once(
+    server: ServerThread, http: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    put_sender(http, auth, "acme", ["user-2"])
+    directory = directory_of(server)
+    wait_for(lambda: directory.get("acme") is not None, what="acme in the directory")
+    # user-1 added with the trigger off: only the refused send's own read can see it.
+    with sql_conn.transaction():
+        sql_conn.execute("SET LOCAL session_replication_role = replica")
+        sql_conn.execute("UPDATE outbox.senders SET users = '{user-2,user-1}' WHERE id = 'acme'")
+    response = http.post(SEND, json=text(sender="acme"), headers=auth("user-1"))
+    assert response.status_code == 202, response.text
+    assert [(user, sender) for _, user, sender in stored(sql_conn)] == [("user-1", "acme")]
+
+
 def test_a_flood_of_unknown_senders_reads_the_senders_about_once_a_second(
     server: ServerThread, http: httpx.Client, auth: Auth
 ) -> None:
