@@ -117,6 +117,7 @@ class Dispatcher:
             settings, providers, self.completer, self.metrics, self._hand_back_for_pause
         )
         self.metrics.track_in_flight(lambda: self.executor.calls_in_flight)
+        providers.watch(self._senders_changed)
         # (id, attempt) of every row claimed whose outcome is not written yet: this
         # process's reaper leaves them alone, however long the database was away.
         self._held_rows: set[tuple[uuid.UUID, int]] = set()
@@ -351,6 +352,23 @@ class Dispatcher:
     def _hand_back_for_pause(self, reason: str) -> None:
         """A sender-level error paused sending: the buffered rows wait for its end."""
         self._hand_back_buffer(reason, self.executor.pause.resume_at)
+
+    def _senders_changed(self) -> None:
+        """A sender paused meanwhile: its rows waiting in the buffer go back at once (each
+        would go back uncalled when it started), making room for other senders' rows."""
+        paused = self.providers.paused
+        if not any(paused(message.sender) for message, _ in self._buffer):
+            return
+        now = datetime.now(UTC)
+        kept: deque[tuple[Claimed, float]] = deque()
+        for message, lease_end in self._buffer:
+            if paused(message.sender):
+                self.executor.hand_back(message, "sender paused", None, now)
+            else:
+                kept.append((message, lease_end))
+        self._buffer = kept
+        if self._should_claim():
+            self._room.set()
 
     def _poll_interval(self) -> float:
         # Jittered so that many dispatchers do not poll in step.

@@ -289,6 +289,12 @@ class Executor:
                 return
             held = found
         try:
+            if self.providers.paused(message.sender):
+                # Paused since the claim took it (it waited in the buffer, or the claim
+                # raced the pause): back uncalled, due at once; the claim leaves it
+                # alone until the sender resumes.
+                self.hand_back(message, "sender paused", None, started_at)
+                return
             await self._call(message, bound, started_at, held.provider, budget)
         finally:
             self.providers.release(held)  # the call no longer uses its client

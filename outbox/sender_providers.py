@@ -89,6 +89,7 @@ class SenderProviders:
         )
         self._providers: dict[str, SenderProvider] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._watchers: list[Callable[[], None]] = []
         if default is not None:
             self._providers[DEFAULT_SENDER] = SenderProvider(DEFAULT_SENDER, default, None, None)
         else:
@@ -109,6 +110,16 @@ class SenderProviders:
     async def follow(self) -> None:
         """Follow the senders' changes until cancelled (a side task of the dispatcher)."""
         await self.directory.run()
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Run `callback` after each read of the senders that changed something."""
+        self._watchers.append(callback)
+
+    def paused(self, sender_id: str) -> bool:
+        """Whether the sender is paused as the directory knows it now (the claim leaves
+        its rows alone until it resumes)."""
+        known = self.directory.get(sender_id)
+        return known is not None and known.config.paused is not None
 
     def acquire(self, sender_id: str) -> SenderProvider:
         """The sender's provider as the directory knows it now, held until `release`.
@@ -179,6 +190,8 @@ class SenderProviders:
                 self._retire(held)
         if self._on_senders is not None:
             self._on_senders(self.directory.senders.keys())
+        for callback in self._watchers:
+            callback()
 
     def _retire(self, held: SenderProvider) -> None:
         if self._providers.get(held.sender) is held:

@@ -27,6 +27,7 @@ from tests.dispatch.conftest import (
     PROVIDER_SECRET,
     Call,
     DispatcherProcess,
+    Reply,
     ScriptedProvider,
     insert_messages,
     statuses,
@@ -189,6 +190,40 @@ def test_a_paused_sender_holds_its_messages_until_it_resumes(
     [call] = scripted.calls_for(held)
     assert call.path == "/gw-a" and call.attempt == 1 and signed_with(call, SECRETS["gw-a"])
     assert message(sql_conn, held)[1] == 1
+
+
+def test_a_pause_holds_the_rows_a_dispatcher_already_claimed(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start, admin: httpx.Client
+) -> None:
+    scripted, _ = provider
+    put_http_sender(admin, "gw-a", f"{base_of(provider)}/gw-a", SECRETS["gw-a"])
+    slow = Reply(body={"id": "prov-slow"}, delay=3.0)
+    scripted.script = lambda call, n: slow if len(scripted.calls) == 1 else Reply(body={})
+    first, *waiting = insert_messages(sql_conn, 4, sender="gw-a")
+    # One call at a time: the first claim takes all four, the other three wait in the
+    # prefetch buffer while the first call lasts.
+    start_dispatcher(
+        secret_key=KEY, dispatch_concurrency="1", dispatch_prefetch="3", provider_timeout="5s"
+    )
+    wait_for(lambda: len(scripted.calls) == 1, what="the first call")
+    assert scripted.calls[0].task_id == first
+
+    sql_conn.execute("SELECT outbox.pause_sender('gw-a', 'why', NULL, NULL, true)")
+    for task_id in waiting:
+        wait_for(
+            lambda task_id=task_id: message(sql_conn, task_id) == ("pending", 0, "sender paused"),
+            what=f"{task_id} handed back (now {message(sql_conn, task_id)})",
+        )
+    wait_status(sql_conn, first, "sent")  # the call in flight ends as it would have
+    assert [call.task_id for call in scripted.calls] == [first]
+    assert all(message(sql_conn, task_id)[:2] == ("pending", 0) for task_id in waiting)
+
+    sql_conn.execute("SELECT outbox.resume_sender('gw-a')")
+    for task_id in waiting:
+        wait_status(sql_conn, task_id, "sent")
+        [call] = scripted.calls_for(task_id)
+        assert call.attempt == 1
+    assert len(scripted.calls) == 4
 
 
 def first_call_after(
