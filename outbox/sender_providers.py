@@ -18,7 +18,7 @@ import httpx
 
 from outbox.log import get_logger
 from outbox.providers import build_provider
-from outbox.providers.base import Provider
+from outbox.providers.base import Provider, SettingError
 from outbox.sender_directory import KnownSender, SenderDirectory
 from outbox.senders import DEFAULT_SENDER
 from outbox.settings import Settings
@@ -49,6 +49,19 @@ def provider_client(settings: Settings) -> httpx.AsyncClient:
 
 # What a sender's provider is built from: a change in any of them builds it again.
 _Source = tuple[str, Mapping[str, Any], Mapping[str, str]]
+
+# The variables that set the sender `default`'s settings (senders.environment_sender): a
+# setting that cannot work stops the start naming the variable to fix.
+ENVIRONMENT_NAMES = {
+    "url": "OUTBOX_PROVIDER_URL",
+    "secret": "OUTBOX_PROVIDER_SECRET",
+    "base_url": "OUTBOX_CLOUD_BASE_URL",
+    "api_version": "OUTBOX_CLOUD_API_VERSION",
+    "phone_number_id": "OUTBOX_CLOUD_PHONE_NUMBER_ID",
+    "access_token": "OUTBOX_CLOUD_TOKEN",
+    "latency_ms": "OUTBOX_FAKE_LATENCY_MS",
+    "failure_rate": "OUTBOX_FAKE_FAILURE_RATE",
+}
 
 
 def _source(known: KnownSender) -> _Source:
@@ -90,6 +103,8 @@ class SenderProviders:
         self._providers: dict[str, SenderProvider] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._watchers: list[Callable[[], None]] = []
+        # Senders whose settings make no provider: the version that failed, and why.
+        self._unusable: dict[str, tuple[_Source, str]] = {}
         if default is not None:
             self._providers[DEFAULT_SENDER] = SenderProvider(DEFAULT_SENDER, default, None, None)
         else:
@@ -163,6 +178,10 @@ class SenderProviders:
 
     def _build(self, known: KnownSender) -> SenderProvider:
         config = known.config
+        source = _source(known)
+        unusable = self._unusable.get(config.id)
+        if unusable is not None and unusable[0] == source:
+            raise UnknownSender(unusable[1])  # built once already, in vain
         client = provider_client(self._settings) if config.provider != "fake" else None
         try:
             provider = build_provider(
@@ -173,10 +192,20 @@ class SenderProviders:
                 max_response_bytes=self._settings.provider_max_response_bytes,
             )
         except ValueError as exc:
-            # `client` never made a call: it holds no connection, nothing to close.
+            if client is not None:
+                self._close_client(client)
             if config.id == DEFAULT_SENDER:
-                raise  # the environment's settings: the start fails, as it always did
-            raise UnknownSender(f"sender {config.id!r} cannot be used: {exc}") from exc
+                # The environment's settings: the start fails, naming the variable.
+                if isinstance(exc, SettingError):
+                    raise ValueError(exc.named(ENVIRONMENT_NAMES)) from exc
+                raise
+            reason = f"sender {config.id!r} cannot be used: {exc}"
+            log.error(
+                "sender cannot be used: its messages end in error", sender=config.id, error=str(exc)
+            )
+            self._unusable[config.id] = (source, reason)
+            raise UnknownSender(reason) from exc
+        self._unusable.pop(config.id, None)
         return SenderProvider(config.id, provider, client, known)
 
     def _directory_changed(self) -> None:
@@ -188,6 +217,8 @@ class SenderProviders:
             known = self.directory.get(sender_id)
             if known is None or _source(known) != _source(held.known):
                 self._retire(held)
+        for sender_id in [s for s in self._unusable if s not in self.directory.senders]:
+            del self._unusable[sender_id]
         if self._on_senders is not None:
             self._on_senders(self.directory.senders.keys())
         for callback in self._watchers:
@@ -203,7 +234,10 @@ class SenderProviders:
 
     def _close(self, held: SenderProvider) -> None:
         if held.client is not None:
-            task = asyncio.get_running_loop().create_task(held.client.aclose())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_client(held.client)
             held.client = None
+
+    def _close_client(self, client: httpx.AsyncClient) -> None:
+        task = asyncio.get_running_loop().create_task(client.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -32,6 +33,21 @@ class OutgoingMessage:
 def clean_text(text: str) -> str:
     """Text PostgreSQL can store: no NUL, no lone surrogates (providers echo anything)."""
     return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode()
+
+
+class SettingError(ValueError):
+    """A provider setting that can never work. The message names the sender's settings
+    (`phone_number_id`); `named()` says it with other names for them (the environment's
+    variables, for the sender `default`). `detail` follows as it is."""
+
+    def __init__(self, problem: str, settings: Sequence[str], detail: str = "") -> None:
+        self.problem = problem  # `{}` for each of `settings`, in order
+        self.settings = tuple(settings)
+        self.detail = detail
+        super().__init__(self.named({}))
+
+    def named(self, names: Mapping[str, str]) -> str:
+        return self.problem.format(*(names.get(s, s) for s in self.settings)) + self.detail
 
 
 class ProviderError(Exception):
@@ -164,13 +180,13 @@ def transport_error(name: str, exc: httpx.HTTPError, timeout: float | None) -> P
 
 
 def check_url(url: str, setting: str) -> None:
-    """Fail at start on a URL that could never work, rather than retrying it forever."""
+    """Refuse a URL that could never work, rather than retry it forever."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise ValueError(f"{setting} is not a valid URL: {exc}") from exc
+        raise SettingError("{} is not a valid URL", [setting], f": {exc}") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"{setting} must be an http:// or https:// URL (got {url!r})")
+        raise SettingError("{} must be an http:// or https:// URL", [setting], f" (got {url!r})")
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

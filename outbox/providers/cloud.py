@@ -19,6 +19,7 @@ from outbox.providers.base import (
     OutgoingMessage,
     ProviderError,
     ProviderResponse,
+    SettingError,
     check_url,
     int_code,
     json_object,
@@ -42,19 +43,18 @@ class CloudProvider:
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         if not phone_number_id or not token:
-            raise ValueError(
-                "the cloud provider needs OUTBOX_CLOUD_PHONE_NUMBER_ID and OUTBOX_CLOUD_TOKEN"
+            raise SettingError(
+                "the cloud provider needs {} and {}", ["phone_number_id", "access_token"]
             )
-        check_url(base_url, "OUTBOX_CLOUD_BASE_URL")
+        check_url(base_url, "base_url")
         url = f"{base_url.rstrip('/')}/{api_version.strip('/')}/{phone_number_id}/messages"
         try:
             self._post = JsonPost(  # the URL parsed once
                 client, httpx.URL(url), name=self.name, max_response_bytes=max_response_bytes
             )
         except httpx.InvalidURL as exc:  # a stray newline in a mounted secret, say
-            raise ValueError(
-                f"OUTBOX_CLOUD_PHONE_NUMBER_ID or OUTBOX_CLOUD_API_VERSION makes an invalid "
-                f"URL: {exc}"
+            raise SettingError(
+                "{} or {} makes an invalid URL", ["phone_number_id", "api_version"], f": {exc}"
             ) from exc
         self._token = token
 

@@ -6,7 +6,7 @@ import asyncio
 import random as _random
 from collections.abc import Callable
 
-from outbox.providers.base import OutgoingMessage, ProviderError
+from outbox.providers.base import OutgoingMessage, ProviderError, SettingError
 from outbox.retry import ErrorKind
 
 
@@ -21,7 +21,7 @@ class FakeProvider:
         random: Callable[[], float] = _random.random,
     ) -> None:
         if not 0 <= failure_rate <= 1:
-            raise ValueError("failure_rate must be in [0, 1]")
+            raise SettingError("{} must be in [0, 1]", ["failure_rate"])
         self._latency = max(0.0, latency_ms) / 1000
         self._failure_rate = failure_rate
         self._random = random

@@ -63,7 +63,7 @@ class HttpProvider:
         secret: str = "",
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
-        check_url(url, "OUTBOX_PROVIDER_URL")
+        check_url(url, "url")
         # The URL parsed once.
         self._post = JsonPost(
             client, httpx.URL(url), name=self.name, max_response_bytes=max_response_bytes
