@@ -12,8 +12,6 @@ from outbox.providers.base import MAX_RESPONSE_BYTES, OutgoingMessage, Provider,
 from outbox.providers.cloud import CloudProvider
 from outbox.providers.fake import FakeProvider
 from outbox.providers.http import HttpProvider
-from outbox.senders import environment_secrets, environment_sender
-from outbox.settings import Settings
 
 __all__ = [
     "CloudProvider",
@@ -23,7 +21,6 @@ __all__ = [
     "Provider",
     "ProviderError",
     "build_provider",
-    "create_provider",
 ]
 
 
@@ -63,15 +60,3 @@ def build_provider(
                 max_response_bytes=max_response_bytes,
             )
     raise ValueError(f"unknown provider {kind!r}")
-
-
-def create_provider(settings: Settings, client: httpx.AsyncClient) -> Provider:
-    """The environment's provider (the sender `default`), using the caller's client."""
-    sender = environment_sender(settings)
-    return build_provider(
-        sender.provider,
-        sender.settings,
-        environment_secrets(settings),
-        client,
-        max_response_bytes=settings.provider_max_response_bytes,
-    )

@@ -25,11 +25,13 @@ from outbox.providers import (
     FakeProvider,
     HttpProvider,
     OutgoingMessage,
+    Provider,
     ProviderError,
-    create_provider,
+    build_provider,
 )
 from outbox.providers.base import parse_retry_after
 from outbox.retry import ErrorKind
+from outbox.senders import environment_secrets, environment_sender
 from outbox.settings import Settings
 from tests.support import wait_for
 
@@ -197,6 +199,18 @@ def http_settings(url: str, secret: str = SECRET) -> Settings:
     )
 
 
+def environment_provider(settings: Settings, client: httpx.AsyncClient) -> Provider:
+    """The environment's provider (the sender `default`), built as a dispatcher builds it."""
+    sender = environment_sender(settings)
+    return build_provider(
+        sender.provider,
+        sender.settings,
+        environment_secrets(settings),
+        client,
+        max_response_bytes=settings.provider_max_response_bytes,
+    )
+
+
 def send(
     settings: Settings, message: OutgoingMessage = MESSAGE, *, timeout: float = 5.0
 ) -> str | None:
@@ -204,7 +218,7 @@ def send(
 
     async def go() -> str | None:
         async with httpx.AsyncClient(timeout=timeout) as client:
-            return await create_provider(settings, client).send(message)
+            return await environment_provider(settings, client).send(message)
 
     return asyncio.run(go())
 
@@ -419,7 +433,7 @@ def test_both_providers_send_the_clients_headers_and_cookies_with_their_own(
 
     async def go() -> None:
         async with httpx.AsyncClient(headers=defaults) as client:
-            provider = create_provider(settings, client)
+            provider = environment_provider(settings, client)
             await provider.send(MESSAGE)
             await provider.send(MESSAGE)
 
@@ -626,13 +640,13 @@ def test_fake_latency(
 # Factory and helpers ----------------------------------------------------------------
 
 
-def test_create_provider_picks_the_configured_one() -> None:
+def test_build_provider_picks_the_configured_one() -> None:
     async def go() -> list[str]:
         async with httpx.AsyncClient() as client:
             providers = [
-                create_provider(Settings(provider="fake"), client),
-                create_provider(http_settings("http://gw.local/send"), client),
-                create_provider(cloud_settings("https://graph.facebook.com"), client),
+                environment_provider(Settings(provider="fake"), client),
+                environment_provider(http_settings("http://gw.local/send"), client),
+                environment_provider(cloud_settings("https://graph.facebook.com"), client),
             ]
         assert isinstance(providers[0], FakeProvider)
         assert isinstance(providers[1], HttpProvider)
@@ -650,10 +664,10 @@ def test_create_provider_picks_the_configured_one() -> None:
         {"provider": "http", "provider_url": "gw.local/send"},
     ],
 )
-def test_create_provider_rejects_an_unusable_configuration(settings: dict[str, Any]) -> None:
+def test_build_provider_rejects_an_unusable_configuration(settings: dict[str, Any]) -> None:
     async def go() -> None:
         async with httpx.AsyncClient() as client:
-            create_provider(Settings(**settings), client)
+            environment_provider(Settings(**settings), client)
 
     with pytest.raises(ValueError):
         asyncio.run(go())
