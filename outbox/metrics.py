@@ -194,7 +194,9 @@ class DispatchMetrics:
     def keep_senders(self, senders: Iterable[str]) -> None:
         """The senders known now. Each has every series from the start at 0, so that
         rate() and increase() see its first attempt of each kind (a series born at 1
-        looks like no change); a sender deleted takes its series with it."""
+        looks like no change); a sender deleted takes its series with it, and so does
+        one counted though unknown here (its messages refused), so that ids never known
+        do not pile up series."""
         known = set(senders)
         for sender in known - self._senders:
             for labels in ATTEMPT_LABELS:
@@ -202,8 +204,10 @@ class DispatchMetrics:
         for sender in self._senders - known:
             for labels in ATTEMPT_LABELS:
                 self.attempts.remove(*labels, sender)
-            for key in [key for key in self._attempts if key[2] == sender]:
-                del self._attempts[key]
+        for key in [key for key in self._attempts if key[2] not in known]:
+            outcome, status, sender = key
+            self.attempts.remove(*_attempt_labels(outcome, status), sender)  # if still there
+            del self._attempts[key]
         self._senders = known
 
     def count_outcomes(self, completions: Iterable[Completion]) -> None:
