@@ -97,25 +97,32 @@ class SenderDirectory:
 
     async def load(self) -> bool:
         """Read the stored senders now; True when anything changed. A sender whose
-        credentials do not decrypt is left out (logged): never called with them."""
+        credentials do not decrypt is left out (logged when it becomes so): never called
+        with them."""
         self.reads += 1
         read = self.reads
         rows = await self._store.senders.all()
         senders = {DEFAULT_SENDER: self._default}
-        left_out: set[str] = set()
+        left_out: dict[str, str] = {}  # id → why
         for row in rows:
             secrets: dict[str, str] = {}
             if self._keyring is not None and row.secrets is not None:
                 try:
                     secrets = self._keyring.decrypt(row.secrets, row.id)
                 except SecretKeyError as exc:
-                    log.error("sender left out: its credentials do not decrypt", error=str(exc))
-                    left_out.add(row.id)
+                    left_out[row.id] = str(exc)
                     continue
             senders[row.id] = KnownSender(SenderConfig.stored(row), secrets)
         if read < self._read_shown:  # a later read finished first: it is newer
             return False
         self._read_shown = read
+        for sender_id, error in left_out.items():
+            if sender_id not in self.left_out:  # once, not at every read
+                log.error(
+                    "sender left out: its credentials do not decrypt",
+                    sender=sender_id,
+                    error=error,
+                )
         changed = senders != self.senders
         self.senders = senders
         self.left_out = frozenset(left_out)

@@ -11,6 +11,7 @@ import orjson
 import psycopg
 import pytest
 from cryptography.fernet import Fernet
+from structlog.testing import capture_logs
 
 from outbox import db
 from outbox.providers import FakeProvider, HttpProvider
@@ -92,3 +93,45 @@ def test_a_replaced_or_deleted_senders_client_closes_when_its_last_call_ends(
             await pool.close()
 
     asyncio.run(scenario())
+
+
+def store_foreign_sender(conn: psycopg.Connection, sender_id: str) -> None:
+    """A sender whose credentials another key encrypted: this process cannot use it."""
+    token = Fernet(Fernet.generate_key()).encrypt(b'{"secret": "not-ours"}')
+    conn.execute(
+        """INSERT INTO outbox.senders (id, provider, settings, secrets, secret_fields, users)
+           VALUES (%s, 'http', '{"url": "http://127.0.0.1:9/x"}', %s, '{secret}', '{*}')""",
+        [sender_id, token],
+    )
+
+
+def test_a_sender_left_out_is_logged_once_not_at_every_read(
+    sql_conn: psycopg.Connection, settings: Settings
+) -> None:
+    store_foreign_sender(sql_conn, "foreign")
+    keyed = settings.model_copy(update={"secret_key": KEY, "provider": "fake"})
+
+    async def scenario() -> list[str]:
+        pool = db.create_pool(keyed)
+        await pool.open(wait=True)
+        directory = SenderProviders(keyed, Store(pool)).directory
+        try:
+            with capture_logs() as lines:
+                for _ in range(3):
+                    await directory.load()
+                await asyncio.to_thread(store_foreign_sender, sql_conn, "other")
+                await directory.load()
+                await directory.load()
+                # Gone, then back: left out anew, logged again.
+                await asyncio.to_thread(
+                    sql_conn.execute, "DELETE FROM outbox.senders WHERE id = 'foreign'"
+                )
+                await directory.load()
+                await asyncio.to_thread(store_foreign_sender, sql_conn, "foreign")
+                await directory.load()
+            assert directory.left_out == {"foreign", "other"}
+        finally:
+            await pool.close()
+        return [line["sender"] for line in lines if line["event"].startswith("sender left out")]
+
+    assert asyncio.run(scenario()) == ["foreign", "other", "foreign"]
