@@ -22,7 +22,7 @@ from outbox.log import get_logger, mask_phone
 from outbox.metrics import DispatchMetrics
 from outbox.providers.base import OutgoingMessage, Provider, ProviderError, clean_text
 from outbox.retry import ErrorKind, retry_delay
-from outbox.sender_providers import SenderProvider, SenderProviders, UnknownSender
+from outbox.sender_providers import SenderLeftOut, SenderProvider, SenderProviders, UnknownSender
 from outbox.settings import Settings
 from outbox.states import AttemptOutcome, MessageStatus
 from outbox.store import Claimed, Completion
@@ -283,6 +283,9 @@ class Executor:
             return
         try:
             held = self.providers.acquire(message.sender)
+        except SenderLeftOut as exc:  # a key mismatch: no read of the senders mends it
+            self._refuse(message, bound, started_at, exc.reason)
+            return
         except UnknownSender:
             found = await self._acquire_after_reread(message, bound, started_at, lease_end, budget)
             if found is None:
@@ -389,7 +392,7 @@ class Executor:
         self, message: Claimed, bound: Any, started_at: datetime, lease_end: float, budget: float
     ) -> SenderProvider | None:
         """The message's sender is unknown here (created a moment ago, deleted in a race,
-        or its credentials do not decrypt): read the senders again, once. Still unknown:
+        or its settings make no provider): read the senders again, once. Still unknown:
         the attempt ends in error, uncalled and refunded; never a call with another
         sender's credentials. None: the row's completion is on its way."""
         try:
@@ -405,16 +408,18 @@ class Executor:
         try:
             held = self.providers.acquire(message.sender)
         except UnknownSender as exc:
-            bound.error(
-                "sender unknown: not sent", outcome=AttemptOutcome.PERMANENT, error=exc.reason
-            )
-            refused = CallResult(Ending.REFUSED, started_at, datetime.now(UTC), reason=exc.reason)
-            self.completer.put(completion(message, refused, self.policy, self.pause.resume_at))
+            self._refuse(message, bound, started_at, exc.reason)
             return None
         if not self._may_call(message, bound, started_at, lease_end, budget):
             self.providers.release(held)  # the read took long, or sending paused meanwhile
             return None
         return held
+
+    def _refuse(self, message: Claimed, bound: Any, started_at: datetime, reason: str) -> None:
+        """Its sender cannot be called: the attempt ends in error, uncalled and refunded."""
+        bound.error("sender unknown: not sent", outcome=AttemptOutcome.PERMANENT, error=reason)
+        refused = CallResult(Ending.REFUSED, started_at, datetime.now(UTC), reason=reason)
+        self.completer.put(completion(message, refused, self.policy, self.pause.resume_at))
 
     # Recording --------------------------------------------------------------------
 

@@ -36,6 +36,11 @@ class UnknownSender(Exception):
         self.reason = reason
 
 
+class SenderLeftOut(UnknownSender):
+    """The sender is stored, but its credentials do not decrypt with this process's key:
+    reading the senders again cannot change that."""
+
+
 def provider_client(settings: Settings) -> httpx.AsyncClient:
     """A sender's client, its keep-alive pool sized to the concurrency."""
     return httpx.AsyncClient(
@@ -138,11 +143,11 @@ class SenderProviders:
 
     def acquire(self, sender_id: str) -> SenderProvider:
         """The sender's provider as the directory knows it now, held until `release`.
-        Raises UnknownSender."""
+        Raises UnknownSender (SenderLeftOut for credentials that do not decrypt)."""
         known = self.directory.get(sender_id)
         if known is None:
             if sender_id in self.directory.left_out:
-                raise UnknownSender(
+                raise SenderLeftOut(
                     f"sender {sender_id!r} cannot be used: its credentials do not decrypt"
                     " with this dispatcher's OUTBOX_SECRET_KEY"
                 )

@@ -4,16 +4,19 @@ process: the store is never reached, outcomes only queue in the completer."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from outbox.completer import Completer
 from outbox.dispatcher import Dispatcher
 from outbox.executor import Executor
 from outbox.metrics import DispatchMetrics
-from outbox.providers.base import Provider
+from outbox.providers.base import OutgoingMessage, Provider
+from outbox.sender_directory import KnownSender
 from outbox.sender_providers import SenderProviders
+from outbox.senders import SenderConfig
 from outbox.settings import Settings
-from outbox.store import Claimed, Store
+from outbox.store import Claimed, Completion, Store
 
 
 def offline_settings(**settings: Any) -> Settings:
@@ -51,3 +54,46 @@ def claimed(attempt: int = 1) -> Claimed:
         expires_at=None,
         sender="default",
     )
+
+
+def stored_sender(
+    sender_id: str,
+    provider: str,
+    settings: dict[str, Any],
+    secrets: dict[str, str] | None = None,
+    paused: dict[str, Any] | None = None,
+) -> KnownSender:
+    """A stored sender as a dispatcher's directory knows it (put in `directory.senders`)."""
+    now = datetime.now(UTC)
+    config = SenderConfig(
+        id=sender_id,
+        provider=provider,
+        settings=settings,
+        secrets_set=frozenset(secrets or {}),
+        rate_limit=None,
+        users=["*"],
+        paused=paused,
+        source="api",
+        created_at=now,
+        updated_at=now,
+    )
+    return KnownSender(config, secrets or {})
+
+
+def queued(executor: Executor) -> list[Completion]:
+    """The completions handed to the (offline) completer so far, in order."""
+    queue = executor.completer._queue
+    return [queue.get_nowait() for _ in range(queue.qsize())]
+
+
+class CountingProvider:
+    """Sends everything, counting the calls."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def send(self, message: OutgoingMessage) -> str | None:
+        self.calls += 1
+        return f"id-{self.calls}"

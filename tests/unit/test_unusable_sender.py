@@ -1,12 +1,14 @@
 """A sender whose settings make no provider: a stored one is refused with a reason that
 names its settings (never the environment's variables), built once per version of its
 settings rather than once per message; the environment's `default` stops the start
-naming the variables to fix."""
+naming the variables to fix. A sender whose credentials do not decrypt is refused at
+once: reading the senders again cannot mend a key mismatch."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -15,28 +17,22 @@ from structlog.testing import capture_logs
 from outbox.providers import CloudProvider
 from outbox.sender_directory import KnownSender
 from outbox.sender_providers import SenderProviders, UnknownSender
-from outbox.senders import SenderConfig
-from outbox.store import Store
-from tests.unit.offline import offline_settings
+from outbox.states import AttemptOutcome, MessageStatus
+from outbox.store import Completion, Store
+from tests.unit.offline import (
+    CountingProvider,
+    claimed,
+    offline_executor,
+    offline_settings,
+    queued,
+    stored_sender,
+)
 
 CLOUD = {"phone_number_id": "123", "api_version": "v21.0", "base_url": "https://graph.facebook.com"}
 
 
 def cloud_sender(settings: dict[str, Any], secrets: dict[str, str]) -> KnownSender:
-    now = datetime.now(UTC)
-    config = SenderConfig(
-        id="cl",
-        provider="cloud",
-        settings=settings,
-        secrets_set=frozenset(secrets),
-        rate_limit=None,
-        users=["*"],
-        paused=None,
-        source="api",
-        created_at=now,
-        updated_at=now,
-    )
-    return KnownSender(config, secrets)
+    return stored_sender("cl", "cloud", settings, secrets)
 
 
 def test_a_stored_sender_that_makes_no_provider_is_refused_once_per_version() -> None:
@@ -100,3 +96,25 @@ def test_the_environments_sender_names_the_variables_to_fix(
         asyncio.run(build())
     assert not isinstance(refused.value, UnknownSender)
     assert str(refused.value).startswith(named)
+
+
+def test_a_sender_left_out_is_refused_at_once_without_reading_the_senders_again() -> None:
+    async def run() -> tuple[int, list[Completion]]:
+        executor = offline_executor(CountingProvider())
+        directory = executor.providers.directory
+        directory.left_out = frozenset({"foreign"})  # as a read that could not decrypt it
+        message = dataclasses.replace(claimed(), sender="foreign")
+        await executor.attempt(message, time.monotonic() + 60)
+        return directory.reads, queued(executor)
+
+    reads, [refused] = asyncio.run(run())
+    assert reads == 0  # the offline store would have failed a read: handed back
+    assert (refused.status, refused.outcome, refused.refund) == (
+        MessageStatus.ERROR,
+        AttemptOutcome.PERMANENT,
+        1,
+    )
+    assert refused.error == (
+        "sender 'foreign' cannot be used: its credentials do not decrypt with this"
+        " dispatcher's OUTBOX_SECRET_KEY"
+    )
