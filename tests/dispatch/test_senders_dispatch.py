@@ -65,6 +65,13 @@ def put_http_sender(admin: httpx.Client, sender_id: str, url: str, secret: str) 
     assert answer.status_code in (200, 201), answer.text
 
 
+def put_both_senders(admin: httpx.Client, provider: Provider) -> None:
+    """The `http` senders of SECRETS, each at its own path of the scripted provider."""
+    base = base_of(provider)
+    for sender_id, secret in SECRETS.items():
+        put_http_sender(admin, sender_id, f"{base}/{sender_id}", secret)
+
+
 def send(http: httpx.Client, sender_id: str) -> str:
     """A text message sent through the API from `sender_id` (`default`: none named)."""
     body = {"to": "5511999999999", "type": "text", "text": "hi"}
@@ -115,9 +122,7 @@ def test_each_sender_calls_its_own_url_signed_with_its_own_secret(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start, admin: httpx.Client
 ) -> None:
     scripted, _ = provider
-    base = base_of(provider)
-    for sender_id, secret in SECRETS.items():
-        put_http_sender(admin, sender_id, f"{base}/{sender_id}", secret)
+    put_both_senders(admin, provider)
     port = free_port()
     dispatcher = start_dispatcher(secret_key=KEY, metrics_port=str(port))
     # One message of each through the API ("sender" named, or not: the environment's),
@@ -160,9 +165,7 @@ def test_a_paused_sender_holds_its_messages_until_it_resumes(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start, admin: httpx.Client
 ) -> None:
     scripted, _ = provider
-    base = base_of(provider)
-    for sender_id, secret in SECRETS.items():
-        put_http_sender(admin, sender_id, f"{base}/{sender_id}", secret)
+    put_both_senders(admin, provider)
     start_dispatcher(secret_key=KEY)
     assert admin.post(f"{SENDERS}/gw-a/pause").status_code == 200
 
