@@ -443,6 +443,7 @@ class FailureRow(BaseModel):
     finished_at: str | None
     last_error: str | None
     last_outcome: str | None
+    sender: str
 
 
 class WaitingRow(BaseModel):
@@ -454,6 +455,7 @@ class WaitingRow(BaseModel):
     max_attempts: int
     next_attempt_at: str
     created_at: str
+    sender: str
 
 
 class AdminSummary(BaseModel):

@@ -307,7 +307,7 @@ SELECT json_build_object(
                    'task_id', id, 'user_id', user_id, 'to', "to", 'type', type,
                    'attempts', attempts, 'max_attempts', max_attempts,
                    'finished_at', outbox.wire_time(finished_at), 'last_error', last_error,
-                   'last_outcome', last_outcome)
+                   'last_outcome', last_outcome, 'sender', sender)
                    ORDER BY finished_at DESC), '[]')
         FROM (SELECT * FROM outbox.recent_failures LIMIT %(rows)s) f),
     'waiting', (
@@ -315,7 +315,7 @@ SELECT json_build_object(
                    'task_id', id, 'user_id', user_id, 'to', "to", 'type', type,
                    'attempts', attempts, 'max_attempts', max_attempts,
                    'next_attempt_at', outbox.wire_time(next_attempt_at),
-                   'created_at', outbox.wire_time(created_at))
+                   'created_at', outbox.wire_time(created_at), 'sender', sender)
                    ORDER BY next_attempt_at), '[]')
         FROM (SELECT * FROM outbox.messages WHERE status = 'pending'
               ORDER BY next_attempt_at LIMIT %(rows)s) w)

@@ -933,7 +933,8 @@ CREATE VIEW outbox.recent_failures AS
            FROM outbox.attempts a
           WHERE (a.message_id = m.id)
           ORDER BY a.attempt DESC
-         LIMIT 1) AS last_outcome
+         LIMIT 1) AS last_outcome,
+    m.sender
    FROM outbox.messages m
   WHERE (m.status = 'error'::text)
   ORDER BY m.finished_at DESC
@@ -986,7 +987,8 @@ CREATE VIEW outbox.stuck_messages AS
     messages.locked_by,
     messages.locked_until,
     (now() - messages.locked_until) AS overdue,
-    messages.updated_at AS claimed_at
+    messages.updated_at AS claimed_at,
+    messages.sender
    FROM outbox.messages
   WHERE ((messages.status = 'in_flight'::text) AND (messages.locked_until < now()))
   ORDER BY messages.locked_until;

@@ -92,6 +92,7 @@ def test_stuck_messages(prepared: Any) -> None:
     assert [row["id"] for row in stuck] == [ids["stuck"]]
     assert stuck[0]["overdue"] == timedelta(minutes=5)
     assert stuck[0]["locked_by"] == "d-1"
+    assert stuck[0]["sender"] == "default"
 
 
 def test_recent_failures(prepared: Any) -> None:
@@ -101,6 +102,7 @@ def test_recent_failures(prepared: Any) -> None:
         (ids["new_error"], 4, "HTTP 503", "transient"),
         (ids["old_error"], 1, "invalid recipient", "permanent"),
     ]
+    assert {r["sender"] for r in failures} == {"default"}
 
 
 def test_throughput(prepared: Any) -> None:
