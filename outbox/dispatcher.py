@@ -114,10 +114,10 @@ class Dispatcher:
             store, self.id, self.metrics, lambda: self.executor.calls_in_flight > 0, self._settled
         )
         self.executor = Executor(
-            settings, providers, self.completer, self.metrics, self._hand_back_for_pause
+            settings, providers, self.completer, self.metrics, self._hand_back_paused
         )
         self.metrics.track_in_flight(lambda: self.executor.calls_in_flight)
-        providers.watch(self._senders_changed)
+        providers.watch(self._hand_back_paused)
         # (id, attempt) of every row claimed whose outcome is not written yet: this
         # process's reaper leaves them alone, however long the database was away.
         self._held_rows: set[tuple[uuid.UUID, int]] = set()
@@ -229,16 +229,10 @@ class Dispatcher:
 
     async def _produce(self) -> None:
         backoff = Backoff(ERROR_BACKOFF_MIN, ERROR_BACKOFF_MAX)
-        pause = self.executor.pause
         while not self._stopping.is_set():
             # Cleared before claiming: a notification during the claim runs the loop again.
             self._wake.clear()
             timeout = self._poll_interval()
-            paused_for = pause.left()
-            if paused_for > 0:
-                await wait_event(self._wake, min(timeout, paused_for))
-                continue
-            self._start_buffered()  # anything left over from before a pause
             if not self._should_claim():
                 self._room.clear()
                 await wait_event(self._room, timeout)
@@ -254,17 +248,20 @@ class Dispatcher:
                 continue
             if outcome is None:
                 return  # stop() cut the claim short
-            claimed, next_due_at = outcome
-            if claimed == want:
+            claimed, next_due_at, more = outcome
+            if claimed == want or more:
                 continue  # maybe more is due: claim again when there is room
             if next_due_at is not None:
+                # When a row may next be claimed: due, and its sender with a token or
+                # its breaker's probe allowed (the claim says so: no spinning on a held
+                # sender's backlog).
                 due_in = (next_due_at - datetime.now(UTC)).total_seconds()
                 # Due already, yet not claimed: another session holds that row (its
                 # claim, or a transaction that may roll back): look again shortly.
                 timeout = min(timeout, due_in if due_in > 0 else HELD_ROW_RECHECK)
             await wait_event(self._wake, timeout)
 
-    async def _claim_unless_stopped(self, limit: int) -> tuple[int, datetime | None] | None:
+    async def _claim_unless_stopped(self, limit: int) -> tuple[int, datetime | None, bool] | None:
         """`_claim`, or None when stop() cut it short (see `_cut_claim`)."""
         producer = self._claiming = asyncio.current_task()
         try:
@@ -280,16 +277,16 @@ class Dispatcher:
         finally:
             self._claiming = None
 
-    async def _claim(self, limit: int) -> tuple[int, datetime | None]:
+    async def _claim(self, limit: int) -> tuple[int, datetime | None, bool]:
         """Claim up to `limit` rows and start what slots allow; returns how many were
-        claimed, and when the earliest pending row not yet due becomes due."""
+        claimed, when a row may next be claimed, and whether more may be due now."""
         if not self._ready_logged:
             # The senders first: no row is claimed before its sender can be known.
             await self.providers.load()
             # One connection claims while another records outcomes: both open before
             # "ready", which marks the end of start-up.
             await self.store.queue.open_claiming_connections(
-                2, self.id, self.settings.lease_seconds
+                2, self.id, self.settings.lease_seconds, self.settings.sender_burst
             )
             log.info(
                 "ready",
@@ -302,26 +299,22 @@ class Dispatcher:
             self._ready_logged = True
         # The lease runs from the database's now() inside the claim: count from before it.
         lease_end = time.monotonic() + self.settings.lease_seconds
-        claimed, next_due_at = await self.store.queue.claim(
-            self.id, limit, self.settings.lease_seconds
+        result = await self.store.queue.claim(
+            self.id, limit, self.settings.lease_seconds, burst=self.settings.sender_burst
         )
-        self.metrics.claim_size.observe(len(claimed))
-        self.take(claimed, lease_end)
-        return len(claimed), next_due_at
+        self.metrics.claim_size.observe(len(result.claimed))
+        self.take(result.claimed, lease_end)
+        return len(result.claimed), result.next_due_at, result.more
 
     def take(self, claimed: list[Claimed], lease_end: float) -> None:
         """Hold rows just claimed (their lease ends at `lease_end`, monotonic time) and
         start what the slots allow; the others wait in the buffer."""
         self._held_rows.update((message.id, message.attempt) for message in claimed)
         self._buffer.extend((message, lease_end) for message in claimed)
-        pause = self.executor.pause
-        if pause.active():
-            # A sender-level error arrived during the claim: these rows wait for the pause.
-            self._hand_back_buffer("sending paused", pause.resume_at)
         self._start_buffered()
 
     def _start_buffered(self) -> None:
-        if self.executor.pause.active() or self._stopping.is_set():
+        if self._stopping.is_set():
             return
         while self._buffer and self._slots_taken < self._concurrency:
             message, lease_end = self._buffer.popleft()
@@ -349,12 +342,9 @@ class Dispatcher:
             message, _ = self._buffer.popleft()
             self.executor.hand_back(message, reason, next_attempt_at, now)
 
-    def _hand_back_for_pause(self, reason: str) -> None:
-        """A sender-level error paused sending: the buffered rows wait for its end."""
-        self._hand_back_buffer(reason, self.executor.pause.resume_at)
-
-    def _senders_changed(self) -> None:
-        """A sender paused meanwhile: its rows waiting in the buffer go back at once (each
+    def _hand_back_paused(self, *_sender: str) -> None:
+        """A sender paused meanwhile (the directory says so, or a call of it hit a
+        sender-level error here): its rows waiting in the buffer go back at once (each
         would go back uncalled when it started), making room for other senders' rows."""
         paused = self.providers.paused
         if not any(paused(message.sender) for message, _ in self._buffer):

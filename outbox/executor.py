@@ -2,8 +2,10 @@
 the attempt ended into the completion the completer writes.
 
 `completion()` is the outcome policy, a pure function of the message, how its attempt
-ended, the retry policy and the end of the sending pause; `Executor` runs the calls,
-logs them and hands each completion to the completer.
+ended and the retry policy; `Executor` runs the calls, logs them and hands each
+completion to the completer. What an outcome means for its sender (a throttle halves its
+rate, a sender-level error pauses it for the whole cluster) is written with it, in
+PostgreSQL (sql/migrations/016_sender_limits.sql).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from outbox.completer import Completer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import DispatchMetrics
 from outbox.providers.base import OutgoingMessage, Provider, ProviderError, clean_text
-from outbox.retry import ErrorKind, retry_delay
+from outbox.retry import RETRY_AFTER_MAX, ErrorKind, retry_delay
 from outbox.sender_providers import SenderLeftOut, SenderProvider, SenderProviders, UnknownSender
 from outbox.settings import Settings
 from outbox.states import AttemptOutcome, MessageStatus
@@ -33,11 +35,16 @@ LEASE_MARGIN = 0.5  # seconds kept between a call's deadline and its lease's end
 RECORD_DELAY = 0.001  # seconds: "the loop's next turn" (a zero delay would be call_soon)
 REREAD_RETRY = 1.0  # seconds before a row is due again when the senders could not be read
 
+THROTTLE_RETRY = 1.0  # seconds before a throttled message is due again, without Retry-After
+
 _FAILED_OUTCOME = {
     ErrorKind.TRANSIENT: AttemptOutcome.TRANSIENT,
     ErrorKind.PERMANENT: AttemptOutcome.PERMANENT,
     ErrorKind.SENDER: AttemptOutcome.SENDER,
+    ErrorKind.THROTTLED: AttemptOutcome.THROTTLED,
+    ErrorKind.PAIR_THROTTLED: AttemptOutcome.THROTTLED,
 }
+_THROTTLES = {ErrorKind.THROTTLED: "rate", ErrorKind.PAIR_THROTTLED: "pair"}
 
 
 class Ending(Enum):
@@ -62,16 +69,21 @@ class CallResult:
     failure: ProviderError | None = None
     reason: str | None = None  # why a HANDED_BACK or CUT attempt ended so
     retry_at: datetime | None = None  # HANDED_BACK: due again then (None: at once)
+    pausing: bool = False  # its sender-level error is the first of its sender's pause here
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """When a failed attempt is tried again (outbox/retry.py), and a sender-level pause."""
+    """When a failed attempt is tried again (outbox/retry.py), how long a throttle holds a
+    message and how many it may take, and a sender's breaker."""
 
     base: float
     cap: float
     jitter: float | Literal["full"]
-    sender_pause: float
+    sender_pause: float = 60.0
+    sender_pause_max: float = 3600.0
+    max_throttles: int = 100
+    pair_delay: float = 6.0
     random: Callable[[], float] = _random.random
 
     @classmethod
@@ -81,27 +93,29 @@ class RetryPolicy:
             cap=settings.retry_max_delay,
             jitter=settings.retry_jitter,
             sender_pause=settings.sender_pause,
+            sender_pause_max=settings.sender_pause_max,
+            max_throttles=settings.max_throttles,
+            pair_delay=settings.pair_delay,
         )
 
 
-def completion(
-    message: Claimed, result: CallResult, policy: RetryPolicy, resume_at: datetime
-) -> Completion:
-    """The outcome policy: what one attempt's end writes. `resume_at`: when sending
-    resumes after the latest sender-level pause (a sender-level error's row waits for it).
+def completion(message: Claimed, result: CallResult, policy: RetryPolicy) -> Completion:
+    """The outcome policy: what one attempt's end writes.
 
     Sent → sent. A transient failure with attempts left → pending after the backoff (never
     sooner than the provider's Retry-After); on the last attempt, or a permanent one →
-    error. A sender-level failure → pending until the pause ends, the attempt refunded.
-    Expired before the call → error, refunded. Its sender unknown → error (permanent),
-    refunded. Handed back uncalled → pending, refunded;
-    cut short by the shutdown → pending at once, the attempt spent (the call may have
-    reached the provider)."""
+    error. A throttle → pending after Retry-After (else 1 s; a pair throttle: at least
+    OUTBOX_PAIR_DELAY), refunded, unless it was throttled max_throttles times already →
+    error "throttled". A sender-level failure → pending, refunded: its sender is paused
+    (the claim leaves its rows until the breaker's probe). Expired before the call →
+    error, refunded. Its sender unknown → error (permanent), refunded. Handed back
+    uncalled → pending, refunded; cut short by the shutdown → pending at once, the
+    attempt spent (the call may have reached the provider)."""
     ending = result.ending
     if ending is Ending.ANSWERED:
         failure = result.failure
         if failure is not None:
-            return _failed(message, result, failure, policy, resume_at)
+            return _failed(message, result, failure, policy)
         provider_id = result.provider_id
         return Completion(
             id=message.id,
@@ -146,17 +160,25 @@ def completion(
 
 
 def _failed(
-    message: Claimed,
-    result: CallResult,
-    failure: ProviderError,
-    policy: RetryPolicy,
-    resume_at: datetime,
+    message: Claimed, result: CallResult, failure: ProviderError, policy: RetryPolicy
 ) -> Completion:
     next_attempt_at: datetime | None = None
     refund = 0
-    if failure.kind is ErrorKind.SENDER:
-        next_attempt_at, refund = resume_at, 1
-    elif failure.kind is ErrorKind.TRANSIENT and message.attempt < message.max_attempts:
+    error = failure.reason
+    kind = failure.kind
+    throttle = _THROTTLES.get(kind)
+    if kind is ErrorKind.SENDER:
+        next_attempt_at, refund = result.finished_at, 1
+    elif throttle is not None:
+        refund = 1
+        if message.throttles >= policy.max_throttles:
+            error = "throttled"  # as "expired": the history keeps each throttle's reason
+        else:
+            delay = THROTTLE_RETRY if failure.retry_after is None else failure.retry_after
+            if kind is ErrorKind.PAIR_THROTTLED:
+                delay = max(delay, policy.pair_delay)
+            next_attempt_at = result.finished_at + timedelta(seconds=min(delay, RETRY_AFTER_MAX))
+    elif kind is ErrorKind.TRANSIENT and message.attempt < message.max_attempts:
         delay = retry_delay(
             message.attempt,
             base=policy.base,
@@ -166,18 +188,23 @@ def _failed(
             random=policy.random,
         )
         next_attempt_at = result.finished_at + timedelta(seconds=delay)
+    sender_level = kind is ErrorKind.SENDER
     return Completion(
         id=message.id,
         attempt=message.attempt,
         status=MessageStatus.ERROR if next_attempt_at is None else MessageStatus.PENDING,
-        outcome=_FAILED_OUTCOME[failure.kind],
+        outcome=_FAILED_OUTCOME[kind],
         started_at=result.started_at,
         finished_at=result.finished_at,
         latency_ms=result.latency_ms,
-        error=failure.reason,
+        error=error,
         next_attempt_at=next_attempt_at,
         refund=refund,
         sender=message.sender,
+        throttle=throttle,
+        code=None if failure.code is None else str(failure.code),
+        pause_base=policy.sender_pause if sender_level else None,
+        pause_max=policy.sender_pause_max if sender_level else None,
     )
 
 
@@ -200,32 +227,12 @@ def fallback_completion(message: Claimed, result: CallResult) -> Completion:
     )
 
 
-class Pause:
-    """A sender-level error pauses all sending: no call starts until it ends."""
-
-    __slots__ = ("resume_at", "until")
-
-    def __init__(self) -> None:
-        self.until = 0.0  # monotonic time
-        self.resume_at = datetime.now(UTC)  # the same moment, as a wall-clock time
-
-    def left(self) -> float:
-        """Seconds until sending resumes (zero or less: not paused)."""
-        return self.until - time.monotonic()
-
-    def active(self) -> bool:
-        return self.until > time.monotonic()
-
-    def start(self, seconds: float, at: datetime) -> None:
-        self.until = time.monotonic() + seconds
-        self.resume_at = at + timedelta(seconds=seconds)
-
-
 class Executor:
     """Runs attempts: each calls its message's sender's provider within what is left of
-    its lease, and its completion goes to the completer. A sender-level error starts the
-    pause and calls `on_pause(reason)`, so that rows waiting to start go back to the
-    database."""
+    its lease, and its completion goes to the completer. A sender-level error holds that
+    sender here at once (`providers.hold`) and calls `on_sender_error(sender)`, so that
+    its rows waiting to start go back to the database; its pause, for the whole cluster,
+    is written with the outcome."""
 
     def __init__(
         self,
@@ -233,16 +240,15 @@ class Executor:
         providers: SenderProviders,
         completer: Completer,
         metrics: DispatchMetrics,
-        on_pause: Callable[[str], None] = lambda reason: None,
+        on_sender_error: Callable[[str], None] = lambda sender: None,
     ) -> None:
         self.providers = providers
         self.completer = completer
         self.metrics = metrics
         self.policy = RetryPolicy.from_settings(settings)
-        self.pause = Pause()
         self.calls_in_flight = 0
         self._call_timeout = settings.provider_timeout
-        self._on_pause = on_pause
+        self._on_sender_error = on_sender_error
         self._started_calls: list[Any] = []  # loggers of calls whose start awaits its log line
         # Calls whose outcome awaits recording, with the logger bound to their message.
         self._ended_calls: list[tuple[Claimed, Any, CallResult]] = []
@@ -264,7 +270,7 @@ class Executor:
             reason=reason,
             retry_at=retry_at,
         )
-        self.completer.put(completion(message, result, self.policy, self.pause.resume_at))
+        self.completer.put(completion(message, result, self.policy))
 
     async def attempt(self, message: Claimed, lease_end: float) -> None:
         """One attempt of `message`, whose lease ends at `lease_end` (monotonic time)."""
@@ -292,12 +298,6 @@ class Executor:
                 return
             held = found
         try:
-            if self.providers.paused(message.sender):
-                # Paused since the claim took it (it waited in the buffer, or the claim
-                # raced the pause): back uncalled, due at once; the claim leaves it
-                # alone until the sender resumes.
-                self.hand_back(message, "sender paused", None, started_at)
-                return
             await self._call(message, bound, started_at, held.provider, budget)
         finally:
             self.providers.release(held)  # the call no longer uses its client
@@ -346,7 +346,7 @@ class Executor:
                 datetime.now(UTC),
                 reason="interrupted by dispatcher shutdown",
             )
-            self.completer.put(completion(message, cut, self.policy, self.pause.resume_at))
+            self.completer.put(completion(message, cut, self.policy))
             raise
         except Exception as exc:  # a provider bug must not kill the dispatcher
             self._log_started_calls()  # this call's start line first
@@ -357,12 +357,21 @@ class Executor:
             self.calls_in_flight -= 1
         latency_ms = (time.perf_counter() - clock) * 1000
         finished_at = datetime.now(UTC)
+        pausing = False
         if failure is not None and failure.kind is ErrorKind.SENDER:
-            # Before a buffered message can start.
-            self.pause.start(self.policy.sender_pause, finished_at)
-            self._on_pause("sending paused: " + failure.reason)
+            # Before a buffered row of this sender can start: it is held here until the
+            # pause, written with this outcome, reaches the senders' directory.
+            pausing = self.providers.hold(message.sender)
+            if pausing:
+                self._on_sender_error(message.sender)
         result = CallResult(
-            Ending.ANSWERED, started_at, finished_at, latency_ms, provider_id, failure
+            Ending.ANSWERED,
+            started_at,
+            finished_at,
+            latency_ms,
+            provider_id,
+            failure,
+            pausing=pausing,
         )
         self._ended_calls.append((message, bound, result))
         self._schedule_recording()
@@ -374,12 +383,14 @@ class Executor:
         if message.expires_at is not None and message.expires_at <= started_at:
             bound.warning("expired before sending", outcome=AttemptOutcome.EXPIRED)
             expired = CallResult(Ending.EXPIRED, started_at, started_at)
-            self.completer.put(completion(message, expired, self.policy, self.pause.resume_at))
+            self.completer.put(completion(message, expired, self.policy))
             return False
-        if self.pause.active():
-            # Started in the turn of the loop in which another call hit a sender-level
-            # error: back to the database for the pause, unattempted.
-            self.hand_back(message, "sending paused", self.pause.resume_at, started_at)
+        if self.providers.paused(message.sender):
+            # Paused since the claim took it (it waited in the buffer, the claim raced the
+            # pause, or a call of its sender hit a sender-level error in this turn of the
+            # loop): back uncalled, due at once; the claim leaves it alone until the sender
+            # resumes.
+            self.hand_back(message, "sender paused", None, started_at)
             return False
         if lease_end - time.monotonic() - LEASE_MARGIN < budget:
             # Waited in the prefetch buffer until the lease could not cover a whole call:
@@ -419,7 +430,7 @@ class Executor:
         """Its sender cannot be called: the attempt ends in error, uncalled and refunded."""
         bound.error("sender unknown: not sent", outcome=AttemptOutcome.PERMANENT, error=reason)
         refused = CallResult(Ending.REFUSED, started_at, datetime.now(UTC), reason=reason)
-        self.completer.put(completion(message, refused, self.policy, self.pause.resume_at))
+        self.completer.put(completion(message, refused, self.policy))
 
     # Recording --------------------------------------------------------------------
 
@@ -462,17 +473,33 @@ class Executor:
     def _record(self, message: Claimed, bound: Any, result: CallResult) -> Completion:
         latency_ms = result.latency_ms or 0.0
         self.metrics.provider_duration.observe(latency_ms / 1000)
-        done = completion(message, result, self.policy, self.pause.resume_at)
+        done = completion(message, result, self.policy)
         bound = bound.bind(duration_ms=round(latency_ms, 2))
         failure = result.failure
         if failure is None:
             bound.info("sent", outcome=AttemptOutcome.SENT, provider_message_id=result.provider_id)
         elif failure.kind is ErrorKind.SENDER:
-            bound.error(
-                "sender cannot send: pausing all sending",
+            # One error line per pause; the calls that were out meanwhile say it quietly.
+            log_line = bound.error if result.pausing else bound.info
+            log_line(
+                "sender cannot send: pausing it",
                 outcome=AttemptOutcome.SENDER,
                 error=failure.reason,
-                pause_seconds=self.policy.sender_pause,
+                code=failure.code,
+            )
+        elif done.outcome is AttemptOutcome.THROTTLED:
+            log_line = bound.info if done.next_attempt_at is not None else bound.error
+            retry_in = (
+                None
+                if done.next_attempt_at is None
+                else round((done.next_attempt_at - result.finished_at).total_seconds(), 3)
+            )
+            log_line(
+                "throttled" if retry_in is not None else "throttled too often: not sent",
+                outcome=AttemptOutcome.THROTTLED,
+                error=failure.reason,
+                throttles=message.throttles + 1,
+                retry_in=retry_in,
             )
         elif done.next_attempt_at is not None:
             delay = (done.next_attempt_at - result.finished_at).total_seconds()

@@ -1,5 +1,7 @@
 """The lease reaper: rows whose lease ran out (their dispatcher died, or lost the database
-for longer than the lease) go back to pending, their attempt recorded `lease_expired`."""
+for longer than the lease) go back to pending, their attempt recorded `lease_expired`; and
+pending messages whose expires_at has passed end `error` "expired", those of a paused or
+limited sender included, which no claim takes meanwhile."""
 
 from __future__ import annotations
 
@@ -49,9 +51,12 @@ class Reaper:
             keep = set(self._own_rows())
             try:
                 reaped = await self._store.queue.reap_expired_leases(keep=keep)
+                expired = await self._store.queue.expire_pending()
             except psycopg.OperationalError as exc:
                 log.warning("lease reaper failed", error=str(exc).strip())
                 continue
+            if expired:
+                log.info("pending messages expired", count=expired)
             if reaped:
                 self._metrics.leases_recovered.inc(reaped)
                 log.warning("returned rows whose lease expired", count=reaped)

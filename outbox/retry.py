@@ -10,8 +10,8 @@ as the contract says ("±20 % around min(cap, base·2^(n−1))"), so with jitter
 Error classes (`classify`): the provider's own error code decides first (the
 Cloud API's `error.code`, looked up in `CLOUD_ERROR_KINDS`); the HTTP status
 decides only when there is no code or the code is not in the table:
-no response at all (connection error, timeout), 408, 429 and 5xx are
-transient; any other status (other 4xx, and 1xx/3xx, which a provider should
+no response at all (connection error, timeout), 408 and 5xx are
+transient, 429 a throttle; any other status (other 4xx, and 1xx/3xx, which a provider should
 never answer) is permanent.
 
 Convention for the generic `http` provider (self-hosted gateways that keep a
@@ -38,6 +38,9 @@ class ErrorKind(StrEnum):
     TRANSIENT = "transient"  # retry after the backoff
     PERMANENT = "permanent"  # final at once: retrying cannot help
     SENDER = "sender"  # the account cannot send at all: pause, spend no attempt
+    # The provider's rate limits: spend no attempt, go again after Retry-After (else 1 s).
+    THROTTLED = "throttled"  # the sender's throughput: its rate is halved
+    PAIR_THROTTLED = "pair_throttled"  # too many to one recipient: only theirs wait
 
 
 # Past 2**2200 every positive float base (even the smallest subnormal, 2**-1074)
@@ -98,15 +101,17 @@ def retry_delay(
 
 
 _T, _P, _S = ErrorKind.TRANSIENT, ErrorKind.PERMANENT, ErrorKind.SENDER
+_R, _PAIR = ErrorKind.THROTTLED, ErrorKind.PAIR_THROTTLED
 
 # WhatsApp Business Cloud API error codes (../shared/whatsapp-cloud-api.md §4).
 CLOUD_ERROR_KINDS: Final[Mapping[int, ErrorKind]] = MappingProxyType(
     {
-        # Transient: rate limits and "try again" codes.
-        130429: _T,  # throughput rate limit per phone number
-        131056: _T,  # pair rate limit (same business/recipient pair)
-        80007: _T,  # WABA rate limit
-        4: _T,  # too many API calls (app)
+        # Throttles: rate limits (no attempt spent; the sender's rate adapts).
+        130429: _R,  # throughput rate limit per phone number
+        80007: _R,  # WABA rate limit
+        4: _R,  # too many API calls (app)
+        131056: _PAIR,  # pair rate limit (same business/recipient pair)
+        # Transient: "try again" codes.
         131000: _T,  # something went wrong
         131016: _T,  # service unavailable
         1: _T,  # API unknown
@@ -164,7 +169,9 @@ def classify(http_status: int | None, provider_code: int | None) -> ErrorKind:
         kind = CLOUD_ERROR_KINDS.get(provider_code)
         if kind is not None:
             return kind
-    if http_status is None or http_status in (408, 429) or http_status >= 500:
+    if http_status == 429:
+        return ErrorKind.THROTTLED
+    if http_status is None or http_status == 408 or http_status >= 500:
         return ErrorKind.TRANSIENT
     return ErrorKind.PERMANENT
 

@@ -7,6 +7,7 @@ one round trip; `dispatch` builds each sender's provider from it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class SenderDirectory:
         self._miss_reads: set[asyncio.Task[None]] = set()
         self._miss_lock = asyncio.Lock()
         self._miss_read_at = -MISS_INTERVAL
+        self._default_limit_written = False
 
     def get(self, sender_id: str) -> KnownSender | None:
         return self.senders.get(sender_id)
@@ -101,8 +103,20 @@ class SenderDirectory:
         with them."""
         self.reads += 1
         read = self.reads
+        if not self._default_limit_written:
+            # The environment sets `default`'s limit: its state (which the claim reads)
+            # gets it from the processes, at their first read (016_sender_limits.sql).
+            await self._store.senders.set_limit(DEFAULT_SENDER, self._default.config.rate_limit)
+            self._default_limit_written = True
         rows = await self._store.senders.all()
-        senders = {DEFAULT_SENDER: self._default}
+        # `default` is paused in its state only (it has no stored row).
+        default_state = (await self._store.senders.states(DEFAULT_SENDER)).get(DEFAULT_SENDER)
+        default = self._default
+        if default_state is not None and default_state.paused is not None:
+            default = KnownSender(
+                dataclasses.replace(default.config, paused=default_state.paused), default.secrets
+            )
+        senders = {DEFAULT_SENDER: default}
         left_out: dict[str, str] = {}  # id → why
         for row in rows:
             secrets: dict[str, str] = {}

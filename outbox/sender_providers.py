@@ -10,6 +10,7 @@ the calls that hold it have ended, never under a call in flight."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,10 @@ from outbox.settings import Settings
 from outbox.store import Store
 
 log = get_logger("outbox.senders")
+
+# A sender held after a sender-level error, at most this long: its pause, written with the
+# outcome a moment later, reaches the directory within it (its NOTIFY, or the next read).
+HOLD_SECONDS = 5.0
 
 
 class UnknownSender(Exception):
@@ -110,6 +115,8 @@ class SenderProviders:
         self._watchers: list[Callable[[], None]] = []
         # Senders whose settings make no provider: the version that failed, and why.
         self._unusable: dict[str, tuple[_Source, str]] = {}
+        # Senders held here after a sender-level error, until (monotonic time).
+        self._holds: dict[str, float] = {}
         if default is not None:
             self._providers[DEFAULT_SENDER] = SenderProvider(DEFAULT_SENDER, default, None, None)
         else:
@@ -137,9 +144,22 @@ class SenderProviders:
 
     def paused(self, sender_id: str) -> bool:
         """Whether the sender is paused as the directory knows it now (the claim leaves
-        its rows alone until it resumes)."""
+        its rows alone until it resumes), or held here (see `hold`)."""
+        hold = self._holds.get(sender_id)
+        if hold is not None:
+            if time.monotonic() < hold:
+                return True
+            del self._holds[sender_id]
         known = self.directory.get(sender_id)
         return known is not None and known.config.paused is not None
+
+    def hold(self, sender_id: str) -> bool:
+        """A call of this sender hit a sender-level error: none of its rows starts here
+        until the pause that the outcome writes reaches the directory (for at most
+        HOLD_SECONDS). True when it was not held yet: the first error of a pause."""
+        first = not self.paused(sender_id)
+        self._holds[sender_id] = time.monotonic() + HOLD_SECONDS
+        return first
 
     def acquire(self, sender_id: str) -> SenderProvider:
         """The sender's provider as the directory knows it now, held until `release`.
@@ -224,6 +244,10 @@ class SenderProviders:
                 self._retire(held)
         for sender_id in [s for s in self._unusable if s not in self.directory.senders]:
             del self._unusable[sender_id]
+        for sender_id in list(self._holds):
+            known = self.directory.get(sender_id)
+            if known is None or known.config.paused is not None:
+                del self._holds[sender_id]  # the directory knows the pause now
         if self._on_senders is not None:
             self._on_senders(self.directory.senders.keys())
         for callback in self._watchers:

@@ -171,7 +171,16 @@ class Settings(BaseSettings):
     dispatch_prefetch: int | None = Field(default=None, ge=0, le=10_000)
     poll_interval: Seconds = 1.0
     lease_seconds: Seconds = 60.0
-    sender_pause: Seconds = 60.0
+    # A sender's breaker: paused this long after a sender-level error, doubled by each
+    # failed probe up to sender_pause_max.
+    sender_pause: Seconds = Field(default=60.0, gt=0)
+    sender_pause_max: Seconds = Field(default=3600.0, gt=0)
+    # Limits (outbox/store/queue.py's claim): a sender's bucket holds this many seconds'
+    # worth of its rate; a message throttled more often than max_throttles ends `error`;
+    # a pair throttle (131056) holds that recipient's messages from that sender this long.
+    sender_burst: Seconds = Field(default=0.2, gt=0, le=60)
+    max_throttles: int = Field(default=100, ge=0, le=1_000_000)
+    pair_delay: Seconds = Field(default=6.0, ge=0)
     shutdown_grace: Seconds = 30.0
 
     # Providers

@@ -66,62 +66,192 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: claim_messages
--- One statement claims a batch: due pending rows, oldest due first, rows that
--- another dispatcher is claiming right now skipped. The claim spends an attempt
--- and sets the lease. The UPDATE finds the rows it locked by their ctid (a TID
--- scan): no join back to the table, whose plan, by statistics, could be a hash join
--- over a sequential scan of every row (as it was after a bulk load of pending rows:
--- 20,000 rows read for each claim of 512). A locked row cannot move, but one that
--- another transaction changed after this statement's snapshot was taken (a replay
--- touches its row) is locked in its newer version, which this snapshot cannot see:
--- it stays pending, and is claimed next time. One more row, its id NULL, says when
--- the earliest pending row this claim did not take is due: a dispatcher that got
--- fewer rows than it asked for sets its timer from it, without another round trip
--- (a time already past: a due row held by another session, or skipped as above);
--- NULL after a full claim, which the dispatcher follows with another claim anyway (the
--- subquery is then never run).
--- A paused sender's messages are not taken (they stay pending, their attempts
--- untouched) from the moment the pause commits, and do not count for next_due_at, so
--- that dispatchers do not wake for them; those that have expired are taken, only to
--- be ended `expired` uncalled (a dispatcher's poll finds them). The paused senders are
--- a hashed subplan, read once per statement (senders.id is NOT NULL: NOT IN is a plain
--- anti-membership). No index has the sender: a paused sender's due rows older than
--- the others' are read, and passed over, by each claim (20,000 of them: about 20 ms).
--- %(now)s is the claim's clock, the database's own when NULL (tests set it to claim
--- as of another time). The claimed rows' columns are the fields of Claimed
--- (outbox/store/queue.py), in order, then next_due_at.
-WITH due AS (
-    SELECT ctid
-    FROM outbox.messages
-    WHERE status = 'pending' AND next_attempt_at <= COALESCE(%(now)s::timestamptz, now())
-      AND (sender NOT IN (SELECT id FROM outbox.senders WHERE paused IS NOT NULL)
-           OR expires_at <= COALESCE(%(now)s::timestamptz, now()))
-    ORDER BY next_attempt_at
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+-- One statement claims a batch, sender by sender, each within its limits:
+-- 1. `heads`: the senders that have pending rows, each with the due time of its first
+--    one: a skip scan of messages_sender_due (one index descent per sender).
+-- 2. `senders`: each as this statement's snapshot sees its state (outbox.sender_state; no
+--    row: unlimited and active), with its effective rate now.
+-- 3. `ready`: those with a due row that may send now: active and, when limited, with a
+--    token in their bucket; or paused by their breaker past its period with no probe
+--    out (one message then goes, as the probe). Each gets a share of the claim: equal
+--    shares, one more for the oldest heads, so that no sender's backlog holds back
+--    another's rows.
+-- 4. `guards`: the state of the limited and probing ones, locked (FOR NO KEY UPDATE SKIP
+--    LOCKED: a sender whose state another claim holds is left to that claim) and read
+--    again as it is now, with the tokens it holds now.
+-- 5. `due`: each sender's due rows, oldest first, up to its share and its tokens, rows
+--    that another dispatcher is claiming skipped (FOR UPDATE SKIP LOCKED); `claimed`
+--    takes them as the UPDATE always did (by ctid, a TID scan: see below), and `spent`
+--    takes the tokens (or records the probe) in the same statement.
+-- The UPDATE finds the rows it locked by their ctid: no join back to the table, whose
+-- plan, by statistics, could be a hash join over a sequential scan of every row. A
+-- locked row cannot move, but one that another transaction changed after this
+-- statement's snapshot was taken (a replay touches its row) is locked in its newer
+-- version, which this snapshot cannot see: it stays pending, and is claimed next time.
+-- One more row, its id NULL, says when a row may next be claimed, after a claim that got
+-- fewer than it asked for: per sender its next pending row's due time, but not before its
+-- bucket holds the tokens worth waking for (a tenth of a second's worth, or its whole
+-- capacity if smaller) or, when paused by its breaker, before the probe may go; a sender
+-- paused by hand never (its resume wakes the dispatchers). A time already past: a due
+-- row another session holds. `more` says that a sender took its whole share: claim again
+-- at once. %(now)s is the claim's clock, the database's own when NULL (tests set it to
+-- claim as of another time); %(burst)s is OUTBOX_SENDER_BURST. The claimed rows' columns
+-- are the fields of Claimed (outbox/store/queue.py), in order, then next_due_at and more.
+WITH RECURSIVE clock AS MATERIALIZED (
+    SELECT COALESCE(%(now)s::timestamptz, now()) AS now
+),
+heads AS (
+    (SELECT sender, next_attempt_at AS head
+     FROM outbox.messages
+     WHERE status = 'pending'
+     ORDER BY sender, next_attempt_at
+     LIMIT 1)
+    UNION ALL
+    SELECT n.sender, n.head
+    FROM heads h
+    CROSS JOIN LATERAL (
+        SELECT sender, next_attempt_at AS head
+        FROM outbox.messages
+        WHERE status = 'pending' AND sender > h.sender
+        ORDER BY sender, next_attempt_at
+        LIMIT 1) n
+),
+senders AS MATERIALIZED (
+    SELECT h.sender AS id, h.head, st.paused IS NULL AS active, st.probe_at, st.probe_until,
+           st.tokens, st.refilled_at, rate.rate,
+           outbox.sender_tokens(st.tokens, st.refilled_at, rate.rate, %(burst)s, c.now)
+               AS tokens_now
+    FROM heads h
+    CROSS JOIN clock c
+    LEFT JOIN outbox.sender_state st ON st.id = h.sender
+    CROSS JOIN LATERAL (
+        SELECT outbox.sender_rate(st.rate_limit, st.learned_limit, st.decreased_rate,
+                                  st.decreased_at, c.now) AS rate) rate
+),
+ready AS (
+    SELECT r.id, r.guarded,
+           %(limit)s / r.n + CASE WHEN r.rank <= mod(%(limit)s, r.n) THEN 1 ELSE 0 END AS share
+    FROM (
+        SELECT s.id, s.rate IS NOT NULL OR NOT s.active AS guarded,
+               count(*) OVER () AS n, row_number() OVER (ORDER BY s.head, s.id) AS rank
+        FROM senders s
+        WHERE s.head <= (SELECT now FROM clock)
+          AND CASE WHEN s.active THEN s.rate IS NULL OR s.tokens_now >= 1
+                   ELSE s.probe_at <= (SELECT now FROM clock)
+                        AND (s.probe_until IS NULL OR s.probe_until < (SELECT now FROM clock))
+              END
+    ) r
+),
+guards AS (
+    SELECT st.id, st.paused IS NOT NULL AS probe,
+           outbox.sender_tokens(
+               st.tokens, st.refilled_at,
+               outbox.sender_rate(st.rate_limit, st.learned_limit, st.decreased_rate,
+                                  st.decreased_at, (SELECT now FROM clock)),
+               %(burst)s, (SELECT now FROM clock)) AS tokens
+    FROM outbox.sender_state st
+    WHERE st.id IN (SELECT id FROM ready WHERE guarded AND share > 0)
+      AND (st.paused IS NULL
+           OR (st.probe_at <= (SELECT now FROM clock)
+               AND (st.probe_until IS NULL OR st.probe_until < (SELECT now FROM clock))))
+    FOR NO KEY UPDATE OF st SKIP LOCKED
+),
+grants AS (
+    SELECT r.id, r.share, COALESCE(g.probe, false) AS probe,
+           CASE WHEN NOT r.guarded THEN r.share
+                WHEN g.probe THEN LEAST(r.share, 1)
+                ELSE LEAST(r.share, floor(g.tokens)::int) END AS allowance
+    FROM ready r
+    LEFT JOIN guards g ON g.id = r.id
+    WHERE r.share > 0 AND (NOT r.guarded OR g.id IS NOT NULL)
+),
+due AS (
+    SELECT d.ctid
+    FROM grants g
+    CROSS JOIN LATERAL (
+        SELECT m.ctid
+        FROM outbox.messages m
+        WHERE m.status = 'pending' AND m.sender = g.id
+          AND m.next_attempt_at <= (SELECT now FROM clock)
+        ORDER BY m.next_attempt_at
+        LIMIT g.allowance
+        FOR UPDATE OF m SKIP LOCKED) d
+    WHERE g.allowance > 0
 ),
 claimed AS (
     UPDATE outbox.messages m
     SET status = 'in_flight',
         attempts = m.attempts + 1,
         locked_by = %(dispatcher)s,
-        locked_until = COALESCE(%(now)s::timestamptz, now())
-                       + make_interval(secs => %(lease_seconds)s),
-        updated_at = COALESCE(%(now)s::timestamptz, now())
+        locked_until = (SELECT now FROM clock) + make_interval(secs => %(lease_seconds)s),
+        updated_at = (SELECT now FROM clock)
     WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM due))
     RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.attempts,
-              m.max_attempts, m.expires_at, m.sender
+              m.max_attempts, m.expires_at, m.sender, m.throttles
+),
+taken AS (
+    SELECT sender, count(*) AS n, (array_agg(id))[1] AS first_id
+    FROM claimed
+    GROUP BY sender
+),
+spent AS (
+    UPDATE outbox.sender_state st
+    SET tokens = CASE WHEN g.probe THEN st.tokens ELSE COALESCE(g.tokens - t.n, st.tokens) END,
+        refilled_at = CASE WHEN g.probe THEN st.refilled_at ELSE (SELECT now FROM clock) END,
+        probe_id = CASE WHEN g.probe THEN t.first_id ELSE st.probe_id END,
+        probe_until = CASE WHEN g.probe
+                           THEN (SELECT now FROM clock) + make_interval(secs => %(lease_seconds)s)
+                           ELSE st.probe_until END
+    FROM guards g
+    JOIN taken t ON t.sender = g.id
+    WHERE st.id = g.id
+),
+wake AS (
+    SELECT CASE
+               WHEN next.head IS NULL THEN NULL
+               WHEN s.active AND s.rate IS NULL THEN next.head
+               WHEN s.active THEN GREATEST(
+                   next.head,
+                   (SELECT now FROM clock) + make_interval(secs => GREATEST(0,
+                       LEAST(GREATEST(1, s.rate * %(burst)s), GREATEST(1, s.rate * 0.1))
+                       - COALESCE(g.tokens - COALESCE(t.n, 0), s.tokens_now)) / s.rate))
+               WHEN s.probe_at IS NOT NULL
+                   THEN GREATEST(next.head, s.probe_at, s.probe_until)
+           END AS at
+    FROM senders s
+    LEFT JOIN taken t ON t.sender = s.id
+    LEFT JOIN guards g ON g.id = s.id AND NOT g.probe
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN t.n IS NULL THEN s.head
+                    ELSE (SELECT m.next_attempt_at
+                          FROM outbox.messages m
+                          WHERE m.status = 'pending' AND m.sender = s.id
+                            AND m.id NOT IN (SELECT id FROM claimed)
+                          ORDER BY m.next_attempt_at
+                          LIMIT 1)
+               END AS head) next
 )
 SELECT id, user_id, "to", type, payload, client_message_id, attempts AS attempt,
-       max_attempts, expires_at, sender, NULL::timestamptz AS next_due_at
+       max_attempts, expires_at, sender, throttles, NULL::timestamptz AS next_due_at,
+       NULL::boolean AS more
 FROM claimed
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s
-            THEN (SELECT min(next_attempt_at) FROM outbox.messages
-                  WHERE status = 'pending' AND id NOT IN (SELECT id FROM claimed)
-                    AND sender NOT IN (SELECT id FROM outbox.senders WHERE paused IS NOT NULL))
-       END;
+            THEN (SELECT min(at) FROM wake)
+       END,
+       EXISTS (SELECT FROM grants g JOIN taken t ON t.sender = g.id
+               WHERE NOT g.probe AND t.n >= g.share);
+
+-- name: expire_pending
+-- Pending messages whose expires_at has passed end `error` "expired" (the reaper's round;
+-- sql/migrations/016_sender_limits.sql).
+SELECT outbox.expire_pending(%(limit)s::int);
+
+-- name: set_sender_limit
+-- A sender's configured limit in its state (the dispatchers write `default`'s, which the
+-- environment sets): a change starts its rate again at the limit.
+SELECT outbox.set_sender_limit(%(id)s::text, %(rate_limit)s::double precision);
 
 -- name: complete_attempts
 -- Batched completion, with its events and one NOTIFY (sql/migrations/003_events.sql).
@@ -409,10 +539,25 @@ SELECT cron.schedule(%(name)s, %(schedule)s, %(command)s);
 -- (outbox/store/senders.py), in order. Every change NOTIFYs outbox_senders (a trigger).
 
 -- name: list_senders
--- The stored senders, by id; one of them when %(id)s is given.
-SELECT id, provider, settings, secrets, secret_fields, rate_limit, users, paused,
-       created_at, updated_at
-FROM outbox.senders
+-- The stored senders, by id; one of them when %(id)s is given; each with its pause (its
+-- state: sql/migrations/016_sender_limits.sql).
+SELECT s.id, s.provider, s.settings, s.secrets, s.secret_fields, s.rate_limit, s.users,
+       st.paused, s.created_at, s.updated_at
+FROM outbox.senders s
+LEFT JOIN outbox.sender_state st ON st.id = s.id
+WHERE %(id)s::text IS NULL OR s.id = %(id)s::text
+ORDER BY s.id;
+
+-- name: sender_states
+-- Each sender's state now (the columns of SenderState): its pause, and the rate it keeps
+-- to (NULL: unlimited), as the claim computes it; one sender's when %(id)s is given.
+SELECT id, paused,
+       outbox.sender_rate(rate_limit, learned_limit, decreased_rate, decreased_at, now())
+           AS effective_rate,
+       learned_limit IS NOT NULL
+           AND outbox.sender_rate(rate_limit, learned_limit, decreased_rate, decreased_at,
+                                  now()) IS NOT NULL AS learned
+FROM outbox.sender_state
 WHERE %(id)s::text IS NULL OR id = %(id)s::text
 ORDER BY id;
 
@@ -476,12 +621,15 @@ WITH live AS (
     GROUP BY sender
 ), senders AS (
     SELECT 'default'::text AS id, NULL::text AS provider,
-           NULL::double precision AS rate_limit, NULL::jsonb AS paused
+           NULL::double precision AS rate_limit
     UNION ALL
-    SELECT id, provider, rate_limit, paused FROM outbox.senders
+    SELECT id, provider, rate_limit FROM outbox.senders
 )
-SELECT s.id, s.provider, s.rate_limit, s.paused,
+SELECT s.id, s.provider, s.rate_limit, st.paused,
+       outbox.sender_rate(st.rate_limit, st.learned_limit, st.decreased_rate,
+                          st.decreased_at, now()) AS effective_rate,
        coalesce(l.pending, 0) AS pending, coalesce(l.in_flight, 0) AS in_flight
 FROM senders AS s
+LEFT JOIN outbox.sender_state AS st ON st.id = s.id
 LEFT JOIN live AS l ON l.sender = s.id
 ORDER BY s.id <> 'default', s.id;

@@ -25,6 +25,92 @@ CREATE SCHEMA outbox;
 
 
 --
+-- Name: apply_sender_outcomes(json, uuid[]); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.apply_sender_outcomes(p_outcomes json, p_applied uuid[]) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    hit record;
+    period double precision;
+BEGIN
+    -- Pair throttles: the same recipient's other pending messages wait as long.
+    UPDATE outbox.messages m
+    SET next_attempt_at = h.until
+    FROM (SELECT o.sender, t."to", max(o.next_attempt_at) AS until
+          FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o JOIN outbox.messages t ON t.id = o.id
+          WHERE o.outcome = 'throttled' AND o.throttle = 'pair'
+          GROUP BY o.sender, t."to") h
+    WHERE m.status = 'pending' AND m.sender = h.sender AND m."to" = h."to"
+      AND m.next_attempt_at < h.until;
+
+    -- Rate throttles: AIMD's decrease.
+    FOR hit IN
+        SELECT o.sender, max(o.started_at) AS started_at
+        FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o
+        WHERE o.outcome = 'throttled' AND o.throttle = 'rate'
+        GROUP BY o.sender
+    LOOP
+        INSERT INTO outbox.sender_state (id) VALUES (hit.sender) ON CONFLICT DO NOTHING;
+        UPDATE outbox.sender_state s
+        SET learned_limit = CASE WHEN s.rate_limit IS NULL
+                                  AND outbox.sender_rate(NULL, s.learned_limit, s.decreased_rate,
+                                                         s.decreased_at, now()) IS NULL
+                                 THEN outbox.measured_rate(s.id) ELSE s.learned_limit END,
+            decreased_rate = GREATEST(1, COALESCE(
+                outbox.sender_rate(s.rate_limit, s.learned_limit, s.decreased_rate,
+                                   s.decreased_at, now()),
+                outbox.measured_rate(s.id)) / 2),
+            decreased_at = now(),
+            tokens = 0,
+            refilled_at = now()
+        WHERE s.id = hit.sender
+          AND (s.decreased_at IS NULL OR hit.started_at > s.decreased_at);
+    END LOOP;
+
+    -- Sender-level failures: the breaker.
+    FOR hit IN
+        SELECT DISTINCT ON (o.sender) o.sender, o.error, o.code, o.pause_base, o.pause_max,
+               s.paused, s.pause_seconds, s.probe_id,
+               bool_or(o.id = s.probe_id) OVER (PARTITION BY o.sender) AS probe_failed
+        FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o
+        LEFT JOIN outbox.sender_state s ON s.id = o.sender
+        WHERE o.outcome = 'sender'
+        ORDER BY o.sender, o.started_at
+    LOOP
+        IF hit.probe_failed THEN
+            period := LEAST(hit.pause_max, COALESCE(hit.pause_seconds, hit.pause_base) * 2);
+        ELSIF hit.paused IS NULL THEN
+            period := hit.pause_base;
+        ELSE
+            CONTINUE;  -- paused already: the calls that were out when it paused
+        END IF;
+        PERFORM outbox.pause_sender(hit.sender, hit.error, hit.code,
+                                    now() + make_interval(secs => period), false);
+        UPDATE outbox.sender_state SET pause_seconds = period
+        WHERE id = hit.sender AND NOT COALESCE((paused ->> 'manual')::boolean, false);
+    END LOOP;
+
+    -- The probes' other ends.
+    FOR hit IN
+        SELECT o.sender, o.outcome
+        FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o
+        JOIN outbox.sender_state s ON s.id = o.sender AND s.probe_id = o.id
+        WHERE o.outcome <> 'sender'
+    LOOP
+        IF hit.outcome IN ('sent', 'permanent') THEN
+            PERFORM outbox.resume_sender(hit.sender);
+        ELSE
+            UPDATE outbox.sender_state SET probe_id = NULL, probe_until = NULL
+            WHERE id = hit.sender;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+
+--
 -- Name: cancel_message(uuid, text); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -58,6 +144,7 @@ CREATE FUNCTION outbox.complete_attempts(p_outcomes json, p_dispatcher text) RET
 DECLARE
     applied uuid[];
     eventful uuid[];
+    senders_news boolean;
 BEGIN
     WITH outcome AS (
         SELECT *
@@ -70,6 +157,7 @@ BEGIN
         UPDATE outbox.messages m
         SET status = o.status,
             attempts = m.attempts - o.refund,
+            throttles = m.throttles + CASE WHEN o.outcome = 'throttled' THEN 1 ELSE 0 END,
             next_attempt_at = COALESCE(o.next_attempt_at, m.next_attempt_at),
             last_error = COALESCE(o.error, m.last_error),
             provider_message_id = COALESCE(o.provider_message_id, m.provider_message_id),
@@ -82,7 +170,7 @@ BEGIN
           AND m.status = 'in_flight'
           AND m.locked_by = p_dispatcher
           AND m.attempts = o.attempt
-        RETURNING m.id
+        RETURNING m.id, m.status
     ),
     recorded AS (
         INSERT INTO outbox.attempts
@@ -92,11 +180,19 @@ BEGIN
         FROM outcome o JOIN updated u ON u.id = o.id
         RETURNING message_id, outcome
     )
-    -- A sender-level pause or a shutdown hand-back is not news for the client.
-    SELECT array_agg(message_id),
-           array_agg(message_id) FILTER (WHERE outcome NOT IN ('sender', 'interrupted'))
-    INTO applied, eventful
-    FROM recorded;
+    -- A sender-level pause, a throttle or a shutdown hand-back is not news for the client
+    -- while the message waits.
+    SELECT array_agg(r.message_id),
+           array_agg(r.message_id) FILTER (
+               WHERE u.status <> 'pending'
+                  OR r.outcome NOT IN ('sender', 'interrupted', 'throttled')),
+           bool_or(r.outcome IN ('sender', 'throttled'))
+    INTO applied, eventful, senders_news
+    FROM recorded r JOIN updated u ON u.id = r.message_id;
+    IF senders_news
+       OR EXISTS (SELECT FROM outbox.sender_state WHERE probe_id = ANY (applied)) THEN
+        PERFORM outbox.apply_sender_outcomes(p_outcomes, applied);
+    END IF;
     PERFORM outbox.write_events(eventful);
     RETURN QUERY SELECT unnest(applied);
 END;
@@ -128,6 +224,59 @@ $$;
 CREATE FUNCTION outbox.event_lock_key() RETURNS bigint
     LANGUAGE sql IMMUTABLE
     AS $$SELECT 8031924123718415461$$;
+
+
+--
+-- Name: expire_pending(integer); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.expire_pending(p_limit integer) RETURNS SETOF uuid
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    expired_ids uuid[];
+BEGIN
+    WITH expired AS (
+        SELECT id
+        FROM outbox.messages
+        WHERE status = 'pending' AND expires_at IS NOT NULL AND expires_at <= now()
+        ORDER BY expires_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ),
+    ended AS (
+        UPDATE outbox.messages m
+        SET status = 'error', last_error = 'expired', finished_at = now(), updated_at = now()
+        FROM expired e
+        WHERE m.id = e.id
+        RETURNING m.id, m.attempts
+    ),
+    recorded AS (
+        INSERT INTO outbox.attempts
+            (message_id, attempt, dispatcher, started_at, finished_at, outcome, error)
+        SELECT id, attempts + 1, 'reaper', now(), now(), 'expired', 'expired'
+        FROM ended
+        RETURNING message_id
+    )
+    SELECT array_agg(message_id ORDER BY message_id) INTO expired_ids FROM recorded;
+    PERFORM outbox.write_events(expired_ids);
+    RETURN QUERY SELECT unnest(expired_ids);
+END;
+$$;
+
+
+--
+-- Name: measured_rate(text); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.measured_rate(p_sender text) RETURNS double precision
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT GREATEST(1, count(*) / 2.0)
+    FROM outbox.attempts a
+    JOIN outbox.messages m ON m.id = a.message_id
+    WHERE a.finished_at > now() - interval '2 seconds' AND m.sender = p_sender
+$$;
 
 
 --
@@ -184,8 +333,13 @@ DECLARE
     before jsonb;
     after jsonb;
 BEGIN
-    SELECT paused INTO before FROM outbox.senders WHERE id = p_id FOR UPDATE;
-    IF NOT FOUND THEN
+    IF p_id <> 'default' AND NOT EXISTS (SELECT FROM outbox.senders WHERE id = p_id) THEN
+        RETURN;
+    END IF;
+    INSERT INTO outbox.sender_state (id) VALUES (p_id) ON CONFLICT DO NOTHING;
+    SELECT paused INTO before FROM outbox.sender_state WHERE id = p_id FOR UPDATE;
+    IF NOT p_manual AND (before ->> 'manual')::boolean THEN
+        RETURN NEXT p_id;  -- paused by hand: only a resume by hand ends it
         RETURN;
     END IF;
     after := jsonb_build_object(
@@ -194,11 +348,17 @@ BEGIN
         'since', COALESCE(before -> 'since', to_jsonb(outbox.wire_time(now()))),
         'until', outbox.wire_time(p_until),
         'manual', p_manual);
-    UPDATE outbox.senders SET paused = after, updated_at = now() WHERE id = p_id;
+    UPDATE outbox.sender_state
+    SET paused = after,
+        probe_at = CASE WHEN p_manual THEN NULL ELSE p_until END,
+        probe_id = NULL,
+        probe_until = NULL
+    WHERE id = p_id;
     IF before IS DISTINCT FROM after THEN
         PERFORM outbox.write_sender_event(p_id, 'sender_paused', jsonb_build_object(
             'reason', p_reason, 'code', p_code, 'since', after -> 'since',
             'until', after -> 'until', 'manual', p_manual));
+        PERFORM pg_notify('outbox_senders', '');
     END IF;
     RETURN NEXT p_id;
 END;
@@ -512,14 +672,18 @@ CREATE FUNCTION outbox.resume_sender(p_id text) RETURNS SETOF text
 DECLARE
     before jsonb;
 BEGIN
-    SELECT paused INTO before FROM outbox.senders WHERE id = p_id FOR UPDATE;
-    IF NOT FOUND THEN
+    IF p_id <> 'default' AND NOT EXISTS (SELECT FROM outbox.senders WHERE id = p_id) THEN
         RETURN;
     END IF;
+    SELECT paused INTO before FROM outbox.sender_state WHERE id = p_id FOR UPDATE;
     IF before IS NOT NULL THEN
-        UPDATE outbox.senders SET paused = NULL, updated_at = now() WHERE id = p_id;
+        UPDATE outbox.sender_state
+        SET paused = NULL, probe_at = NULL, pause_seconds = NULL, probe_id = NULL,
+            probe_until = NULL
+        WHERE id = p_id;
         PERFORM outbox.write_sender_event(p_id, 'sender_resumed', jsonb_build_object(
             'reason', NULL, 'code', NULL, 'paused_since', before -> 'since'));
+        PERFORM pg_notify('outbox_senders', '');
         -- Its messages are due again: wake the dispatchers as an insert would.
         PERFORM pg_notify('outbox_new', '');
     END IF;
@@ -558,6 +722,7 @@ CREATE TABLE outbox.messages (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     finished_at timestamp with time zone,
     sender text DEFAULT 'default'::text NOT NULL,
+    throttles integer DEFAULT 0 NOT NULL,
     CONSTRAINT messages_max_attempts_check CHECK ((max_attempts > 0)),
     CONSTRAINT messages_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'sent'::text, 'error'::text, 'cancelled'::text]))),
     CONSTRAINT messages_type_check CHECK ((type = ANY (ARRAY['text'::text, 'template'::text, 'image'::text, 'document'::text, 'audio'::text, 'video'::text])))
@@ -581,6 +746,7 @@ BEGIN
     UPDATE outbox.messages
     SET status = 'pending',
         max_attempts = attempts + p_budget,
+        throttles = 0,
         next_attempt_at = GREATEST(now(), COALESCE(send_at, now())),  -- never before send_at
         last_error = NULL,
         provider_message_id = NULL,
@@ -595,8 +761,6 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    -- A `message_retrying` event (status `retrying`, no error, its next_attempt_at),
-    -- then the wake-up that the INSERT trigger gives new rows: an UPDATE has none.
     PERFORM outbox.write_events(ARRAY[requeued.id]);
     PERFORM pg_notify('outbox_new', '');
     RETURN NEXT requeued;
@@ -643,7 +807,8 @@ CREATE VIEW outbox.listed_message AS
     m.created_at,
     m.updated_at,
     m.finished_at,
-    m.sender
+    m.sender,
+    m.throttles
    FROM outbox.messages m;
 
 
@@ -669,6 +834,7 @@ CREATE VIEW outbox.message_view AS
     l.updated_at,
     l.finished_at,
     l.sender,
+    l.throttles,
     COALESCE(( SELECT jsonb_agg(jsonb_build_object('attempt', a.attempt, 'started_at', a.started_at, 'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error) ORDER BY a.id) AS jsonb_agg
            FROM outbox.attempts a
           WHERE (a.message_id = l.id)), '[]'::jsonb) AS history
@@ -687,6 +853,95 @@ BEGIN
     IF FOUND THEN
         RETURN QUERY SELECT * FROM outbox.message_view WHERE id = p_id;
     END IF;
+END;
+$$;
+
+
+--
+-- Name: sender_outcome_rows(json, uuid[]); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.sender_outcome_rows(p_outcomes json, p_applied uuid[]) RETURNS TABLE(id uuid, sender text, outcome text, throttle text, error text, code text, next_attempt_at timestamp with time zone, started_at timestamp with time zone, pause_base double precision, pause_max double precision)
+    LANGUAGE sql IMMUTABLE
+    AS $$
+    SELECT o.id, o.sender, o.outcome, o.throttle, o.error, o.code, o.next_attempt_at,
+           o.started_at, o.pause_base, o.pause_max
+    FROM json_to_recordset(p_outcomes)
+        AS o(id uuid, sender text, outcome text, throttle text, error text, code text,
+             next_attempt_at timestamptz, started_at timestamptz, pause_base float8,
+             pause_max float8)
+    WHERE o.id = ANY (p_applied)
+$$;
+
+
+--
+-- Name: sender_rate(double precision, double precision, double precision, timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.sender_rate(p_limit double precision, p_learned double precision, p_decreased double precision, p_since timestamp with time zone, p_at timestamp with time zone) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE
+        WHEN p_limit IS NULL AND p_learned IS NULL THEN NULL
+        WHEN p_since IS NULL THEN COALESCE(p_limit, p_learned)
+        WHEN p_limit IS NOT NULL
+            THEN LEAST(p_limit, p_decreased
+                       + 0.1 * p_limit * GREATEST(0, EXTRACT(epoch FROM p_at - p_since)::float8))
+        ELSE NULLIF(LEAST(10 * p_learned, p_decreased
+                          + 0.1 * p_learned * GREATEST(0, EXTRACT(epoch FROM p_at - p_since)::float8)),
+                    10 * p_learned)
+    END
+$$;
+
+
+--
+-- Name: sender_tokens(double precision, timestamp with time zone, double precision, double precision, timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.sender_tokens(p_tokens double precision, p_refilled timestamp with time zone, p_rate double precision, p_burst double precision, p_at timestamp with time zone) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT LEAST(GREATEST(1, p_rate * p_burst),
+                 p_tokens + p_rate * GREATEST(0, EXTRACT(epoch FROM p_at - p_refilled)::float8))
+$$;
+
+
+--
+-- Name: set_sender_limit(text, double precision); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.set_sender_limit(p_id text, p_limit double precision) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO outbox.sender_state (id, rate_limit) VALUES (p_id, p_limit)
+    ON CONFLICT (id) DO UPDATE
+    SET rate_limit = EXCLUDED.rate_limit, learned_limit = NULL, decreased_rate = NULL,
+        decreased_at = NULL, tokens = 'Infinity', refilled_at = now()
+    WHERE outbox.sender_state.rate_limit IS DISTINCT FROM EXCLUDED.rate_limit;
+END;
+$$;
+
+
+--
+-- Name: sync_sender_state(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.sync_sender_state() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM outbox.sender_state WHERE id = OLD.id;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        DELETE FROM outbox.sender_state WHERE id = NEW.id;  -- a bare row (see below)
+        INSERT INTO outbox.sender_state (id, rate_limit) VALUES (NEW.id, NEW.rate_limit);
+    ELSIF NEW.rate_limit IS DISTINCT FROM OLD.rate_limit THEN
+        PERFORM outbox.set_sender_limit(NEW.id, NEW.rate_limit);
+    END IF;
+    RETURN NULL;
 END;
 $$;
 
@@ -953,6 +1208,28 @@ CREATE TABLE outbox.schema_migrations (
 
 
 --
+-- Name: sender_state; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.sender_state (
+    id text NOT NULL,
+    rate_limit double precision,
+    learned_limit double precision,
+    decreased_rate double precision,
+    decreased_at timestamp with time zone,
+    tokens double precision DEFAULT 'Infinity'::double precision NOT NULL,
+    refilled_at timestamp with time zone DEFAULT now() NOT NULL,
+    paused jsonb,
+    probe_at timestamp with time zone,
+    pause_seconds double precision,
+    probe_id uuid,
+    probe_until timestamp with time zone,
+    CONSTRAINT sender_state_learned_limit_check CHECK ((learned_limit > (0)::double precision)),
+    CONSTRAINT sender_state_rate_limit_check CHECK ((rate_limit > (0)::double precision))
+);
+
+
+--
 -- Name: senders; Type: TABLE; Schema: outbox; Owner: -
 --
 
@@ -964,7 +1241,6 @@ CREATE TABLE outbox.senders (
     secret_fields text[] DEFAULT '{}'::text[] NOT NULL,
     rate_limit double precision,
     users text[] NOT NULL,
-    paused jsonb,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT senders_id_check CHECK ((id ~ '^[a-z0-9_-]{1,64}$'::text)),
@@ -1079,6 +1355,14 @@ ALTER TABLE ONLY outbox.schema_migrations
 
 
 --
+-- Name: sender_state sender_state_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.sender_state
+    ADD CONSTRAINT sender_state_pkey PRIMARY KEY (id);
+
+
+--
 -- Name: senders senders_pkey; Type: CONSTRAINT; Schema: outbox; Owner: -
 --
 
@@ -1164,6 +1448,20 @@ CREATE INDEX messages_lease ON outbox.messages USING btree (locked_until) WHERE 
 
 
 --
+-- Name: messages_pending_expiry; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX messages_pending_expiry ON outbox.messages USING btree (expires_at) WHERE ((status = 'pending'::text) AND (expires_at IS NOT NULL));
+
+
+--
+-- Name: messages_sender_due; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX messages_sender_due ON outbox.messages USING btree (sender, next_attempt_at) WHERE (status = 'pending'::text);
+
+
+--
 -- Name: messages_status; Type: INDEX; Schema: outbox; Owner: -
 --
 
@@ -1203,6 +1501,13 @@ CREATE TRIGGER messages_notify_new AFTER INSERT ON outbox.messages FOR EACH STAT
 --
 
 CREATE TRIGGER senders_notify AFTER INSERT OR DELETE OR UPDATE ON outbox.senders FOR EACH STATEMENT EXECUTE FUNCTION outbox.notify_senders();
+
+
+--
+-- Name: senders senders_state; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER senders_state AFTER INSERT OR DELETE OR UPDATE ON outbox.senders FOR EACH ROW EXECUTE FUNCTION outbox.sync_sender_state();
 
 
 --

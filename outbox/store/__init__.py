@@ -26,12 +26,13 @@ from outbox.store.messages import (
     Messages,
     NewMessage,
 )
-from outbox.store.queue import Claimed, Completion, Queue
+from outbox.store.queue import Claimed, ClaimResult, Completion, Queue
 from outbox.store.senders import (
     NewSender,
     SenderCounts,
     SenderRow,
     Senders,
+    SenderState,
     SenderStatus,
     stored_senders,
 )
@@ -39,6 +40,7 @@ from outbox.store.senders import (
 __all__ = [
     "JOB_LOCK_NAMESPACE",
     "QUERIES",
+    "ClaimResult",
     "Claimed",
     "ColumnMismatch",
     "Completion",
@@ -63,6 +65,7 @@ __all__ = [
     "QueueFigures",
     "SenderCounts",
     "SenderRow",
+    "SenderState",
     "SenderStatus",
     "Senders",
     "StatusSummary",

@@ -32,6 +32,7 @@ class Claimed:
     max_attempts: int
     expires_at: datetime | None
     sender: str  # whose provider and credentials the call uses
+    throttles: int = 0  # times the provider throttled it so far (each spent no attempt)
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 5× more, per message
@@ -49,22 +50,46 @@ class Completion:
     provider_message_id: str | None = None
     next_attempt_at: datetime | None = None
     refund: int = 0  # 1 when the attempt was not spent (sender-level error, expiry)
-    sender: str = "default"  # the message's sender, for the metrics (not written)
+    sender: str = "default"  # the message's sender: its limits and breaker, the metrics
+    # What the outcome tells of its sender (sql/migrations/016_sender_limits.sql):
+    throttle: str | None = None  # "rate" (its rate halves) or "pair" (that recipient waits)
+    code: str | None = None  # the provider's code of a sender-level error (the pause's)
+    pause_base: float | None = None  # a sender-level error: OUTBOX_SENDER_PAUSE
+    pause_max: float | None = None  # and OUTBOX_SENDER_PAUSE_MAX
 
 
-CLAIM_COLUMNS = [*(field.name for field in dataclasses.fields(Claimed)), "next_due_at"]
+CLAIM_COLUMNS = [*(field.name for field in dataclasses.fields(Claimed)), "next_due_at", "more"]
 
 
-def _claim_row(cursor: Any) -> RowMaker[Claimed | datetime | None]:
+@dataclass(frozen=True, slots=True)
+class ClaimEnd:
+    """What a claim says after its rows: when a row may next be claimed (None: nothing
+    pending that may go, or a full claim), and whether a sender took its whole share of
+    the claim (more may be due: claim again at once)."""
+
+    next_due_at: datetime | None
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    claimed: list[Claimed]
+    next_due_at: datetime | None
+    more: bool
+
+
+def _claim_row(cursor: Any) -> RowMaker[Claimed | ClaimEnd]:
     """claim_messages' rows: a Claimed for each claimed row (its columns are Claimed's
-    fields, checked once per result), and the next_due_at of the one row whose id is
-    NULL. Built from the values in order, as dataclass_row does (database.py)."""
+    fields, checked once per result), and the ClaimEnd of the one row whose id is NULL.
+    Built from the values in order, as dataclass_row does (database.py)."""
     if cursor.description is None:
         return no_result
     check_columns(cursor, CLAIM_COLUMNS, "claim_messages")
 
-    def make(values: Sequence[Any]) -> Claimed | datetime | None:
-        return Claimed(*values[:-1]) if values[0] is not None else values[-1]
+    def make(values: Sequence[Any]) -> Claimed | ClaimEnd:
+        if values[0] is not None:
+            return Claimed(*values[:-2])
+        return ClaimEnd(values[-2], bool(values[-1]))
 
     return make
 
@@ -74,7 +99,7 @@ class Queue:
         self._db = db
 
     async def open_claiming_connections(
-        self, count: int, dispatcher: str, lease_seconds: float
+        self, count: int, dispatcher: str, lease_seconds: float, burst: float
     ) -> None:
         """Have `count` pool connections open (at most the pool's size), each having run a
         claim of no rows: connecting, and the first claim of a new server process
@@ -89,26 +114,39 @@ class Queue:
                     "limit": 0,
                     "lease_seconds": lease_seconds,
                     "now": None,
+                    "burst": burst,
                 }
                 await self._db.execute(conn, QUERIES["claim_messages"], params, row=_claim_row)
 
     async def claim(
-        self, dispatcher: str, limit: int, lease_seconds: float, *, now: datetime | None = None
-    ) -> tuple[list[Claimed], datetime | None]:
-        """Up to `limit` due messages, and, when fewer came, when the earliest pending one
-        not yet due becomes due (None: none is pending, or `limit` came). A paused
-        sender's messages are left pending (unless expired). `now`: claim as of that
-        time (the database's clock when None)."""
+        self,
+        dispatcher: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        burst: float = 0.2,
+        now: datetime | None = None,
+    ) -> ClaimResult:
+        """Up to `limit` due messages, each sender within its limits (`burst`: seconds'
+        worth of its rate its bucket holds), and, when fewer came, when a row may next be
+        claimed (see ClaimEnd). A paused sender's messages are left pending, but for its
+        breaker's probe. `now`: claim as of that time (the database's clock when None)."""
         params = {
             "dispatcher": dispatcher,
             "limit": limit,
             "lease_seconds": lease_seconds,
             "now": now,
+            "burst": burst,
         }
         rows = await self._db.fetchall(QUERIES["claim_messages"], params, row=_claim_row)
-        claimed = [row for row in rows if isinstance(row, Claimed)]
-        next_due_at = next((row for row in rows if not isinstance(row, Claimed)), None)
-        return claimed, next_due_at
+        claimed: list[Claimed] = []
+        end = ClaimEnd(None, False)
+        for row in rows:
+            if isinstance(row, Claimed):
+                claimed.append(row)
+            else:
+                end = row
+        return ClaimResult(claimed, end.next_due_at, end.more)
 
     async def complete(self, dispatcher: str, completions: list[Completion]) -> set[uuid.UUID]:
         """Write many outcomes in one statement; return the ids it applied to."""
@@ -124,6 +162,11 @@ class Queue:
         return set(
             await self._db.fetchall(QUERIES["record_late_successes"], params, row=scalar_row)
         )
+
+    async def expire_pending(self, limit: int = 1000) -> int:
+        """End pending messages whose expires_at has passed (`error` "expired"); how many."""
+        rows = await self._db.fetchall(QUERIES["expire_pending"], {"limit": limit}, row=scalar_row)
+        return len(rows)
 
     async def reap_expired_leases(self, limit: int = 1000, keep: Iterable[uuid.UUID] = ()) -> int:
         """Return rows whose lease expired, except those in `keep`; how many were returned."""

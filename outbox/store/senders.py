@@ -42,6 +42,18 @@ class SenderCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class SenderState:
+    """A sender's state now (the columns of sender_states): its pause, and the rate the
+    claim keeps it to (None: unlimited); `learned`: a limit it got from a throttle, having
+    none configured."""
+
+    id: str
+    paused: dict[str, Any] | None
+    effective_rate: float | None
+    learned: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SenderStatus:
     """A sender as `outbox status` shows it (the columns of sender_status): `default`, the
     environment's, has no provider or rate_limit here."""
@@ -50,6 +62,7 @@ class SenderStatus:
     provider: str | None
     rate_limit: float | None
     paused: dict[str, Any] | None
+    effective_rate: float | None
     pending: int
     in_flight: int
 
@@ -70,6 +83,7 @@ class NewSender:
 _SENDER_ROW = dataclass_row(SenderRow)
 _COUNTS_ROW = dataclass_row(SenderCounts)
 _STATUS_ROW = dataclass_row(SenderStatus)
+_STATE_ROW = dataclass_row(SenderState)
 
 
 class Senders:
@@ -81,6 +95,18 @@ class Senders:
 
     async def get(self, sender_id: str) -> SenderRow | None:
         return await self._db.fetchone(QUERIES["list_senders"], {"id": sender_id}, row=_SENDER_ROW)
+
+    async def states(self, sender_id: str | None = None) -> dict[str, SenderState]:
+        """Each sender's state by id (one sender's when `sender_id` is given); a sender
+        without one is unlimited and active."""
+        rows = await self._db.fetchall(QUERIES["sender_states"], {"id": sender_id}, row=_STATE_ROW)
+        return {row.id: row for row in rows}
+
+    async def set_limit(self, sender_id: str, rate_limit: float | None) -> None:
+        """A sender's configured limit in its state (`default`'s, which the environment
+        sets): a change starts its rate again at the limit."""
+        params = {"id": sender_id, "rate_limit": rate_limit}
+        await self._db.fetchall(QUERIES["set_sender_limit"], params, row=scalar_row)
 
     async def counts(self, sender_ids: Sequence[str]) -> dict[str, SenderCounts]:
         """Pending and in-flight messages by sender id (zero for a sender left out)."""
