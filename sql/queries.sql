@@ -173,7 +173,7 @@ due AS (
         FROM outbox.messages m
         WHERE m.status = 'pending' AND m.sender = g.id
           AND m.next_attempt_at <= (SELECT now FROM clock)
-        ORDER BY m.next_attempt_at
+        ORDER BY m.sender, m.next_attempt_at  -- messages_sender_due's order: never read past
         LIMIT g.allowance
         FOR UPDATE OF m SKIP LOCKED) d
     WHERE g.allowance > 0
@@ -227,7 +227,7 @@ wake AS (
                           FROM outbox.messages m
                           WHERE m.status = 'pending' AND m.sender = s.id
                             AND m.id NOT IN (SELECT id FROM claimed)
-                          ORDER BY m.next_attempt_at
+                          ORDER BY m.sender, m.next_attempt_at
                           LIMIT 1)
                END AS head) next
 )
@@ -381,13 +381,32 @@ SELECT COALESCE(
 -- views. Per status the columns of `queue_summary`, but read so that the cost stays
 -- bounded on a big table (the view's exact `sent` count reads every sent row):
 -- pending, in-flight and errored rows are counted from their partial indexes (index
--- only) and each count stops after %(cap)s + 1 rows; reading pending rows due first
--- (in-flight ones by lease) keeps `due_now` exact below that. Sent and cancelled rows
--- share one index that lacks their status, so they are read together, oldest finished
--- first, at most %(done_cap)s + 1 rows: past that, both counts are lower bounds.
-WITH pending AS (
-    SELECT next_attempt_at AS at FROM outbox.messages
-    WHERE status = 'pending' ORDER BY next_attempt_at LIMIT %(cap)s + 1
+-- only) and each count stops after %(cap)s + 1 rows; pending rows due are counted on
+-- their own (the pending index is led by the sender: its rows are not in due order),
+-- the oldest is the least of each sender's first (a skip scan of messages_sender_due),
+-- in-flight ones read by lease keep `due_now` exact below the cap. Sent and cancelled
+-- rows share one index that lacks their status, so they are read together, oldest
+-- finished first, at most %(done_cap)s + 1 rows: past that, both counts are lower bounds.
+WITH RECURSIVE heads AS (
+    (SELECT sender, next_attempt_at AS head
+     FROM outbox.messages
+     WHERE status = 'pending'
+     ORDER BY sender, next_attempt_at
+     LIMIT 1)
+    UNION ALL
+    SELECT n.sender, n.head
+    FROM heads h
+    CROSS JOIN LATERAL (
+        SELECT sender, next_attempt_at AS head
+        FROM outbox.messages
+        WHERE status = 'pending' AND sender > h.sender
+        ORDER BY sender, next_attempt_at
+        LIMIT 1) n
+), pending AS (
+    SELECT 1 FROM outbox.messages WHERE status = 'pending' LIMIT %(cap)s + 1
+), pending_due AS (
+    SELECT 1 FROM outbox.messages
+    WHERE status = 'pending' AND next_attempt_at <= now() LIMIT %(cap)s + 1
 ), in_flight AS (
     SELECT locked_until AS at FROM outbox.messages
     WHERE status = 'in_flight' ORDER BY locked_until LIMIT %(cap)s + 1
@@ -399,7 +418,7 @@ WITH pending AS (
     WHERE status IN ('sent', 'cancelled') ORDER BY finished_at LIMIT %(done_cap)s + 1
 ), counts AS (
     SELECT 'pending' AS status, count(*) AS n, count(*) > %(cap)s AS capped, %(cap)s AS cap,
-           min(at) AS oldest, count(*) FILTER (WHERE at <= now()) AS due_now
+           (SELECT min(head) FROM heads) AS oldest, (SELECT count(*) FROM pending_due) AS due_now
     FROM pending
     UNION ALL
     SELECT 'in_flight', count(*), count(*) > %(cap)s, %(cap)s, min(at),
@@ -447,8 +466,15 @@ SELECT json_build_object(
                    'next_attempt_at', outbox.wire_time(next_attempt_at),
                    'created_at', outbox.wire_time(created_at), 'sender', sender)
                    ORDER BY next_attempt_at), '[]')
-        FROM (SELECT * FROM outbox.messages WHERE status = 'pending'
-              ORDER BY next_attempt_at LIMIT %(rows)s) w)
+        FROM (SELECT w.*
+              FROM heads h
+              CROSS JOIN LATERAL (
+                  SELECT * FROM outbox.messages m
+                  WHERE m.status = 'pending' AND m.sender = h.sender
+                  ORDER BY m.sender, m.next_attempt_at
+                  LIMIT %(rows)s) w
+              ORDER BY w.next_attempt_at
+              LIMIT %(rows)s) w)
 )::text;
 
 -- name: retry_message
@@ -476,7 +502,7 @@ SELECT %(id)s::text = 'default'
 -- name: queue_gauges
 -- The Prometheus queue gauges (outbox/metrics.py), read at most once per
 -- OUTBOX_METRICS_CACHE. Exact where a partial index keeps it cheap whatever the size of
--- the history: pending rows through messages_due, in-flight rows through messages_lease
+-- the history: pending rows through messages_sender_due, in-flight rows through messages_lease
 -- (live rows only, index-only scans). Sent, error and cancelled rows are most of a big
 -- table: their counts are estimated from the planner's statistics instead, as of the
 -- last (auto)ANALYZE: a catalogue lookup (outbox/store/figures.py does the arithmetic).

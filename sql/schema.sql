@@ -1427,13 +1427,6 @@ CREATE INDEX messages_done_finished ON outbox.messages USING btree (finished_at)
 
 
 --
--- Name: messages_due; Type: INDEX; Schema: outbox; Owner: -
---
-
-CREATE INDEX messages_due ON outbox.messages USING btree (next_attempt_at) WHERE (status = 'pending'::text);
-
-
---
 -- Name: messages_error_finished; Type: INDEX; Schema: outbox; Owner: -
 --
 

@@ -106,9 +106,12 @@ ALTER TABLE outbox.messages ADD COLUMN throttles integer NOT NULL DEFAULT 0;
 
 -- The claim walks the senders that have pending rows (a skip scan: one descent per
 -- sender) and takes each one's due rows oldest first: a limited or paused sender's backlog
--- is never read past by the others' claims.
+-- is never read past by the others' claims. It replaces messages_due (next_attempt_at),
+-- which the planner preferred even for one sender's rows (filtering the others' out, a
+-- whole backlog read past): one pending index, as before, so inserts cost what they did.
 CREATE INDEX messages_sender_due ON outbox.messages (sender, next_attempt_at)
     WHERE status = 'pending';
+DROP INDEX outbox.messages_due;
 -- Pending messages that can expire (few): the reaper ends those whose time has passed,
 -- whether their sender can send or not (a paused or limited sender's never reach a claim).
 CREATE INDEX messages_pending_expiry ON outbox.messages (expires_at)
