@@ -346,13 +346,15 @@ class Dispatcher:
         """A sender paused meanwhile (the directory says so, or a call of it hit a
         sender-level error here): its rows waiting in the buffer go back at once (each
         would go back uncalled when it started), making room for other senders' rows."""
-        paused = self.providers.paused
-        if not any(paused(message.sender) for message, _ in self._buffer):
+        def paused(message: Claimed) -> bool:
+            return not message.probe and self.providers.paused(message.sender)
+
+        if not any(paused(message) for message, _ in self._buffer):
             return
         now = datetime.now(UTC)
         kept: deque[tuple[Claimed, float]] = deque()
         for message, lease_end in self._buffer:
-            if paused(message.sender):
+            if paused(message):
                 self.executor.hand_back(message, "sender paused", None, now)
             else:
                 kept.append((message, lease_end))

@@ -385,7 +385,7 @@ class Executor:
             expired = CallResult(Ending.EXPIRED, started_at, started_at)
             self.completer.put(completion(message, expired, self.policy))
             return False
-        if self.providers.paused(message.sender):
+        if self.providers.paused(message.sender) and not message.probe:
             # Paused since the claim took it (it waited in the buffer, the claim raced the
             # pause, or a call of its sender hit a sender-level error in this turn of the
             # loop): back uncalled, due at once; the claim leaves it alone until the sender

@@ -96,7 +96,8 @@ LIMIT %(limit)s;
 -- row another session holds. `more` says that a sender took its whole share: claim again
 -- at once. %(now)s is the claim's clock, the database's own when NULL (tests set it to
 -- claim as of another time); %(burst)s is OUTBOX_SENDER_BURST. The claimed rows' columns
--- are the fields of Claimed (outbox/store/queue.py), in order, then next_due_at and more.
+-- are the fields of Claimed (outbox/store/queue.py), in order (`probe`: the one row of a
+-- paused sender that goes as its breaker's probe), then next_due_at and more.
 WITH RECURSIVE clock AS MATERIALIZED (
     SELECT COALESCE(%(now)s::timestamptz, now()) AS now
 ),
@@ -231,12 +232,13 @@ wake AS (
                           LIMIT 1)
                END AS head) next
 )
-SELECT id, user_id, "to", type, payload, client_message_id, attempts AS attempt,
-       max_attempts, expires_at, sender, throttles, NULL::timestamptz AS next_due_at,
-       NULL::boolean AS more
-FROM claimed
+SELECT c.id, c.user_id, c."to", c.type, c.payload, c.client_message_id, c.attempts AS attempt,
+       c.max_attempts, c.expires_at, c.sender, c.throttles,
+       EXISTS (SELECT FROM grants g WHERE g.id = c.sender AND g.probe) AS probe,
+       NULL::timestamptz AS next_due_at, NULL::boolean AS more
+FROM claimed c
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s
             THEN (SELECT min(at) FROM wake)
        END,

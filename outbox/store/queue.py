@@ -33,6 +33,7 @@ class Claimed:
     expires_at: datetime | None
     sender: str  # whose provider and credentials the call uses
     throttles: int = 0  # times the provider throttled it so far (each spent no attempt)
+    probe: bool = False  # its sender is paused: this call is its breaker's probe
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 5× more, per message
