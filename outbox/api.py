@@ -235,6 +235,7 @@ def listed_message(row: ListedRow) -> dict[str, Any]:
         "updated_at": models.iso_utc(row.updated_at),
         "finished_at": models.iso_utc(row.finished_at),
         "sender": row.sender,
+        "throttles": row.throttles,
     }
 
 

@@ -371,6 +371,9 @@ class ListedMessage(BaseModel):
     updated_at: str
     finished_at: str | None
     sender: str
+    throttles: int = Field(
+        description="Times the provider throttled it (its rate limit): each spent no attempt"
+    )
 
 
 class MessageView(ListedMessage):

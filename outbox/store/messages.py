@@ -64,7 +64,7 @@ class HistoryEntry(TypedDict):
 
 @dataclass(slots=True)
 class ListedRow:
-    """A message as the view outbox.listed_message shows it (014_sender_routing.sql): the
+    """A message as the view outbox.listed_message shows it (016_sender_limits.sql): the
     view's columns, by name and in order."""
 
     id: uuid.UUID
@@ -84,6 +84,7 @@ class ListedRow:
     updated_at: datetime
     finished_at: datetime | None
     sender: str
+    throttles: int  # times the provider throttled it (each spent no attempt)
 
     def __post_init__(self) -> None:
         self.status = MessageStatus(self.status)  # the column is text

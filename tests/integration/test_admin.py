@@ -236,6 +236,19 @@ def test_retry_puts_an_errored_message_back_with_a_fresh_budget(
     assert data["status"] == "retrying" and data["error"] is None and data["attempt"] == 4
 
 
+def test_retry_of_a_message_throttled_too_often_gives_a_fresh_throttle_budget(
+    client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    task_id = put_message(sql_conn, "error", attempts=0, last_error="throttled")
+    sql_conn.execute("UPDATE outbox.messages SET throttles = 100 WHERE id = %s", [task_id])
+    before = client.get(f"{MESSAGES}/{task_id}", headers=auth()).json()
+    assert (before["status"], before["throttles"]) == ("error", 100)
+    response = retry(client, task_id, auth("root", admin=True))
+    assert response.status_code == 200, response.text
+    view = response.json()
+    assert (view["status"], view["attempts"], view["throttles"]) == ("pending", 0, 0)
+
+
 def test_retry_puts_a_cancelled_message_back(client: httpx.Client, auth: Auth) -> None:
     task_id = send(client, auth())
     assert client.delete(f"{MESSAGES}/{task_id}", headers=auth()).status_code == 200

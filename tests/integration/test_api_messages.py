@@ -32,6 +32,7 @@ VIEW_KEYS = {
     "created_at",
     "updated_at",
     "finished_at",
+    "throttles",
     "history",
 }
 
@@ -63,6 +64,7 @@ def test_get_shape_is_the_design_one(client: httpx.Client, auth: Auth) -> None:
     assert view["provider_message_id"] is None
     assert view["finished_at"] is None
     assert view["history"] == []
+    assert view["throttles"] == 0
     for key in ("next_attempt_at", "created_at", "updated_at"):
         assert ISO_Z.match(view[key]), (key, view[key])
 
@@ -107,6 +109,29 @@ def test_get_shows_the_attempt_history(
             "error": "boom",
         },
     ]
+
+
+def test_throttles_show_in_get_and_the_list_and_spend_no_attempt(
+    client: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    task_id = send(client, auth())
+    # Two throttles as the dispatcher records them: pending again, `attempts` refunded,
+    # each counted in `throttles` and kept in the history as an attempt row.
+    sql_conn.execute("UPDATE outbox.messages SET throttles = 2 WHERE id = %(id)s", {"id": task_id})
+    sql_conn.execute(
+        """INSERT INTO outbox.attempts
+               (message_id, attempt, dispatcher, started_at, finished_at, outcome, error)
+           VALUES (%(id)s, 1, 'd1', '2030-01-01T00:00:00Z', '2030-01-01T00:00:00.1Z',
+                   'throttled', 'throttled'),
+                  (%(id)s, 1, 'd1', '2030-01-01T00:00:01Z', '2030-01-01T00:00:01.1Z',
+                   'throttled', 'throttled')""",
+        {"id": task_id},
+    )
+    view = client.get(f"{MESSAGES}/{task_id}", headers=auth()).json()
+    assert (view["status"], view["attempts"], view["throttles"]) == ("pending", 0, 2)
+    assert [entry["outcome"] for entry in view["history"]] == ["throttled", "throttled"]
+    listed = client.get(MESSAGES, headers=auth()).json()["messages"]
+    assert [(m["task_id"], m["throttles"]) for m in listed] == [(task_id, 2)]
 
 
 def test_get_is_for_the_owner_or_an_admin(client: httpx.Client, auth: Auth) -> None:
