@@ -154,20 +154,24 @@ def _sender_paths(max_body_bytes: int) -> dict[str, Any]:
         },
         "/api/v1/whatsapp/senders/{sender_id}/pause": {
             "post": {
-                "summary": "Admin: pause a sender by hand" + read_only,
+                "summary": "Admin: pause a sender by hand (default too)",
+                "description": "A pause by hand is never probed: only a resume ends it",
                 "parameters": [sender_id],
                 "requestBody": pause_body,
                 "responses": {
                     "200": _json(_ref("SenderView"), "Paused"),
-                    **_errors(*body_errors, body_bytes=max_body_bytes),
+                    **_errors(
+                        *(code for code in body_errors if code != 409),
+                        body_bytes=max_body_bytes,
+                    ),
                 },
             }
         },
         "/api/v1/whatsapp/senders/{sender_id}/resume": {
             "post": {
-                "summary": "Admin: resume a paused sender" + read_only,
+                "summary": "Admin: resume a paused sender (default too), at once",
                 "parameters": [sender_id],
-                "responses": {"200": view, **_errors(401, 403, 404, 409, 503)},
+                "responses": {"200": view, **_errors(401, 403, 404, 503)},
             }
         },
     }

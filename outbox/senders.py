@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from outbox.models import DEFAULT_SENDER as DEFAULT_SENDER  # defined once, with the body
 from outbox.models import NO_NUL_PATTERN, SENDER_PATTERN, iso_utc
 from outbox.settings import Settings
-from outbox.store import SenderCounts, SenderRow
+from outbox.store import SenderCounts, SenderRow, SenderState
 
 SENDER_ID_PATTERN = SENDER_PATTERN
 PROVIDERS = ("cloud", "http", "fake")
@@ -301,21 +301,37 @@ def environment_secrets(settings: Settings) -> dict[str, str]:
     return {}
 
 
-def sender_view(sender: SenderConfig, counts: SenderCounts | None) -> dict[str, Any]:
-    """The API's view: credentials as `{"set": true|false}`, never their values."""
+# The effective rate as shown: the claim's own figure, rounded for people to read.
+_RATE_DIGITS = 3
+
+
+def effective_rate(sender: SenderConfig, state: SenderState | None) -> float | None:
+    """The rate the claim keeps `sender` to now (None: unlimited): its state's (halved by a
+    throttle and climbing back, or a limit learned by an unlimited sender); without a state
+    row, its configured limit."""
+    rate = state.effective_rate if state is not None else sender.rate_limit
+    return None if rate is None else round(rate, _RATE_DIGITS)
+
+
+def sender_view(
+    sender: SenderConfig, counts: SenderCounts | None, state: SenderState | None
+) -> dict[str, Any]:
+    """The API's view: credentials as `{"set": true|false}`, never their values; the pause
+    and the effective rate from the sender's state (sql/migrations/016_sender_limits.sql),
+    where `default`'s live too."""
     shown = dict(sender.settings)
     for name in SECRET_FIELDS[sender.provider]:
         shown[name] = {"set": name in sender.secrets_set}
+    paused = state.paused if state is not None else sender.paused
     return {
         "id": sender.id,
         "provider": sender.provider,
         "settings": shown,
         "rate_limit": sender.rate_limit,
         "users": sender.users,
-        "state": "paused" if sender.paused else "active",
-        "paused": sender.paused,
-        # The rate dispatch keeps to; the configured limit until limits are enforced.
-        "effective_rate": sender.rate_limit,
+        "state": "paused" if paused else "active",
+        "paused": paused,
+        "effective_rate": effective_rate(sender, state),
         "pending": counts.pending if counts else 0,
         "in_flight": counts.in_flight if counts else 0,
         "source": sender.source,
@@ -345,7 +361,11 @@ class SenderView(BaseModel):
     users: list[str]
     state: Literal["active", "paused"]
     paused: PausedState | None
-    effective_rate: float | None = Field(description="The rate kept to (null: unlimited)")
+    effective_rate: float | None = Field(
+        description="Messages per second the dispatchers keep to now (null: unlimited):"
+        " rate_limit, halved by a provider's throttle and climbing back by 10 % of it per"
+        " second; for a sender without a rate_limit, a limit learned from a throttle"
+    )
     pending: int
     in_flight: int
     source: Literal["api", "environment"] = Field(

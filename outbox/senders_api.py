@@ -1,8 +1,9 @@
 """The admin routes of senders: PUT, GET (one or all), DELETE, pause and resume.
 
-The sender `default` is the environment's (OUTBOX_PROVIDER and its settings): shown, never
-changed here (409). Credentials are encrypted with OUTBOX_SECRET_KEY before they are
-stored and never shown: an answer says only whether each one is set."""
+The sender `default` is the environment's (OUTBOX_PROVIDER and its settings): shown, paused
+and resumed, never changed or deleted here (409). Credentials are encrypted with
+OUTBOX_SECRET_KEY before they are stored and never shown: an answer says only whether each
+one is set."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def _sender_id(request: Request) -> str:
 
 async def _view(store: Store, sender: SenderConfig) -> dict[str, Any]:
     counts = await store.senders.counts([sender.id])
-    return sender_view(sender, counts.get(sender.id))
+    states = await store.senders.states(sender.id)
+    return sender_view(sender, counts.get(sender.id), states.get(sender.id))
 
 
 async def _stored_or_404(store: Store, sender_id: str) -> SenderRow:
@@ -85,7 +87,9 @@ async def list_senders(request: Request) -> Response:
     senders = [environment_sender(services.settings)]
     senders += [SenderConfig.stored(row) for row in await store.senders.all()]
     counts = await store.senders.counts([sender.id for sender in senders])
-    return _respond({"senders": [sender_view(s, counts.get(s.id)) for s in senders]})
+    states = await store.senders.states()
+    views = [sender_view(s, counts.get(s.id), states.get(s.id)) for s in senders]
+    return _respond({"senders": views})
 
 
 async def get_sender(request: Request) -> Response:
@@ -237,33 +241,36 @@ async def _pause_request(request: Request) -> PauseRequest:
         raise ApiError(422, "invalid pause", fields=validation_fields(exc)) from exc
 
 
+async def _current(request: Request, sender_id: str) -> SenderConfig:
+    """The sender as it is now: `default` from the environment, else the stored one."""
+    services = services_of(request)
+    if sender_id == DEFAULT_SENDER:
+        return environment_sender(services.settings)
+    return SenderConfig.stored(await _stored_or_404(services.store, sender_id))
+
+
 async def pause_sender(request: Request) -> Response:
+    """Paused by hand (`default` too: its pause lives in its state, not in its settings)."""
     require_admin(request)
     store = services_of(request).store
     sender_id = _sender_id(request)
     pause = await _pause_request(request)
-    if sender_id == DEFAULT_SENDER:
-        raise ApiError(409, f"{READ_ONLY}; it cannot be paused by hand")
-    await _stored_or_404(store, sender_id)
+    await _current(request, sender_id)  # 404 first when there is no such sender
     if not await store.senders.pause(sender_id, pause.reason):
         raise ApiError(404, f"no such sender: {sender_id!r}")
     log.info("sender paused", sender=sender_id, manual=True)
-    row = await _stored_or_404(store, sender_id)
-    return _respond(await _view(store, SenderConfig.stored(row)))
+    return _respond(await _view(store, await _current(request, sender_id)))
 
 
 async def resume_sender(request: Request) -> Response:
     require_admin(request)
     store = services_of(request).store
     sender_id = _sender_id(request)
-    if sender_id == DEFAULT_SENDER:
-        raise ApiError(409, f"{READ_ONLY}; it is never paused by hand")
-    await _stored_or_404(store, sender_id)
+    await _current(request, sender_id)
     if not await store.senders.resume(sender_id):
         raise ApiError(404, f"no such sender: {sender_id!r}")
     log.info("sender resumed", sender=sender_id)
-    row = await _stored_or_404(store, sender_id)
-    return _respond(await _view(store, SenderConfig.stored(row)))
+    return _respond(await _view(store, await _current(request, sender_id)))
 
 
 ROUTES = [

@@ -2,7 +2,8 @@
 listed by sender; an unknown sender refused (422 on `sender`), one the user may not send
 from refused (403 `sender_forbidden`); a sender just created usable at once; idempotent
 replays with their sender; an admin's retry of a message whose sender was deleted; the
-accepted counter by sender."""
+accepted counter by sender. A sender's view from its state: the effective rate (halved by
+a throttle, climbing back, learned by an unlimited sender), `default`'s pause by hand."""
 
 from __future__ import annotations
 
@@ -334,3 +335,136 @@ def test_a_named_sender_is_a_503_until_the_senders_were_read_once(
             response = wait_for(answered, timeout=20, what="the database back")
             assert response.status_code == 202, response.text
     assert [sender for _, _, sender in stored(sql_conn)] == ["acme"]
+
+
+# A sender's limit and pause as its state holds them ---------------------------------
+
+
+def _admin_get(http: httpx.Client, auth: Auth, sender_id: str) -> dict[str, Any]:
+    response = http.get(f"{SENDERS}/{sender_id}", headers=auth("root", admin=True))
+    assert response.status_code == 200, response.text
+    view: dict[str, Any] = response.json()
+    return view
+
+
+def _listed_view(http: httpx.Client, auth: Auth, sender_id: str) -> dict[str, Any]:
+    response = http.get(SENDERS, headers=auth("root", admin=True))
+    assert response.status_code == 200, response.text
+    [view] = [s for s in response.json()["senders"] if s["id"] == sender_id]
+    return view  # type: ignore[no-any-return]
+
+
+def test_effective_rate_is_the_states_halved_by_a_throttle_and_climbing_back(
+    http: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    admin = auth("root", admin=True)
+    put = http.put(f"{SENDERS}/limited", json={"provider": "fake", "rate_limit": 40}, headers=admin)
+    assert put.status_code == 201, put.text
+    assert (put.json()["rate_limit"], put.json()["effective_rate"]) == (40, 40)
+
+    # A throttle as apply_sender_outcomes records one: halved now, +4/s (10 % of 40) back.
+    sql_conn.execute(
+        "UPDATE outbox.sender_state SET decreased_rate = 20, decreased_at = now()"
+        " WHERE id = 'limited'"
+    )
+    view = _admin_get(http, auth, "limited")
+    assert view["rate_limit"] == 40
+    assert 20 <= view["effective_rate"] < 40
+    assert 20 <= _listed_view(http, auth, "limited")["effective_rate"] < 40
+    first = view["effective_rate"]
+    wait_for(
+        lambda: _admin_get(http, auth, "limited")["effective_rate"] > first,
+        what="the rate climbing back",
+    )
+    # Five seconds without a throttle: back at the limit, never past it.
+    sql_conn.execute(
+        "UPDATE outbox.sender_state SET decreased_at = now() - interval '6 seconds'"
+        " WHERE id = 'limited'"
+    )
+    assert _admin_get(http, auth, "limited")["effective_rate"] == 40
+
+    # A sender without a state row is shown at its configured limit.
+    sql_conn.execute("DELETE FROM outbox.sender_state WHERE id = 'limited'")
+    assert _admin_get(http, auth, "limited")["effective_rate"] == 40
+
+
+def test_an_unlimited_senders_learned_limit_shows_as_its_effective_rate(
+    http: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    admin = auth("root", admin=True)
+    put = http.put(f"{SENDERS}/open", json={"provider": "fake", "rate_limit": None}, headers=admin)
+    assert put.status_code == 201, put.text
+    assert (put.json()["rate_limit"], put.json()["effective_rate"]) == (None, None)
+    # Throttled at a measured 30/s: it learned 30/s and keeps to half of it, growing back.
+    sql_conn.execute(
+        "UPDATE outbox.sender_state SET learned_limit = 30, decreased_rate = 15,"
+        " decreased_at = now() WHERE id = 'open'"
+    )
+    view = _admin_get(http, auth, "open")
+    assert view["rate_limit"] is None
+    assert 15 <= view["effective_rate"] < 30
+
+
+def test_default_is_paused_and_resumed_by_hand_with_its_events(
+    http: httpx.Client, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    admin = auth("root", admin=True)
+    paused = http.post(f"{SENDERS}/default/pause", json={"reason": "maintenance"}, headers=admin)
+    assert paused.status_code == 200, paused.text
+    view = paused.json()
+    assert (view["id"], view["source"], view["state"]) == ("default", "environment", "paused")
+    assert view["paused"]["reason"] == "maintenance"
+    assert view["paused"]["manual"] is True and view["paused"]["until"] is None
+    assert _admin_get(http, auth, "default")["state"] == "paused"
+    assert _listed_view(http, auth, "default")["paused"]["reason"] == "maintenance"
+    # Paused again for the same reason: the same pause, no second event.
+    again = http.post(f"{SENDERS}/default/pause", json={"reason": "maintenance"}, headers=admin)
+    assert again.status_code == 200 and again.json()["paused"] == view["paused"]
+
+    resumed = http.post(f"{SENDERS}/default/resume", headers=admin)
+    assert resumed.status_code == 200, resumed.text
+    assert (resumed.json()["state"], resumed.json()["paused"]) == ("active", None)
+    assert _admin_get(http, auth, "default")["state"] == "active"
+    # Resumed again: nothing to resume, no event.
+    assert http.post(f"{SENDERS}/default/resume", headers=admin).status_code == 200
+
+    events = sql_conn.execute(
+        "SELECT event, data FROM outbox.events WHERE sender = 'default' ORDER BY id"
+    ).fetchall()
+    assert [event for event, _ in events] == ["sender_paused", "sender_resumed"]
+    assert events[0][1]["reason"] == "maintenance" and events[0][1]["manual"] is True
+
+    # Its configuration stays the environment's; a user may not pause it.
+    for method in ("PUT", "DELETE"):
+        body = {"provider": "fake"} if method == "PUT" else None
+        answer = http.request(method, f"{SENDERS}/default", json=body, headers=admin)
+        assert answer.status_code == 409, (method, answer.text)
+    assert http.post(f"{SENDERS}/default/pause", headers=auth()).status_code == 403
+
+
+def test_defaults_effective_rate_comes_from_its_state(
+    settings: Settings, auth: Auth, sql_conn: psycopg.Connection
+) -> None:
+    limited = settings.model_copy(update={"secret_key": KEY, "sender_rate": 30.0})
+    with (
+        ServerThread(create_app(limited)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
+        # The processes write the environment's limit into default's state.
+        wait_for(
+            lambda: (
+                sql_conn.execute(
+                    "SELECT rate_limit = 30 FROM outbox.sender_state WHERE id = 'default'"
+                ).fetchone()
+                == (True,)
+            ),
+            what="default's limit in its state",
+        )
+        view = _admin_get(http, auth, "default")
+        assert (view["rate_limit"], view["effective_rate"]) == (30, 30)
+        sql_conn.execute(
+            "UPDATE outbox.sender_state SET decreased_rate = 15, decreased_at = now()"
+            " WHERE id = 'default'"
+        )
+        view = _admin_get(http, auth, "default")
+        assert view["rate_limit"] == 30 and 15 <= view["effective_rate"] < 30

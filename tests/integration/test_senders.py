@@ -259,11 +259,10 @@ def test_default_is_the_environments_and_read_only(admin: httpx.Client) -> None:
     assert view.json()["source"] == "environment"
     assert view.json()["rate_limit"] is None  # a fake default stays unlimited
     assert view.json()["settings"] == {"latency_ms": 0, "failure_rate": 0}
+    # Its configuration is the environment's; its pause is not (test_api_senders.py).
     for method, path, body in (
         ("PUT", "", cloud()),
         ("DELETE", "", None),
-        ("POST", "/pause", None),
-        ("POST", "/resume", None),
     ):
         answer = admin.request(method, f"{SENDERS}/default{path}", json=body)
         assert answer.status_code == 409, (method, answer.text)
