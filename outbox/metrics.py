@@ -30,7 +30,7 @@ from outbox.models import DEFAULT_SENDER
 from outbox.states import AttemptOutcome, MessageStatus
 
 if TYPE_CHECKING:
-    from outbox.store import Completion, QueueFigures, Store
+    from outbox.store import Completion, QueueFigures, SenderState, Store
 
 log = get_logger("outbox.metrics")
 
@@ -105,14 +105,19 @@ class ApiMetrics:
         child.observe(seconds)
 
 
-def _attempt_labels(outcome: str, status: str) -> tuple[str, str]:
-    """(outcome, error_class) of an attempt from the completion's outcome and new status."""
+def _attempt_labels(outcome: str, status: str, throttle: str | None = None) -> tuple[str, str]:
+    """(outcome, error_class) of an attempt from the completion's outcome, new status and
+    throttle: a throttle that leaves the message pending is `throttled` with its kind as
+    the class (rate: the sender's rate halves; pair: that recipient waits); one throttle
+    too many ends it `failed` `throttled`."""
     if outcome in (AttemptOutcome.SENT, AttemptOutcome.EXPIRED):
         return str(outcome), "none"
     if outcome == AttemptOutcome.INTERRUPTED:
         return "handed_back", "none"
     if outcome == AttemptOutcome.SENDER:
         return "paused", "sender"
+    if outcome == AttemptOutcome.THROTTLED and status == MessageStatus.PENDING:
+        return "throttled", throttle or "rate"
     return ("retry" if status == MessageStatus.PENDING else "failed"), str(outcome)
 
 
@@ -122,9 +127,12 @@ ATTEMPT_LABELS = (
     ("expired", "none"),
     ("handed_back", "none"),
     ("paused", "sender"),
+    ("throttled", "rate"),
+    ("throttled", "pair"),
     ("retry", "transient"),
     ("failed", "transient"),
     ("failed", "permanent"),
+    ("failed", "throttled"),
 )
 
 
@@ -135,8 +143,10 @@ class DispatchMetrics:
         self.registry = registry = CollectorRegistry()
         self.attempts = Counter(
             "outbox_attempts_total",
-            "Attempts recorded, by outcome (sent, retry, failed, paused, expired, "
-            "handed_back), error class (none, transient, permanent, sender) and sender.",
+            "Attempts recorded, by outcome (sent, retry, failed, paused, throttled, expired, "
+            "handed_back), error class (none, transient, permanent, sender, throttled; for "
+            "throttled: rate or pair) and sender. Paused and throttled attempts spend none of "
+            "the message's attempts.",
             ["outcome", "error_class", "sender"],
             registry=registry,
         )
@@ -187,7 +197,7 @@ class DispatchMetrics:
             registry=registry,
         )
         self.purge_rows = {kind: purge_rows.labels(kind) for kind in ("errored", "sent", "events")}
-        self._attempts: dict[tuple[str, str, str], Any] = {}
+        self._attempts: dict[tuple[str, str, str, str | None], Any] = {}
         self._senders: set[str] = set()
         self.keep_senders(["default"])
 
@@ -205,19 +215,21 @@ class DispatchMetrics:
             for labels in ATTEMPT_LABELS:
                 self.attempts.remove(*labels, sender)
         for key in [key for key in self._attempts if key[2] not in known]:
-            outcome, status, sender = key
-            self.attempts.remove(*_attempt_labels(outcome, status), sender)  # if still there
+            outcome, status, sender, throttle = key
+            labels = _attempt_labels(outcome, status, throttle)
+            self.attempts.remove(*labels, sender)  # if still there
             del self._attempts[key]
         self._senders = known
 
     def count_outcomes(self, completions: Iterable[Completion]) -> None:
-        """One increment per (outcome, status, sender) of a written batch."""
-        tally = Tally((c.outcome, c.status, c.sender) for c in completions)
+        """One increment per (outcome, status, sender, throttle) of a written batch."""
+        tally = Tally((c.outcome, c.status, c.sender, c.throttle) for c in completions)
         for key, count in tally.items():
             child = self._attempts.get(key)
             if child is None:
-                outcome, status, sender = key
-                child = self.attempts.labels(*_attempt_labels(outcome, status), sender)
+                outcome, status, sender, throttle = key
+                labels = _attempt_labels(outcome, status, throttle)
+                child = self.attempts.labels(*labels, sender)
                 self._attempts[key] = child
             child.inc(count)
 
@@ -227,18 +239,21 @@ class DispatchMetrics:
 
 
 class QueueGauges:
-    """Queue figures from the database, read at most once per `ttl` and only when scraped.
+    """Queue and sender figures from the database, read at most once per `ttl` and only
+    when scraped.
 
     Exact: pending, in flight, due now, oldest due age and expired leases (small partial
     indexes). Estimated from the planner's statistics (`store.estimate_count`): sent,
     error and cancelled, whose exact count would scan most of a large table. See
-    `queue_gauges` in sql/queries.sql.
+    `queue_gauges` in sql/queries.sql. Each sender's effective rate and pause come from
+    its state (`sender_states`: one short row per sender).
     """
 
     def __init__(self, store: Store, ttl: float) -> None:
         self._store = store
         self._ttl = ttl
         self._figures: QueueFigures | None = None
+        self._senders: dict[str, SenderState] | None = None
         self._read_at = -float("inf")
         self._lock = asyncio.Lock()
 
@@ -251,16 +266,39 @@ class QueueGauges:
             try:
                 async with asyncio.timeout(REFRESH_TIMEOUT):
                     self._figures = await self._store.figures.queue_gauges()
+                    self._senders = await self._store.senders.states()
             except Exception as exc:  # database away: the last figures stay
                 log.warning("could not read queue gauges", error=str(exc).strip() or repr(exc))
             finally:
                 self._read_at = time.monotonic()
 
     def describe(self) -> Iterable[Metric]:
-        return self._families(None)
+        return [*self._families(None), *self._sender_families(None)]
 
     def collect(self) -> Iterable[Metric]:
-        return self._families(self._figures)
+        return [*self._families(self._figures), *self._sender_families(self._senders)]
+
+    @staticmethod
+    def _sender_families(states: dict[str, SenderState] | None) -> list[Metric]:
+        rate = GaugeMetricFamily(
+            "outbox_sender_effective_rate",
+            "Messages per second the dispatchers keep a sender to now: its rate_limit, "
+            "halved by a provider's throttle and climbing back by 10 % of it per second; "
+            "for a sender without a rate_limit, a limit learned from a throttle. No series "
+            "while the sender is unlimited.",
+            labels=["sender"],
+        )
+        paused = GaugeMetricFamily(
+            "outbox_sender_paused",
+            "1 while a sender is paused (by hand, or by its breaker after a sender-level "
+            "error), else 0.",
+            labels=["sender"],
+        )
+        for sender_id, state in sorted((states or {}).items()):
+            if state.effective_rate is not None:
+                rate.add_metric([sender_id], state.effective_rate)
+            paused.add_metric([sender_id], 1 if state.paused else 0)
+        return [rate, paused]
 
     @staticmethod
     def _families(figures: QueueFigures | None) -> list[Metric]:

@@ -113,17 +113,22 @@ def test_the_figures_match_what_happened(
     assert '"metrics port unavailable' not in dispatcher.log()
 
 
-def test_queue_gauges_are_cached_between_scrapes(
+def test_queue_and_sender_gauges_are_cached_between_scrapes(
     sql_conn: psycopg.Connection, start_dispatcher: Start
 ) -> None:
     port = free_port()
     start_dispatcher(metrics_port=str(port), metrics_cache="1h")
     url = f"http://127.0.0.1:{port}/metrics"
-    assert value(scrape(url), "outbox_queue_messages", status="pending") == 0
+    first = scrape(url)
+    assert value(first, "outbox_queue_messages", status="pending") == 0
+    assert value(first, "outbox_sender_paused", sender="default") == 0
     insert_messages(sql_conn, 3, send_at="2999-01-01T00:00:00Z")
     assert statuses(sql_conn) == {"pending": 3}
-    # Within the cache period a scrape costs no query: the figure is the one read before.
-    assert value(scrape(url), "outbox_queue_messages", status="pending") == 0
+    sql_conn.execute("SELECT outbox.pause_sender('default', 'maintenance', NULL, NULL, true)")
+    # Within the cache period a scrape costs no query: the figures are those read before.
+    again = scrape(url)
+    assert value(again, "outbox_queue_messages", status="pending") == 0
+    assert value(again, "outbox_sender_paused", sender="default") == 0
 
 
 def test_due_messages_and_their_age(
@@ -204,3 +209,60 @@ def test_scheduled_purge_runs_and_rows_are_counted(
     assert value(samples, "outbox_purge_runs_total") == 1
     assert value(samples, "outbox_purge_rows_total", kind="errored") == 2
     assert value(samples, "outbox_purge_rows_total", kind="sent") == 0
+
+
+def test_throttles_are_counted_by_kind_and_the_sender_gauges_follow(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
+) -> None:
+    scripted, _ = provider
+    [rate] = insert_messages(sql_conn, 1)  # 429 once (the sender's rate), then sent
+    [pair] = insert_messages(sql_conn, 1)  # 131056 once (that recipient), then sent
+    [hopeless] = insert_messages(sql_conn, 1)  # 429 always: ends `error` "throttled"
+
+    def script(call: object, n: int) -> Reply:
+        task_id = call.task_id  # type: ignore[attr-defined]
+        if task_id == hopeless or (task_id == rate and n == 0):
+            return Reply(status=429, headers={"Retry-After": "0"})
+        if task_id == pair and n == 0:
+            return Reply(status=429, body={"error": {"code": 131056, "message": "pair"}})
+        return Reply(body={"id": f"prov-{task_id}"})
+
+    scripted.script = script
+    port = free_port()
+    start_dispatcher(metrics_port=str(port), metrics_cache="0", max_throttles="1", pair_delay="0")
+    url = f"http://127.0.0.1:{port}/metrics"
+    wait_all(sql_conn, "sent", 2)
+    wait_all(sql_conn, "error", 1)
+    assert _attempts_by_outcome(sql_conn) == {"sent": 2, "throttled": 4}
+
+    def counted() -> Samples | None:
+        got = scrape(url)
+        return got if total(got, "outbox_attempts_total") == 6 else None
+
+    samples = wait_for(counted, what="every outcome counted")
+    attempts = {
+        (dict(labels)["outcome"], dict(labels)["error_class"]): count
+        for (name, labels), count in samples.items()
+        if name == "outbox_attempts_total" and count
+    }
+    assert attempts == {
+        ("sent", "none"): 2,
+        ("throttled", "rate"): 2,  # rate's first call, hopeless's first
+        ("throttled", "pair"): 1,
+        ("failed", "throttled"): 1,  # hopeless, throttled once too often
+    }
+    # Every series exists from the start (0 until it happens), the new ones included.
+    for labels in (("throttled", "rate"), ("throttled", "pair"), ("failed", "throttled")):
+        outcome, error_class = labels
+        assert (
+            "outbox_attempts_total",
+            frozenset({("outcome", outcome), ("error_class", error_class), ("sender", "default")}),
+        ) in samples
+
+    # The unlimited default was throttled: it learned a limit, which its gauge shows.
+    assert value(samples, "outbox_sender_effective_rate", sender="default") >= 1
+    assert value(samples, "outbox_sender_paused", sender="default") == 0
+    [(learned,)] = sql_conn.execute(
+        "SELECT learned_limit FROM outbox.sender_state WHERE id = 'default'"
+    ).fetchall()
+    assert learned is not None and learned >= 1

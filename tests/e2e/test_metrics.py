@@ -45,6 +45,9 @@ def test_dev_shows_the_dispatcher_metrics_on_serve_and_opens_no_other_port(
     )
     assert value(samples, "outbox_provider_request_duration_seconds_count") == 1
     assert value(samples, "outbox_provider_calls_in_flight") == 0
+    # The sender gauges once, from serve's cached read (the fake default is unlimited).
+    assert value(samples, "outbox_sender_paused", sender="default") == 0
+    assert ("outbox_sender_effective_rate", frozenset({("sender", "default")})) not in samples
     assert listening_ports(process.popen.pid) == {port}
     assert process.interrupt() == 0
 

@@ -159,3 +159,60 @@ def test_metrics_answer_while_the_database_is_away(settings: Settings) -> None:
     assert total(samples, "outbox_queue_messages") == 0
     assert ("outbox_queue_messages", frozenset({("status", "pending")})) not in samples
     assert value(samples, ACCEPTED, endpoint="single", sender="default") == 0
+    assert total(samples, "outbox_sender_paused") == 0
+    assert total(samples, "outbox_sender_effective_rate") == 0
+
+
+def _sender_gauges(url: str) -> dict[str, dict[str, float]]:
+    """{gauge: {sender: value}} of the two sender gauges in one scrape."""
+    samples = scrape(url)
+    return {
+        name: {
+            dict(labels)["sender"]: got
+            for (sample, labels), got in samples.items()
+            if sample == f"outbox_sender_{name}"
+        }
+        for name in ("effective_rate", "paused")
+    }
+
+
+def test_sender_gauges_show_each_senders_effective_rate_and_pause(
+    api: ServerThread, sql_conn: psycopg.Connection
+) -> None:
+    url = f"{api.url}/metrics"
+    # The fake default is unlimited: a pause gauge, no rate series.
+    assert _sender_gauges(url) == {"effective_rate": {}, "paused": {"default": 0}}
+
+    sql_conn.execute(
+        """INSERT INTO outbox.senders (id, provider, users, rate_limit)
+           VALUES ('limited', 'fake', '{*}', 40), ('open', 'fake', '{*}', NULL)"""
+    )
+    assert _sender_gauges(url) == {
+        "effective_rate": {"limited": 40},
+        "paused": {"default": 0, "limited": 0, "open": 0},
+    }
+
+    # A throttle halved the limited one (climbing back from 20/s); the unlimited one
+    # learned 30/s and keeps to half of it; default is paused by hand.
+    sql_conn.execute(
+        """UPDATE outbox.sender_state SET decreased_rate = 20, decreased_at = now()
+           WHERE id = 'limited'"""
+    )
+    sql_conn.execute(
+        """UPDATE outbox.sender_state
+           SET learned_limit = 30, decreased_rate = 15, decreased_at = now()
+           WHERE id = 'open'"""
+    )
+    sql_conn.execute("SELECT outbox.pause_sender('default', 'maintenance', NULL, NULL, true)")
+    gauges = _sender_gauges(url)
+    assert gauges["paused"] == {"default": 1, "limited": 0, "open": 0}
+    assert gauges["effective_rate"].keys() == {"limited", "open"}
+    assert 20 <= gauges["effective_rate"]["limited"] < 40
+    assert 15 <= gauges["effective_rate"]["open"] < 30
+
+    # Resumed, and a sender deleted: its series go with it.
+    sql_conn.execute("SELECT outbox.resume_sender('default')")
+    sql_conn.execute("DELETE FROM outbox.senders WHERE id = 'open'")
+    gauges = _sender_gauges(url)
+    assert gauges["paused"] == {"default": 0, "limited": 0}
+    assert gauges["effective_rate"].keys() == {"limited"}
