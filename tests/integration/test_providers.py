@@ -313,16 +313,24 @@ def test_cloud_maps_every_type_to_its_body(
     assert server.requests[0].path == f"/v21.0/{PHONE_ID}/messages"
 
 
-def test_cloud_rate_limit_is_transient_and_keeps_retry_after(server: ScriptedServer) -> None:
+def test_cloud_rate_limit_is_a_throttle_and_keeps_retry_after(server: ScriptedServer) -> None:
     server.script(
         Reply(429, cloud_error(130429, "Rate limit hit", "Too many"), {"Retry-After": "3"})
     )
 
     error = send_error(cloud_settings(server.url))
 
-    assert error.kind is ErrorKind.TRANSIENT
+    assert error.kind is ErrorKind.THROTTLED
     assert (error.code, error.http_status, error.retry_after) == (130429, 429, 3.0)
     assert error.reason.startswith("cloud 130429: (#130429) Rate limit hit")
+
+
+def test_cloud_pair_rate_limit_is_a_pair_throttle(server: ScriptedServer) -> None:
+    server.script(Reply(400, cloud_error(131056, "Pair rate limit hit", "Too many")))
+
+    error = send_error(cloud_settings(server.url))
+
+    assert (error.kind, error.code, error.http_status) == (ErrorKind.PAIR_THROTTLED, 131056, 400)
 
 
 def test_cloud_undeliverable_is_permanent(server: ScriptedServer) -> None:
@@ -468,12 +476,12 @@ def test_http_without_a_secret_sends_no_signature(server: ScriptedServer) -> Non
     assert "x-outbox-signature-256" not in server.requests[0].headers
 
 
-def test_http_retry_after_in_seconds(server: ScriptedServer) -> None:
+def test_http_429_is_a_throttle_with_retry_after_in_seconds(server: ScriptedServer) -> None:
     server.script(Reply(429, b"slow down", {"Retry-After": "7"}))
 
     error = send_error(http_settings(server.url))
 
-    assert (error.kind, error.http_status, error.retry_after) == (ErrorKind.TRANSIENT, 429, 7.0)
+    assert (error.kind, error.http_status, error.retry_after) == (ErrorKind.THROTTLED, 429, 7.0)
 
 
 def test_http_retry_after_as_an_http_date(server: ScriptedServer) -> None:
@@ -510,6 +518,24 @@ def test_http_relayed_cloud_code_is_classified(server: ScriptedServer) -> None:
 
     assert (error.kind, error.code) == (ErrorKind.PERMANENT, 131026)
     assert error.reason == "http 502: 131026: Message undeliverable"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind"),
+    [
+        (400, 130429, ErrorKind.THROTTLED),
+        (502, 130429, ErrorKind.THROTTLED),
+        (429, 131056, ErrorKind.PAIR_THROTTLED),
+    ],
+)
+def test_http_relayed_cloud_rate_limits_are_throttles(
+    server: ScriptedServer, status: int, code: int, kind: ErrorKind
+) -> None:
+    server.script(Reply(status, {"error": {"code": code, "message": "Rate limit hit"}}))
+
+    error = send_error(http_settings(server.url))
+
+    assert (error.kind, error.code, error.http_status) == (kind, code, status)
 
 
 def test_http_plain_4xx_is_permanent(server: ScriptedServer) -> None:

@@ -16,7 +16,6 @@ from tests.unit.offline import claimed
 
 STARTED = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 FINISHED = STARTED + timedelta(milliseconds=250)
-RESUME = FINISHED + timedelta(seconds=60)  # the end of the current sender-level pause
 # Backoff 2 s · 2^(n−1), capped at 30 s, without jitter: retry n waits exactly that.
 POLICY = RetryPolicy(base=2.0, cap=30.0, jitter=0, sender_pause=60.0)
 
@@ -28,7 +27,7 @@ def answered(failure: ProviderError | None = None, provider_id: str | None = Non
 def outcome_of(attempt: int, result: CallResult, policy: RetryPolicy = POLICY) -> Completion:
     """The completion of `attempt` (of 4) that ended as `result`."""
     message = claimed(attempt)
-    done = completion(message, result, policy, RESUME)
+    done = completion(message, result, policy)
     assert (done.id, done.attempt) == (message.id, message.attempt)
     assert (done.started_at, done.finished_at) == (result.started_at, result.finished_at)
     return done
@@ -88,11 +87,15 @@ def test_a_permanent_failure_is_final_whatever_the_attempts_left(attempt: int) -
 
 
 @pytest.mark.parametrize("attempt", [1, 4])
-def test_a_sender_failure_waits_for_the_pause_and_refunds_the_attempt(attempt: int) -> None:
-    failure = ProviderError(ErrorKind.SENDER, "token expired", retry_after=5.0)
+def test_a_sender_failure_stays_pending_refunded_and_pauses_its_sender(attempt: int) -> None:
+    # Due at once: its sender's pause (written with the outcome, in SQL) keeps the claim
+    # away from it, whatever the attempts left or the Retry-After.
+    failure = ProviderError(ErrorKind.SENDER, "token expired", retry_after=5.0, code=190)
     done = outcome_of(attempt, answered(failure))
     assert (done.status, done.outcome) == (MessageStatus.PENDING, AttemptOutcome.SENDER)
-    assert (done.next_attempt_at, done.refund, done.error) == (RESUME, 1, "token expired")
+    assert (done.next_attempt_at, done.refund, done.error) == (FINISHED, 1, "token expired")
+    assert (done.pause_base, done.pause_max, done.code) == (60.0, 3600.0, "190")
+    assert (done.throttle, done.sender) == (None, "default")
 
 
 @pytest.mark.parametrize(
@@ -105,13 +108,13 @@ def test_a_sender_failure_waits_for_the_pause_and_refunds_the_attempt(attempt: i
     ],
 )
 def test_retry_after_is_a_floor(retry_after: float | None, delay: float) -> None:
-    failure = ProviderError(ErrorKind.TRANSIENT, "429", retry_after=retry_after)
+    failure = ProviderError(ErrorKind.TRANSIENT, "http 503", retry_after=retry_after)
     done = outcome_of(1, answered(failure))
     assert done.next_attempt_at == FINISHED + timedelta(seconds=delay)
 
 
 def test_retry_after_does_not_extend_the_last_attempt() -> None:
-    failure = ProviderError(ErrorKind.TRANSIENT, "429", retry_after=120.0)
+    failure = ProviderError(ErrorKind.TRANSIENT, "http 503", retry_after=120.0)
     done = outcome_of(4, answered(failure))
     assert (done.status, done.next_attempt_at) == (MessageStatus.ERROR, None)
 
@@ -160,12 +163,13 @@ def test_a_row_handed_back_uncalled_is_pending_at_once_and_refunded() -> None:
     )
 
 
-def test_a_row_handed_back_for_a_pause_is_due_when_it_ends() -> None:
-    paused = CallResult(
-        Ending.HANDED_BACK, STARTED, FINISHED, reason="sending paused", retry_at=RESUME
+def test_a_row_handed_back_with_a_retry_time_is_due_then() -> None:
+    later = FINISHED + timedelta(seconds=1)
+    unread = CallResult(
+        Ending.HANDED_BACK, STARTED, FINISHED, reason="senders could not be read", retry_at=later
     )
-    done = outcome_of(1, paused)
-    assert (done.status, done.next_attempt_at, done.refund) == (MessageStatus.PENDING, RESUME, 1)
+    done = outcome_of(1, unread)
+    assert (done.status, done.next_attempt_at, done.refund) == (MessageStatus.PENDING, later, 1)
 
 
 def test_the_fallback_records_a_success_sent_and_retries_anything_else_at_once() -> None:

@@ -22,6 +22,7 @@ from outbox.retry import (
 )
 
 T, P, S = ErrorKind.TRANSIENT, ErrorKind.PERMANENT, ErrorKind.SENDER
+R, PAIR = ErrorKind.THROTTLED, ErrorKind.PAIR_THROTTLED
 
 attempts = st.integers(min_value=1, max_value=10**6)
 seconds = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -162,11 +163,12 @@ def test_an_absurd_retry_after_is_taken_as_a_day() -> None:
 # Written out by hand from ../shared/whatsapp-cloud-api.md §4: a changed row in the
 # module fails `test_the_table_is_exactly_the_expected_one` and its own row below.
 EXPECTED_CLOUD: dict[int, ErrorKind] = {
-    # transient: rate limits and "try again"
-    130429: T,
-    131056: T,
-    80007: T,
-    4: T,
+    # throttles: rate limits, no attempt spent
+    130429: R,  # the sender's throughput
+    80007: R,  # the WABA's
+    4: R,  # the app's
+    131056: PAIR,  # one recipient from one sender
+    # transient: "try again"
     131000: T,
     131016: T,
     1: T,
@@ -231,7 +233,7 @@ def test_each_expected_row_is_in_the_table(code: int, kind: ErrorKind) -> None:
     [
         (None, T),  # connection error or timeout: no response at all
         (408, T),
-        (429, T),
+        (429, R),  # a throttle: no attempt spent
         (500, T),
         (502, T),
         (503, T),
@@ -252,7 +254,7 @@ def test_status_decides_when_there_is_no_code(status: int | None, kind: ErrorKin
 
 
 @pytest.mark.parametrize(
-    ("status", "kind"), [(None, T), (400, P), (404, P), (429, T), (500, T), (503, T)]
+    ("status", "kind"), [(None, T), (400, P), (404, P), (429, R), (500, T), (503, T)]
 )
 def test_an_unknown_code_falls_back_to_the_status(status: int | None, kind: ErrorKind) -> None:
     assert 999_999 not in CLOUD_ERROR_KINDS
@@ -269,7 +271,10 @@ def test_an_unknown_code_falls_back_to_the_status(status: int | None, kind: Erro
         (409, "conflict", P),
         (503, None, T),
         (400, 131026, P),  # a relayed Cloud code is classified like the Cloud API
-        (400, 130429, T),
+        (400, 130429, R),
+        (429, 131056, PAIR),
+        (429, None, R),
+        (429, SESSION_NOT_READY, T),
         (500, 190, S),
         (None, None, T),
     ],
