@@ -280,6 +280,12 @@ def sender_documents(settings: Settings, rows: list[SenderStatus]) -> list[dict[
     documents = []
     for row in rows:
         own = row.id == DEFAULT_SENDER
+        # The rate the claim keeps to, from the sender's state (`default` always has one;
+        # a stored sender without one, which its trigger never leaves, is shown at its
+        # configured limit, as the API shows it).
+        rate = row.effective_rate
+        if rate is None and not own:
+            rate = row.rate_limit
         documents.append(
             {
                 "id": row.id,
@@ -288,11 +294,25 @@ def sender_documents(settings: Settings, rows: list[SenderStatus]) -> list[dict[
                 "state": "paused" if row.paused else "active",
                 "paused": row.paused,
                 "rate_limit": default.rate_limit if own else row.rate_limit,
+                "effective_rate": None if rate is None else round(rate, 3),
                 "pending": row.pending,
                 "in_flight": row.in_flight,
             }
         )
     return documents
+
+
+def _rate(per_second: float | None, digits: int | None = None) -> str:
+    if per_second is None:
+        return "unlimited"
+    return f"{per_second if digits is None else round(per_second, digits):g}/s"
+
+
+def _effective_rate(sender: dict[str, Any]) -> str:
+    """The rate kept to now; `learned` when an unlimited sender got it from a throttle."""
+    rate = sender["effective_rate"]
+    learned = rate is not None and sender["rate_limit"] is None
+    return _rate(rate, 1) + (" learned" if learned else "")
 
 
 def _sender_state(sender: dict[str, Any], now: datetime) -> str:
@@ -314,19 +334,20 @@ def _sender_state(sender: dict[str, Any], now: datetime) -> str:
 
 
 def format_senders_table(senders: list[dict[str, Any]], now: datetime) -> str:
-    header = ("SENDER", "PROVIDER", "STATE", "RATE LIMIT", "PENDING", "IN FLIGHT")
+    header = ("SENDER", "PROVIDER", "STATE", "RATE LIMIT", "EFFECTIVE RATE", "PENDING", "IN FLIGHT")
     body = [
         (
             sender["id"],
             str(sender["provider"]),
             _sender_state(sender, now),
-            "unlimited" if sender["rate_limit"] is None else f"{sender['rate_limit']:g}/s",
+            _rate(sender["rate_limit"]),
+            _effective_rate(sender),
             str(sender["pending"]),
             str(sender["in_flight"]),
         )
         for sender in senders
     ]
-    return _table(header, body, right={3, 4, 5})
+    return _table(header, body, right={3, 4, 5, 6})
 
 
 def status_document(

@@ -273,7 +273,7 @@
     ["state", (s) => s.state],
     ["reason", (s) => pauseText(s.paused)],
     ["rate_limit", (s) => rate(s.rate_limit)],
-    ["effective_rate", (s) => rate(s.effective_rate)],
+    ["effective_rate", (s) => effectiveRate(s)],
     ["pending", (s) => number(s.pending)],
     ["in_flight", (s) => number(s.in_flight)],
   ];
@@ -281,6 +281,28 @@
 
   function rate(perSecond) {
     return typeof perSecond === "number" ? `${perSecond.toLocaleString()}/s` : "unlimited";
+  }
+
+  // The rate the dispatchers keep to now (one decimal: it climbs back continuously), and
+  // "learned" when a sender without a limit got one from a provider's throttle.
+  function effectiveRate(sender) {
+    const now = sender.effective_rate;
+    if (typeof now !== "number") return "unlimited";
+    const text = rate(Math.round(now * 10) / 10);
+    return typeof sender.rate_limit === "number" ? text : `${text} learned`;
+  }
+
+  // Why the effective rate is not the limit (null: it is).
+  function rateNote(sender) {
+    const now = sender.effective_rate;
+    if (typeof now !== "number") return null;
+    if (typeof sender.rate_limit !== "number") {
+      return "No rate_limit: a provider's throttle set this one, its rate measured then";
+    }
+    if (now < sender.rate_limit) {
+      return "Below the limit after a provider's throttle: climbing back by 10 % of the limit per second";
+    }
+    return null;
   }
 
   function pauseText(paused) {
@@ -309,23 +331,28 @@
     }, label);
   }
 
+  // Every sender can be paused and resumed, `default` too; its settings are the
+  // environment's, which the page says.
   function senderActions(sender) {
-    if (sender.source === "environment") {
-      return [el("span", { class: "muted", title: "Defined by OUTBOX_PROVIDER: change it there" },
-        "environment")];
-    }
+    const actions = [];
     if (sender.state === "paused") {
-      return [senderButton(sender, "Resume", "resume", () => undefined, "Resumed")];
+      actions.push(senderButton(sender, "Resume", "resume", () => undefined, "Resumed"));
+    } else {
+      const reason = el("input", {
+        class: "pause-reason",
+        placeholder: "reason (optional)",
+        maxlength: 500,
+        spellcheck: "false",
+        "aria-label": `Reason to pause ${sender.id}`,
+      });
+      const body = () => (reason.value.trim() ? { reason: reason.value.trim() } : undefined);
+      actions.push(reason, senderButton(sender, "Pause", "pause", body, "Paused"));
     }
-    const reason = el("input", {
-      class: "pause-reason",
-      placeholder: "reason (optional)",
-      maxlength: 500,
-      spellcheck: "false",
-      "aria-label": `Reason to pause ${sender.id}`,
-    });
-    const body = () => (reason.value.trim() ? { reason: reason.value.trim() } : undefined);
-    return [reason, senderButton(sender, "Pause", "pause", body, "Paused")];
+    if (sender.source === "environment") {
+      actions.push(el("span", { class: "muted source",
+        title: "Its settings come from OUTBOX_PROVIDER: change them there" }, "environment"));
+    }
+    return actions;
   }
 
   function senderRow(sender) {
@@ -347,6 +374,11 @@
         if (cell.textContent !== value) cell.textContent = value;
       }
     }
+    const effective = row.querySelector('td[data-key="effective_rate"]');
+    const note = rateNote(sender);
+    effective.classList.toggle("reduced", note !== null);
+    if (note === null) effective.removeAttribute("title");
+    else if (effective.title !== note) effective.title = note;
     const look = `${sender.source}/${sender.state}`;
     if (row.dataset.look !== look) {
       row.dataset.look = look;

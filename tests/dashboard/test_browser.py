@@ -212,7 +212,11 @@ def test_feed_reconnects_after_the_server_goes_away_and_misses_nothing(
 
 
 def test_senders_panel_shows_each_sender_and_pauses_and_resumes_one(
-    browser: Any, settings: Settings, token: Callable[..., str], auth: Callable[..., dict[str, str]]
+    browser: Any,
+    settings: Settings,
+    token: Callable[..., str],
+    auth: Callable[..., dict[str, str]],
+    sql_conn: psycopg.Connection,
 ) -> None:
     from playwright.sync_api import expect
 
@@ -252,13 +256,14 @@ def test_senders_panel_shows_each_sender_and_pauses_and_resumes_one(
         def cell(tr: Any, key: str) -> Any:
             return tr.locator(f'td[data-key="{key}"]')
 
-        # The environment's sender has no buttons (it is read-only); its message waits.
+        # The environment's sender says so, and may be paused; its message waits.
         expect(cell(default, "pending")).to_have_text("1")
-        expect(cell(default, "actions")).to_have_text("environment")
-        expect(default.get_by_role("button")).to_have_count(0)
+        expect(cell(default, "actions")).to_contain_text("environment")
+        expect(default.get_by_role("button", name="Pause")).to_have_count(1)
         expect(cell(row, "state")).to_have_text("active")
         expect(cell(row, "rate_limit")).to_have_text("25/s")
         expect(cell(row, "effective_rate")).to_have_text("25/s")
+        expect(cell(row, "effective_rate")).not_to_have_class(re.compile(r"\breduced\b"))
         expect(cell(row, "pending")).to_have_text("0")
         expect(cell(row, "in_flight")).to_have_text("0")
         expect(cell(page.locator('#senders tr[data-sender-id="gw"]'), "rate_limit")).to_have_text(
@@ -293,6 +298,40 @@ def test_senders_panel_shows_each_sender_and_pauses_and_resumes_one(
         expect(row.get_by_role("button", name="Pause")).to_have_count(1)
         view = client.get(f"{SENDERS}/bulk", headers=admin).json()
         assert view["state"] == "active" and view["paused"] is None
+
+        # A provider's throttle halved bulk's rate (climbing back by 2.5/s); gw, without a
+        # limit, learned 30/s and keeps to half of it: each cell says so at the next poll.
+        sql_conn.execute(
+            """UPDATE outbox.sender_state SET decreased_rate = 5, decreased_at = now()
+               WHERE id = 'bulk'"""
+        )
+        sql_conn.execute(
+            """UPDATE outbox.sender_state
+               SET learned_limit = 30, decreased_rate = 15, decreased_at = now()
+               WHERE id = 'gw'"""
+        )
+        reduced = re.compile(r"\breduced\b")
+        expect(cell(row, "effective_rate")).to_have_class(reduced)
+        expect(cell(row, "effective_rate")).to_have_attribute("title", re.compile("throttle"))
+        shown_rate = float(cell(row, "effective_rate").text_content().removesuffix("/s"))
+        assert 5 <= shown_rate < 25
+        expect(cell(row, "rate_limit")).to_have_text("25/s")
+        gw_rate = cell(page.locator('#senders tr[data-sender-id="gw"]'), "effective_rate")
+        expect(gw_rate).to_have_text(re.compile(r"^\d+(\.\d)?/s learned$"))
+        expect(gw_rate).to_have_class(reduced)
+
+        # The environment's default is paused and resumed from the page too.
+        default.get_by_role("button", name="Pause").click()
+        expect(page.locator("#notice")).to_contain_text("Paused default: now paused")
+        expect(cell(default, "state")).to_have_text("paused")
+        expect(cell(default, "actions")).to_contain_text("environment")
+        default.get_by_role("button", name="Resume").click()
+        expect(page.locator("#notice")).to_contain_text("Resumed default: now active")
+        expect(cell(default, "state")).to_have_text("active")
+        events = sql_conn.execute(
+            "SELECT event FROM outbox.events WHERE sender = 'default' ORDER BY id"
+        ).fetchall()
+        assert [event for (event,) in events] == ["sender_paused", "sender_resumed"]
 
         never_shown(page.content(), HTTP_SECRET)
         page.close()

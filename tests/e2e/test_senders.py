@@ -150,6 +150,15 @@ def test_status_shows_each_sender_default_first_with_its_state_and_live_messages
         "SELECT outbox.pause_sender('gw', %s, 'E190', now() + interval '1 hour', false)",
         [reason],
     )
+    # bulk was throttled (halved to 25/s, climbing back); gw, unlimited, learned 30/s.
+    sql_conn.execute(
+        """UPDATE outbox.sender_state SET decreased_rate = 25, decreased_at = now()
+           WHERE id = 'bulk'"""
+    )
+    sql_conn.execute(
+        """UPDATE outbox.sender_state
+           SET learned_limit = 30, decreased_rate = 15, decreased_at = now() WHERE id = 'gw'"""
+    )
     add_message(sql_conn, "pending")
     add_message(sql_conn, "sent", finished_ago="1 minute")
     gw = [
@@ -164,14 +173,17 @@ def test_status_shows_each_sender_default_first_with_its_state_and_live_messages
     assert result.returncode == 0, result.stderr
     senders = json.loads(result.stdout)["senders"]
     paused = senders[2].pop("paused")
+    bulk_rate, gw_rate = senders[1].pop("effective_rate"), senders[2].pop("effective_rate")
     assert senders == [
         {"id": "default", "provider": "fake", "source": "environment", "state": "active",
-         "paused": None, "rate_limit": None, "pending": 1, "in_flight": 0},
+         "paused": None, "rate_limit": None, "effective_rate": None, "pending": 1,
+         "in_flight": 0},
         {"id": "bulk", "provider": "fake", "source": "api", "state": "active",
          "paused": None, "rate_limit": 50.0, "pending": 0, "in_flight": 0},
         {"id": "gw", "provider": "http", "source": "api", "state": "paused",
          "rate_limit": None, "pending": 2, "in_flight": 1},
     ]  # fmt: skip
+    assert 25 <= bulk_rate < 50 and 15 <= gw_rate < 30
     assert paused["reason"] == reason and paused["code"] == "E190"
     assert paused["manual"] is False and paused["until"] and paused["since"]
     never_shown(result.stdout, HTTP_SECRET, KEY)
@@ -183,9 +195,15 @@ def test_status_shows_each_sender_default_first_with_its_state_and_live_messages
     queue, table = result.stdout.split("\n\n")
     assert queue.splitlines()[1].split()[0] == "STATUS"
     lines = table.splitlines()
-    header = ["SENDER", "PROVIDER", "STATE", "RATE LIMIT", "PENDING", "IN FLIGHT"]
+    header = [
+        "SENDER", "PROVIDER", "STATE", "RATE LIMIT", "EFFECTIVE RATE", "PENDING", "IN FLIGHT"
+    ]  # fmt: skip
     assert re.split(r" {2,}", lines[0].strip()) == header
-    assert lines[1].split() == ["default", "fake", "active", "unlimited", "1", "0"]
-    assert lines[2].split() == ["bulk", "fake", "active", "50/s", "0", "0"]
-    assert lines[3].startswith("gw ") and lines[3].split()[-3:] == ["unlimited", "2", "1"]
+    assert lines[1].split() == ["default", "fake", "active", "unlimited", "unlimited", "1", "0"]
+    bulk = lines[2].split()
+    assert bulk[:4] + bulk[-2:] == ["bulk", "fake", "active", "50/s", "0", "0"]
+    assert 25 <= float(bulk[4].removesuffix("/s")) < 50
+    gw_line = lines[3].split()
+    assert lines[3].startswith("gw ") and gw_line[-5] == "unlimited"
+    assert gw_line[-3:] == ["learned", "2", "1"] and 15 <= float(gw_line[-4][:-2]) < 30
     assert "paused until " in lines[3] and ": token expired  [2J(190) [E190]" in lines[3]
