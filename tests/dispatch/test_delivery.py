@@ -8,9 +8,11 @@ import itertools
 import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import psycopg
+from cryptography.fernet import Fernet
 
 from tests.dispatch.conftest import (
     PROVIDER_SECRET,
@@ -248,55 +250,103 @@ def test_cancelled_message_is_never_sent(
     assert message(sql_conn, cancelled)["status"] == "cancelled"
 
 
-def test_sender_error_spends_no_attempt_and_pauses(
+# Stored senders need the key at start, though a fake one has no credentials.
+SECRET_KEY = Fernet.generate_key().decode()
+
+
+def add_fake_sender(conn: psycopg.Connection, sender_id: str) -> None:
+    """A stored sender of the fake provider: it sends without calling the scripted one."""
+    conn.execute(
+        """INSERT INTO outbox.senders (id, provider, settings, users)
+           VALUES (%s, 'fake', '{}', '{*}')""",
+        [sender_id],
+    )
+
+
+def log_entries(process: DispatcherProcess, event: str) -> list[dict[str, Any]]:
+    lines = [line for line in process.log().splitlines() if line.startswith("{")]
+    return [entry for line in lines if (entry := orjson.loads(line))["event"] == event]
+
+
+def default_paused(conn: psycopg.Connection) -> dict[str, Any] | None:
+    row = conn.execute("SELECT paused FROM outbox.sender_state WHERE id = 'default'").fetchone()
+    return None if row is None else row[0]
+
+
+TOKEN_EXPIRED = Reply(status=401, body={"error": {"code": 190, "message": "token expired"}})
+
+
+def test_sender_error_pauses_that_sender_only_and_spends_no_attempt(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:
     scripted, _ = provider
-    scripted.script = lambda call, n: Reply(
-        status=401, body={"error": {"code": 190, "message": "token expired"}}
-    )
-    process = start_dispatcher(sender_pause="30s")
+    scripted.script = lambda call, n: TOKEN_EXPIRED
+    add_fake_sender(sql_conn, "other")
+    process = start_dispatcher(sender_pause="30s", secret_key=SECRET_KEY)
     ids = insert_messages(sql_conn, 3)
-    wait_for(lambda: len(scripted.calls) >= 1, what="first call")
+    wait_for(lambda: default_paused(sql_conn) is not None, what="default paused in its state")
     wait_for(
+        lambda: all(message(sql_conn, task_id)["status"] == "pending" for task_id in ids),
+        what="every row pending again",
+    )
+    # Refunded: pending with no attempt spent; each call made is recorded `sender`.
+    assert [message(sql_conn, task_id)["attempts"] for task_id in ids] == [0, 0, 0]
+    outcomes = sql_conn.execute("SELECT DISTINCT outcome FROM outbox.attempts").fetchall()
+    assert outcomes == [("sender",)]
+    paused = default_paused(sql_conn)
+    assert paused is not None
+    assert (paused["code"], paused["manual"]) == ("190", False)
+    assert "token expired" in paused["reason"]
+    [event] = sql_conn.execute(
+        "SELECT data FROM outbox.events WHERE event = 'sender_paused' AND sender = 'default'"
+    ).fetchall()
+    assert (event[0]["code"], event[0]["manual"]) == ("190", False)
+    # One error line for the pause; calls that were out meanwhile say it quietly (a line
+    # each, written to the log a moment later: the log is flushed in batches).
+    called = len(scripted.calls)
+    lines = wait_for(
         lambda: (
-            sql_conn.execute(
-                "SELECT count(*) FROM outbox.attempts WHERE outcome = 'sender'"
-            ).fetchone()[0]
-            >= 1
+            len(found := log_entries(process, "sender cannot send: pausing it")) == called and found
         ),
-        what="sender outcome recorded",
+        what="a log line per sender-level call",
     )
-    wait_for(lambda: "pausing all sending" in process.log(), what="pause log line")
-    rows = [message(sql_conn, task_id) for task_id in ids]
-    assert all(row["status"] in ("pending", "in_flight") for row in rows), rows
-    assert all(row["attempts"] <= 1 for row in rows)
-    assert [r["attempts"] for r in rows if r["status"] == "pending"] == [0] * sum(
-        1 for r in rows if r["status"] == "pending"
-    )
-    # Paused: no further claims for the pause (at most the first claimed batch was called).
-    first_batch = len(scripted.calls)
+    assert [line["level"] for line in lines].count("error") == 1, lines
+    assert 1 <= called <= 3
+
+    # Paused: its new messages wait uncalled, while another sender's go on.
     [late] = insert_messages(sql_conn, 1)
-    wait_for(lambda: "pausing all sending" in process.log(), what="pause")
-    assert len(scripted.calls_for(late)) == 0
-    assert len(scripted.calls) == first_batch
+    others = insert_messages(sql_conn, 2, sender="other")
+    wait_for(
+        lambda: all(message(sql_conn, task_id)["status"] == "sent" for task_id in others),
+        what="the other sender's messages sent",
+    )
+    assert message(sql_conn, late)["status"] == "pending"
+    assert scripted.calls_for(late) == []
+    assert len(scripted.calls) == called
 
 
-def test_sender_error_starts_no_buffered_message(
+def test_sender_error_starts_no_buffered_message_of_its_sender(
     sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start
 ) -> None:
-    """A slot frees as its call ends: the pause must already hold by then, or the
-    prefetched rows would each be called in turn and hit the same error."""
+    """A slot frees as its call ends: the sender must already be held by then, or its
+    prefetched rows would each be called in turn and hit the same error; another
+    sender's rows in the buffer still go."""
     scripted, _ = provider
-    scripted.script = lambda call, n: Reply(
-        status=401, body={"error": {"code": 190, "message": "token expired"}}
-    )
+    scripted.script = lambda call, n: TOKEN_EXPIRED
+    add_fake_sender(sql_conn, "other")
     ids = insert_messages(sql_conn, 4)
-    process = start_dispatcher(sender_pause="30s", dispatch_concurrency="1", dispatch_prefetch="5")
-    wait_for(lambda: "pausing all sending" in process.log(), what="pause log line")
+    others = insert_messages(sql_conn, 2, sender="other")
+    process = start_dispatcher(
+        sender_pause="30s", dispatch_concurrency="1", dispatch_prefetch="5", secret_key=SECRET_KEY
+    )
+    wait_for(lambda: log_entries(process, "sender cannot send: pausing it"), what="pause log line")
     wait_for(
         lambda: all(message(sql_conn, task_id)["status"] == "pending" for task_id in ids),
         what="every row handed back",
+    )
+    wait_for(
+        lambda: all(message(sql_conn, task_id)["status"] == "sent" for task_id in others),
+        what="the other sender's messages sent",
     )
     assert len(scripted.calls) == 1
     assert [message(sql_conn, task_id)["attempts"] for task_id in ids] == [0, 0, 0, 0]

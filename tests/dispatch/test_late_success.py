@@ -39,7 +39,7 @@ def with_store(settings: Settings, scenario: Callable[[Store], Awaitable[T]]) ->
 
 async def claim_and_reap(store: Store, conn: psycopg.Connection) -> Claimed:
     """d1 claims the one message; its lease runs out and the reaper takes the row back."""
-    (claimed,), _ = await store.queue.claim("d1", 10, 30)
+    (claimed,) = (await store.queue.claim("d1", 10, 30)).claimed
     conn.execute("UPDATE outbox.messages SET locked_until = now() - interval '1s'")
     assert await store.queue.reap_expired_leases() == 1
     return claimed
@@ -103,7 +103,7 @@ def test_a_success_after_the_row_was_reaped_back_to_pending_is_recorded(
     async def scenario(store: Store) -> tuple[list[Any], int]:
         first = await claim_and_reap(store, sql_conn)
         lines = await write(store, metrics, success(first))
-        claimed, _ = await store.queue.claim("d2", 10, 30)
+        claimed = (await store.queue.claim("d2", 10, 30)).claimed
         return lines, len(claimed)
 
     lines, claimed_again = with_store(settings, scenario)
@@ -209,7 +209,7 @@ def test_a_late_success_waits_for_a_reap_still_committing(
     insert_messages(sql_conn, 1)
 
     async def scenario(store: Store) -> set[uuid.UUID]:
-        (first,), _ = await store.queue.claim("d1", 10, 30)
+        (first,) = (await store.queue.claim("d1", 10, 30)).claimed
         sql_conn.execute("UPDATE outbox.messages SET locked_until = now() - interval '1s'")
         async with await psycopg.AsyncConnection.connect(database_url) as reaper:
             await reaper.execute("SELECT outbox.reap_expired_leases(10, '{}')")

@@ -29,12 +29,12 @@ def test_a_late_outcome_after_the_lease_was_reclaimed_is_dropped(
         await pool.open(wait=True)
         try:
             store = Store(pool)
-            (first,), _ = await store.queue.claim("d1", 10, 30)
+            (first,) = (await store.queue.claim("d1", 10, 30)).claimed
             # d1 stops answering: its lease runs out, the reaper returns the row, and d2
             # claims it for the next attempt.
             sql_conn.execute("UPDATE outbox.messages SET locked_until = now() - interval '1s'")
             assert await store.queue.reap_expired_leases() == 1
-            (second,), _ = await store.queue.claim("d2", 10, 30)
+            (second,) = (await store.queue.claim("d2", 10, 30)).claimed
             assert (second.id, second.attempt) == (first.id, 2)
             # Then d1's call comes back, sent, and its completer writes the outcome.
             completer = Completer(store, "d1", metrics, lambda: False)

@@ -258,3 +258,33 @@ def test_a_sender_the_directory_does_not_know_is_for_the_admins_only(
         assert next_event(feeds["alice"])["data"]["message_id"] == alices
         (alice_next,) = write_events(sql_conn, 1, user_id="alice")
         assert next_event(feeds["alice"])["data"]["message_id"] == alice_next
+
+
+def test_a_breakers_pause_of_default_reaches_every_feed_with_its_code(
+    server: ServerThread, token: Token, sql_conn: psycopg.Connection
+) -> None:
+    """`default` (the environment's, for everyone) can be paused too: by its breaker,
+    as a sender-level outcome writes it, with the provider's code and when it may be
+    probed; and resumed."""
+    with ExitStack() as stack:
+        feeds = open_feeds(
+            server, stack, {"admin": token("root", admin=True), "alice": token("alice")}
+        )
+        sql_conn.execute(
+            "SELECT outbox.pause_sender('default', 'http 401: 190: token expired', '190',"
+            " now() + interval '60 seconds', false)"
+        )
+        sql_conn.execute("SELECT outbox.resume_sender('default')")
+        seen = {name: read_events(feed, 2) for name, feed in feeds.items()}
+    for paused, resumed in seen.values():
+        assert paused["event"] == "sender_paused"
+        data = paused["data"]
+        assert (data["sender"], data["reason"], data["code"], data["manual"]) == (
+            "default",
+            "http 401: 190: token expired",
+            "190",
+            False,
+        )
+        assert WIRE_TIME.match(data["until"]) and data["until"] > data["since"]
+        shape_of_resumed(resumed, "default", paused)
+    assert seen["admin"] == seen["alice"]

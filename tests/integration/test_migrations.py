@@ -8,8 +8,10 @@ import sys
 
 import httpx
 import psycopg
+from psycopg.types.json import Jsonb
 
 from outbox import db
+from outbox.store import QUERIES
 from tests.integration.conftest import ClientFactory
 from tests.support import wait_for
 
@@ -68,6 +70,48 @@ def test_the_schema_has_what_the_issue_asks_for(database_url: str) -> None:
     assert len(unique) == 1 and "user_id" in unique[0] and "IS NOT NULL" in unique[0]
     assert any("next_attempt_at" in d and "'pending'" in d for d in indexes.values())
     assert event_id is not None and event_id[0] == "bigint" and "nextval" in str(event_id[1])
+
+
+def migrate_before(conninfo: str, version: int) -> None:
+    """Apply the migrations older than `version`, as `outbox migrate` would have then."""
+    with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
+        conn.execute(QUERIES["create_schema"])
+        conn.execute(QUERIES["create_schema_migrations"])
+        for migration in db.find_migrations():
+            if migration.version >= version:
+                break
+            conn.execute(migration.path.read_text())
+            conn.execute(
+                QUERIES["record_migration"],
+                {"version": migration.version, "name": migration.name},
+            )
+
+
+def test_the_sender_limits_migration_keeps_each_senders_pause_and_limit(
+    empty_database_url: str,
+) -> None:
+    # Pauses and limits stored before the senders' state existed carry over to it, and
+    # `default` gets a state of its own (it can be paused since).
+    migrate_before(empty_database_url, 16)
+    paused = {"reason": "by hand", "code": None, "since": "2026-01-01T00:00:00Z"}
+    paused |= {"until": None, "manual": True}
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO outbox.senders (id, provider, users, rate_limit, paused)
+               VALUES ('gw-a', 'fake', '{*}', 20, %s), ('gw-b', 'fake', '{*}', NULL, NULL)""",
+            [Jsonb(paused)],
+        )
+    assert "016_sender_limits" in db.migrate(empty_database_url)
+    with psycopg.connect(empty_database_url) as conn:
+        states = conn.execute(
+            "SELECT id, rate_limit, paused FROM outbox.sender_state ORDER BY id"
+        ).fetchall()
+        columns = conn.execute(
+            """SELECT column_name FROM information_schema.columns
+               WHERE table_schema = 'outbox' AND table_name = 'senders'"""
+        ).fetchall()
+    assert states == [("default", None, None), ("gw-a", 20.0, paused), ("gw-b", None, None)]
+    assert ("paused",) not in columns  # one place for a pause: the state
 
 
 def test_two_processes_migrating_at_once_apply_each_file_once(empty_database_url: str) -> None:

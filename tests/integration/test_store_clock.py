@@ -41,13 +41,14 @@ def test_a_claim_as_of_a_later_time_takes_the_message_due_then(
         try:
             store = Store(pool)
             await store.messages.insert([("user-1", message)], 4)
-            claimed, next_due_at = await store.queue.claim("d-1", 10, 30)
-            assert (claimed, next_due_at) == ([], send_at)  # not due yet, by the database
-            early, _ = await store.queue.claim("d-1", 10, 30, now=send_at - timedelta(seconds=1))
-            assert early == []
-            claimed, next_due_at = await store.queue.claim("d-1", 10, 30, now=send_at)
-            assert [(c.id, c.attempt) for c in claimed] == [(uuid.UUID(message.id), 1)]
-            assert next_due_at is None  # nothing else is pending
+            now = await store.queue.claim("d-1", 10, 30)
+            # Not due yet, by the database.
+            assert (now.claimed, now.next_due_at, now.more) == ([], send_at, False)
+            early = await store.queue.claim("d-1", 10, 30, now=send_at - timedelta(seconds=1))
+            assert (early.claimed, early.next_due_at) == ([], send_at)
+            due = await store.queue.claim("d-1", 10, 30, now=send_at)
+            assert [(c.id, c.attempt) for c in due.claimed] == [(uuid.UUID(message.id), 1)]
+            assert due.next_due_at is None  # nothing else is pending
         finally:
             await pool.close()
 
