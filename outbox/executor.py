@@ -361,7 +361,9 @@ class Executor:
         if failure is not None and failure.kind is ErrorKind.SENDER:
             # Before a buffered row of this sender can start: it is held here until the
             # pause, written with this outcome, reaches the senders' directory.
-            pausing = self.providers.hold(message.sender)
+            # The first error of a pause here, or a failed probe (its pause starts again,
+            # twice as long): one error line each.
+            pausing = self.providers.hold(message.sender) or message.probe
             if pausing:
                 self._on_sender_error(message.sender)
         result = CallResult(

@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -45,17 +44,6 @@ class UnknownSender(Exception):
 class SenderLeftOut(UnknownSender):
     """The sender is stored, but its credentials do not decrypt with this process's key:
     reading the senders again cannot change that."""
-
-
-def _holding(paused: Mapping[str, Any] | None) -> bool:
-    """Whether a pause (outbox.sender_state.paused) holds its sender's rows now: by hand,
-    until a resume; by the breaker, until its `until` (the probe may go after it)."""
-    if paused is None:
-        return False
-    until = paused.get("until")
-    if paused.get("manual") or not isinstance(until, str):
-        return True
-    return datetime.fromisoformat(until) > datetime.now(UTC)
 
 
 def provider_client(settings: Settings) -> httpx.AsyncClient:
@@ -156,16 +144,15 @@ class SenderProviders:
 
     def paused(self, sender_id: str) -> bool:
         """Whether the sender is paused as the directory knows it now (the claim leaves
-        its rows alone until it resumes), or held here (see `hold`). A breaker's pause
-        whose period has passed holds nothing: the claim then hands out one row of the
-        sender, its probe, which must be called."""
+        its rows alone until it resumes, but for its breaker's probe, which the claim
+        marks and which is called all the same), or held here (see `hold`)."""
         hold = self._holds.get(sender_id)
         if hold is not None:
             if time.monotonic() < hold:
                 return True
             del self._holds[sender_id]
         known = self.directory.get(sender_id)
-        return known is not None and _holding(known.config.paused)
+        return known is not None and known.config.paused is not None
 
     def hold(self, sender_id: str) -> bool:
         """A call of this sender hit a sender-level error: none of its rows starts here
