@@ -198,7 +198,11 @@ taken AS (
 spent AS (
     UPDATE outbox.sender_state st
     SET tokens = CASE WHEN g.probe THEN st.tokens ELSE COALESCE(g.tokens - t.n, st.tokens) END,
-        refilled_at = CASE WHEN g.probe THEN st.refilled_at ELSE (SELECT now FROM clock) END,
+        -- Never back: a claim whose clock is older than a claim committed before it
+        -- (its statement began first, reached the lock later) got no refill, and must
+        -- not give the next one the time between them again.
+        refilled_at = CASE WHEN g.probe THEN st.refilled_at
+                           ELSE GREATEST(st.refilled_at, (SELECT now FROM clock)) END,
         probe_id = CASE WHEN g.probe THEN t.first_id ELSE st.probe_id END,
         probe_until = CASE WHEN g.probe
                            THEN (SELECT now FROM clock) + make_interval(secs => %(lease_seconds)s)
