@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from outbox.settings import parse_duration
+
 
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
@@ -33,6 +35,14 @@ class Config:
     growth_error: int
     floor_seconds: int
     ws_clients: int
+    limited_n: int
+    limited_rate: float
+    cpu_n: int
+    cpu_rate: float
+    cpu_seconds: float
+    cpu_dispatchers: int
+    limited_provider: str  # the limited senders' provider: fake, or http (the provider server)
+    sender_burst: float  # OUTBOX_SENDER_BURST as the processes get it (passed through)
     run_timeout: float
     budget_s: float
     keep_db: bool
@@ -61,6 +71,16 @@ class Config:
             growth_error=_env_int("BENCH_GROWTH_ERROR", 10_000 if quick else 100_000),
             floor_seconds=_env_int("BENCH_FLOOR_SECONDS", 3 if quick else 15),
             ws_clients=_env_int("BENCH_WS_CLIENTS", 2_000 if quick else 10_000),
+            # m2_limited: a backlog from one sender limited to this rate, 2 dispatchers.
+            limited_n=_env_int("BENCH_LIMITED_N", 2_000 if quick else 10_000),
+            limited_rate=_env_float("BENCH_LIMITED_RATE", 500),
+            # limited_cpu: the CPU that a slow sender's due backlog costs, over a window.
+            cpu_n=_env_int("BENCH_CPU_N", 10_000),
+            cpu_rate=_env_float("BENCH_CPU_RATE", 20),
+            cpu_seconds=_env_float("BENCH_CPU_SECONDS", 5 if quick else 20),
+            cpu_dispatchers=_env_int("BENCH_CPU_DISPATCHERS", 1),
+            limited_provider=os.environ.get("BENCH_LIMITED_PROVIDER") or "fake",
+            sender_burst=float(parse_duration(os.environ.get("OUTBOX_SENDER_BURST") or 0.2)),
             run_timeout=_env_float("BENCH_RUN_TIMEOUT", 180),
             budget_s=_env_float("BENCH_BUDGET_S", 840),
             keep_db=os.environ.get("BENCH_KEEP_DB", "") not in ("", "0"),

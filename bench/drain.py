@@ -116,7 +116,7 @@ def drain(
         ready = wait_ready(procs)
         meter = CpuMeter({"dispatch": [p.pid for p in procs]})
         t0 = min(ready)
-        t1, polls = _until_drained(h, procs)
+        t1, polls = until_drained(h, procs)
         cpu = meter.stop()
     finally:
         for proc in procs:
@@ -144,7 +144,7 @@ def drain(
     )
 
 
-def _until_drained(h: Harness, procs: list[Proc]) -> tuple[float, int]:
+def until_drained(h: Harness, procs: list[Proc]) -> tuple[float, int]:
     """Polls every 100 ms until no row is left to deliver: (that poll's epoch, polls)."""
     limit = min(h.cfg.run_timeout, max(30.0, h.remaining()))
     deadline = time.time() + limit

@@ -4,6 +4,7 @@ figures and running one step's repetitions."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +39,7 @@ from bench.database import Database
 
 SEND = "/api/v1/whatsapp/send/"
 SEND_BATCH = "/api/v1/whatsapp/send/batch"
+SENDERS = "/api/v1/whatsapp/senders/"
 
 # Settings the bench owns; any other OUTBOX_* of the caller is passed through.
 MANAGED = re.compile(
@@ -91,6 +94,7 @@ class Harness:
         }
         self.db = Database(self.stamp, self.log)
         self.token = ""
+        self._admin_token = ""
         self.wrk = shutil.which("wrk")
         self.pgbench = find_pgbench()
 
@@ -111,6 +115,31 @@ class Harness:
         token = self.outbox("token", "--sub", "bench", "--ttl", "2h", timeout=60)
         token.check_returncode()
         self.token = token.stdout.strip()
+
+    def admin_token(self) -> str:
+        """A token with the admin role (minted on first use: few steps need one)."""
+        if not self._admin_token:
+            token = self.outbox(
+                "token", "--sub", "bench-admin", "--admin", "--ttl", "2h", timeout=60
+            )
+            token.check_returncode()
+            self._admin_token = token.stdout.strip()
+        return self._admin_token
+
+    def put_sender(self, port: int, sender_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`PUT /senders/{id}` through a `serve` listening on `port`, as an admin; its answer."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{SENDERS}{sender_id}",
+            data=json.dumps(body).encode(),
+            method="PUT",
+            headers={
+                "Authorization": f"Bearer {self.admin_token()}",
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+        return answer
 
     def teardown(self) -> None:
         self.db.drop(keep=self.cfg.keep_db)

@@ -54,6 +54,9 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    # A limited sender's first claims open dozens of connections at once: socketserver's
+    # backlog of 5 dropped their SYNs (retried a second later, or a ReadError).
+    request_queue_size = 1024
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hanging up is fine

@@ -5,11 +5,14 @@ A fresh database on the local PostgreSQL per run (or OUTBOX_BENCH_DATABASE_URL),
 the raw data under bench/results/<timestamp>/, the table on stdout and in
 bench/results/<timestamp>.json. Knobs (environment): BENCH_QUICK=1 (small N, 1 repetition),
 BENCH_REPS, BENCH_M1_N, BENCH_M2_N, BENCH_M2_SENDERS (default 100), BENCH_M3_N,
-BENCH_M4_SECONDS, BENCH_GROWTH_SENT, BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S
-(default 840), BENCH_KEEP_DB=1, BENCH_ONLY=floor,m1,m2_1p,m2_senders,m2_2p,m3,m4,m4_floor,
-growth,ws (a subset of the steps; m1 includes M1's stack floor, bench/bare_app.py;
-m2_senders is judged against m2_1p of the same run), BENCH_WS_CLIENTS (the `ws` step's idle
-feeds).
+BENCH_M4_SECONDS, BENCH_LIMITED_N, BENCH_LIMITED_RATE (m2_limited: 10,000 rows from one
+sender at 500/s), BENCH_CPU_N, BENCH_CPU_RATE, BENCH_CPU_SECONDS, BENCH_CPU_DISPATCHERS
+(limited_cpu: 10,000 due rows from one sender at 20/s, 1 dispatcher, 20 s),
+BENCH_GROWTH_SENT, BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840),
+BENCH_KEEP_DB=1, BENCH_ONLY=floor,m1,m2_1p,m2_senders,m2_2p,m3,m4,m4_floor,m2_limited,
+limited_cpu,growth,ws (a subset of the steps; m1 includes M1's stack floor,
+bench/bare_app.py; m2_senders is judged against m2_1p of the same run), BENCH_WS_CLIENTS
+(the `ws` step's idle feeds).
 OUTBOX_* variables that the bench does not set itself (e.g. OUTBOX_DB_POOL_SIZE,
 OUTBOX_DISPATCH_CONCURRENCY outside M3) are passed to the processes and recorded.
 
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import drain, feeds, ingest, latency
+from bench import drain, feeds, ingest, latency, limits
 from bench.common import BENCH_DIR, ROOT, payload_bytes, stop_all
 from bench.config import Config
 from bench.harness import Harness
@@ -57,6 +60,8 @@ def steps(cfg: Config) -> list[Step]:
         Step("m3", drain.m3, cfg.reps),
         Step("m4", latency.m4, cfg.reps),
         Step("m4_floor", latency.m4_floor, cfg.reps),
+        Step("m2_limited", limits.m2_limited, cfg.reps),
+        Step("limited_cpu", limits.limited_cpu, 1),
         Step("growth", drain.growth, 1, need=90 if cfg.growth_sent >= 500_000 else 0),
         Step("ws", feeds.ws, 1, need=60),
     ]

@@ -24,12 +24,14 @@ from bench.common import (
 )
 from bench.config import Config
 from bench.httpclient import RawClient, build_post
+from bench.limits import busiest_second, span_rate
 from bench.report import ROWS, Row, render, rows
 from bench.sql import (
     DROP_SENDERS,
     FLOOR_SCRIPT,
     PREFILL_OLD_SENT,
     PREFILL_PENDING,
+    PREFILL_PENDING_FROM,
     PREFILL_PENDING_SENDERS,
     STORE_SENDERS,
 )
@@ -43,6 +45,10 @@ def check_stats() -> None:
     assert pct([3.0], 99) == 3.0
     assert summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
     assert summary([]) is None
+    # Windows (t - 1, t]: 0.0 and 1.0 are a second apart, never in one window.
+    assert busiest_second([0.0, 0.5, 0.99, 1.0, 1.2]) == 4
+    assert busiest_second([0.0, 1.0, 2.0]) == 1 and busiest_second([]) == 0
+    assert span_rate([0.0, 0.5, 1.0]) == 2.0 and span_rate([1.0]) == 0.0
 
 
 def check_report() -> None:
@@ -52,6 +58,9 @@ def check_report() -> None:
     assert rss.verdict()[1] == "FAIL"  # judged on the worst process, not the median
     assert Row("n", "ms", []).verdict() == (None, "n/a")
     assert Row("m", "ms", [1.0]).verdict() == (None, "")
+    assert Row("w", "x/s", [509], threshold=500, within=0.02).verdict()[1] == "PASS"
+    assert Row("w", "x/s", [489], threshold=500, within=0.02).verdict()[1] == "FAIL"
+    assert Row("w", "x/s", [511], threshold=500, within=0.02).verdict()[1] == "FAIL"
     table = render([Row("a", "x/s", [1234.5], bar="≥ 1,000", threshold=1000), Row("b", "ms", [])])
     lines = table.splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1, table
@@ -79,6 +88,12 @@ def check_rows() -> None:
     assert by_figure[senders].note.startswith("1.00× M2 1 disp.")
     assert by_figure["peak RSS, serve (each process)"].note == "1 processes"
     assert by_figure["M4 latency p50"].cpu == "other 12"
+    limited = (
+        f"M2 limited: 1 sender at {cfg.limited_rate:g}/s, 2 dispatchers, {cfg.limited_n:,} messages"
+    )
+    assert by_figure[limited].threshold == cfg.limited_rate
+    peak = by_figure["M2 limited: most calls in any 1 s"]
+    assert peak.threshold == cfg.limited_rate * (1 + cfg.sender_burst), peak
 
 
 def check_payload_and_sql() -> None:
@@ -86,8 +101,15 @@ def check_payload_and_sql() -> None:
     assert set(body) == {"to", "type", "text", "client_message_id"}  # no "tenant": see common
     assert len(payload_bytes("c-0000000001")) == 185
     assert "%(n)s" in PREFILL_PENDING and "%(n)s" in PREFILL_OLD_SENT
-    for query in (PREFILL_PENDING, PREFILL_OLD_SENT, PREFILL_PENDING_SENDERS, STORE_SENDERS):
-        bare = query.replace("%(n)s", "").replace("%(senders)s", "")
+    queries = (
+        PREFILL_PENDING,
+        PREFILL_OLD_SENT,
+        PREFILL_PENDING_SENDERS,
+        PREFILL_PENDING_FROM,
+        STORE_SENDERS,
+    )
+    for query in queries:
+        bare = query.replace("%(n)s", "").replace("%(senders)s", "").replace("%(sender)s", "")
         assert "%" not in bare, "a bare % breaks psycopg"  # psycopg placeholders only
     assert "%(senders)s" in PREFILL_PENDING_SENDERS and "%(senders)s" in STORE_SENDERS
     assert "%" not in DROP_SENDERS  # run without parameters: no placeholder to escape

@@ -17,6 +17,25 @@ $$;
 """
 
 TRUNCATE = "TRUNCATE outbox.messages, outbox.attempts, outbox.events"
+
+# m2_limited's view of the token bucket: when each row was claimed, by the claim's own
+# clock (the `updated_at` it sets is the now() its tokens are counted at), recorded by a
+# row trigger in schema `bench` for that step only.
+CLAIM_TIMES_ON = """
+CREATE TABLE IF NOT EXISTS bench.claims (id uuid NOT NULL, claimed_at timestamptz NOT NULL);
+TRUNCATE bench.claims;
+CREATE OR REPLACE FUNCTION bench.record_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench.claims VALUES (NEW.id, NEW.updated_at);
+    RETURN NULL;
+END;
+$$;
+CREATE OR REPLACE TRIGGER bench_claims AFTER UPDATE ON outbox.messages FOR EACH ROW
+    WHEN (OLD.status = 'pending' AND NEW.status = 'in_flight')
+    EXECUTE FUNCTION bench.record_claim();
+"""
+CLAIM_TIMES_OFF = "DROP TRIGGER IF EXISTS bench_claims ON outbox.messages"
+CLAIM_TIMES = "SELECT extract(epoch FROM claimed_at) FROM bench.claims ORDER BY claimed_at"
 VACUUM = [
     "VACUUM ANALYZE outbox.messages",
     "VACUUM ANALYZE outbox.attempts",
@@ -42,6 +61,8 @@ FROM generate_series(1, %(n)s) AS i
 PREFILL_PENDING = _prefill_pending("'default'")
 # The same rows spread round-robin over the senders of STORE_SENDERS.
 PREFILL_PENDING_SENDERS = _prefill_pending("'bench-' || mod(i, %(senders)s)")
+# The same rows, all from the sender %(sender)s.
+PREFILL_PENDING_FROM = _prefill_pending("%(sender)s")
 
 # %(senders)s stored senders bench-0, bench-1, …, as `PUT /senders/{id}` would store a
 # `fake` one with no limit, no latency and no failures (no credentials to encrypt).
