@@ -310,7 +310,13 @@ class Dispatcher:
         """Hold rows just claimed (their lease ends at `lease_end`, monotonic time) and
         start what the slots allow; the others wait in the buffer."""
         self._held_rows.update((message.id, message.attempt) for message in claimed)
-        self._buffer.extend((message, lease_end) for message in claimed)
+        # A row that took its sender's token starts ahead of the others: the limit is kept
+        # at the claim, and a call that waits behind another sender's burst would start
+        # with the next second's.
+        paced = [(message, lease_end) for message in claimed if message.paced]
+        if paced:
+            self._buffer.extendleft(reversed(paced))
+        self._buffer.extend((message, lease_end) for message in claimed if not message.paced)
         self._start_buffered()
 
     def _start_buffered(self) -> None:
@@ -346,6 +352,7 @@ class Dispatcher:
         """A sender paused meanwhile (the directory says so, or a call of it hit a
         sender-level error here): its rows waiting in the buffer go back at once (each
         would go back uncalled when it started), making room for other senders' rows."""
+
         def paused(message: Claimed) -> bool:
             return not message.probe and self.providers.paused(message.sender)
 

@@ -90,14 +90,16 @@ LIMIT %(limit)s;
 -- version, which this snapshot cannot see: it stays pending, and is claimed next time.
 -- One more row, its id NULL, says when a row may next be claimed, after a claim that got
 -- fewer than it asked for: per sender its next pending row's due time, but not before its
--- bucket holds the tokens worth waking for (a tenth of a second's worth, or its whole
--- capacity if smaller) or, when paused by its breaker, before the probe may go; a sender
+-- bucket holds the tokens worth waking for (a fifth of a second's worth, or its whole
+-- capacity if smaller: each dispatcher claims a limited sender's backlog about five
+-- times a second, whatever its rate) or, when paused by its breaker, before the probe may go; a sender
 -- paused by hand never (its resume wakes the dispatchers). A time already past: a due
 -- row another session holds. `more` says that a sender took its whole share: claim again
 -- at once. %(now)s is the claim's clock, the database's own when NULL (tests set it to
 -- claim as of another time); %(burst)s is OUTBOX_SENDER_BURST. The claimed rows' columns
 -- are the fields of Claimed (outbox/store/queue.py), in order (`probe`: the one row of a
--- paused sender that goes as its breaker's probe), then next_due_at and more.
+-- paused sender that goes as its breaker's probe; `paced`: a row that took a token or is
+-- a probe, which the dispatcher starts first), then next_due_at and more.
 WITH RECURSIVE clock AS MATERIALIZED (
     SELECT COALESCE(%(now)s::timestamptz, now()) AS now
 ),
@@ -158,7 +160,7 @@ guards AS (
     FOR NO KEY UPDATE OF st SKIP LOCKED
 ),
 grants AS (
-    SELECT r.id, r.share, COALESCE(g.probe, false) AS probe,
+    SELECT r.id, r.share, r.guarded, COALESCE(g.probe, false) AS probe,
            CASE WHEN NOT r.guarded THEN r.share
                 WHEN g.probe THEN LEAST(r.share, 1)
                 ELSE LEAST(r.share, floor(g.tokens)::int) END AS allowance
@@ -218,8 +220,11 @@ wake AS (
                WHEN s.active THEN GREATEST(
                    next.head,
                    (SELECT now FROM clock) + make_interval(secs => GREATEST(0,
-                       LEAST(GREATEST(1, s.rate * %(burst)s), GREATEST(1, s.rate * 0.1))
-                       - COALESCE(g.tokens - COALESCE(t.n, 0), s.tokens_now)) / s.rate))
+                       LEAST(GREATEST(1, s.rate * %(burst)s), GREATEST(1, s.rate * 0.2))
+                       -- Tokens left: this claim's count; a sender whose state another
+                       -- claim held had tokens that claim takes; else as the snapshot saw.
+                       - COALESCE(g.tokens - COALESCE(t.n, 0), CASE WHEN s.tokens_now >= 1 THEN 0 ELSE s.tokens_now END))
+                       / s.rate))
                WHEN s.probe_at IS NOT NULL
                    THEN GREATEST(next.head, s.probe_at, s.probe_until)
            END AS at
@@ -239,10 +244,11 @@ wake AS (
 SELECT c.id, c.user_id, c."to", c.type, c.payload, c.client_message_id, c.attempts AS attempt,
        c.max_attempts, c.expires_at, c.sender, c.throttles,
        EXISTS (SELECT FROM grants g WHERE g.id = c.sender AND g.probe) AS probe,
+       EXISTS (SELECT FROM grants g WHERE g.id = c.sender AND g.guarded) AS paced,
        NULL::timestamptz AS next_due_at, NULL::boolean AS more
 FROM claimed c
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s
             THEN (SELECT min(at) FROM wake)
        END,

@@ -250,7 +250,7 @@ BEGIN
                 outbox.measured_rate(s.id)) / 2),
             decreased_at = now(),
             tokens = 0,
-            refilled_at = now()
+            refilled_at = GREATEST(s.refilled_at, now())  -- never back (see the claim)
         WHERE s.id = hit.sender
           AND (s.decreased_at IS NULL OR hit.started_at > s.decreased_at);
     END LOOP;
