@@ -221,14 +221,33 @@ DECLARE
     hit record;
     period double precision;
 BEGIN
-    -- Pair throttles: the same recipient's other pending messages wait as long.
+    -- The senders' states first, locked in id order: two batches that touch the same
+    -- senders (throttles, pauses, probes) never wait for each other in a cycle.
+    INSERT INTO outbox.sender_state (id)
+    SELECT DISTINCT o.sender FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o
+    WHERE o.outcome = 'throttled' AND o.throttle = 'rate'
+    ORDER BY 1
+    ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM outbox.sender_state
+    WHERE id IN (SELECT o.sender FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o)
+    ORDER BY id
+    FOR NO KEY UPDATE;
+
+    -- Pair throttles: the same recipient's other pending messages wait as long. Rows
+    -- another transaction holds are skipped: a claim taking them (they are called, and
+    -- throttled in turn), or another batch making them pending with its own hold (two
+    -- batches that waited for each other's rows would deadlock).
     UPDATE outbox.messages m
     SET next_attempt_at = h.until
     FROM (SELECT o.sender, t."to", max(o.next_attempt_at) AS until
-          FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o JOIN outbox.messages t ON t.id = o.id
+          FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o
+          JOIN outbox.messages t ON t.id = o.id
           WHERE o.outcome = 'throttled' AND o.throttle = 'pair'
           GROUP BY o.sender, t."to") h
-    WHERE m.status = 'pending' AND m.sender = h.sender AND m."to" = h."to"
+    WHERE m.ctid IN (SELECT p.ctid FROM outbox.messages p
+                     WHERE p.status = 'pending' AND p.sender = h.sender AND p."to" = h."to"
+                       AND p.next_attempt_at < h.until
+                     FOR UPDATE SKIP LOCKED)
       AND m.next_attempt_at < h.until;
 
     -- Rate throttles: AIMD's decrease.
@@ -238,7 +257,6 @@ BEGIN
         WHERE o.outcome = 'throttled' AND o.throttle = 'rate'
         GROUP BY o.sender
     LOOP
-        INSERT INTO outbox.sender_state (id) VALUES (hit.sender) ON CONFLICT DO NOTHING;
         UPDATE outbox.sender_state s
         SET learned_limit = CASE WHEN s.rate_limit IS NULL
                                   AND outbox.sender_rate(NULL, s.learned_limit, s.decreased_rate,
