@@ -199,12 +199,13 @@ def test_a_token_that_expires_while_connected_closes_at_expiry_with_4401(
     serve: Serve, token: Token, sql_conn: psycopg.Connection
 ) -> None:
     server = serve()
-    # `exp` is in whole seconds: 10 s leaves a loaded machine time to connect and hear
-    # one event first (5 s once ran out in CI, with a browser test on the other core).
-    with open_feed(server, token("user-1", ttl=10)) as feed:
+    # `exp` is in whole seconds: 15 s leaves a loaded machine time to connect and hear
+    # one event first (5 s once ran out in CI with a browser test on the other core, 10 s
+    # with a second test run beside it).
+    with open_feed(server, token("user-1", ttl=15)) as feed:
         [task_id] = write_events(sql_conn, 1)
         assert next_event(feed)["data"]["message_id"] == task_id
-        assert close_of(feed, timeout=20) == (4401, "token expired")
+        assert close_of(feed, timeout=30) == (4401, "token expired")
 
 
 @pytest.mark.parametrize("since", ["abc", "-1", "1.5", "²", str(2**63)])
