@@ -299,8 +299,17 @@ class Dispatcher:
             self._ready_logged = True
         # The lease runs from the database's now() inside the claim: count from before it.
         lease_end = time.monotonic() + self.settings.lease_seconds
+        # A limited sender's rows are claimed only for the call slots free now, those
+        # that earlier paced rows waiting in the buffer will not take: its tokens are
+        # spent at the claim, so its calls must start then.
+        waiting_paced = sum(1 for message, _ in self._buffer if message.paced)
+        free_slots = max(0, self._concurrency - self._slots_taken - waiting_paced)
         result = await self.store.queue.claim(
-            self.id, limit, self.settings.lease_seconds, burst=self.settings.sender_burst
+            self.id,
+            limit,
+            self.settings.lease_seconds,
+            burst=self.settings.sender_burst,
+            paced=free_slots,
         )
         self.metrics.claim_size.observe(len(result.claimed))
         self.take(result.claimed, lease_end)

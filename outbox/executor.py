@@ -202,6 +202,7 @@ def _failed(
         refund=refund,
         sender=message.sender,
         throttle=throttle,
+        claimed_at=message.claimed_at,
         code=None if failure.code is None else str(failure.code),
         pause_base=policy.sender_pause if sender_level else None,
         pause_max=policy.sender_pause_max if sender_level else None,

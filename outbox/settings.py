@@ -201,7 +201,7 @@ class Settings(BaseSettings):
     # encrypting, all decrypting (rotation); messages per second of a sender that names
     # no rate_limit (unset: 80 for cloud, unlimited for http and fake).
     secret_key: Annotated[str, AfterValidator(_check_fernet_keys)] = Field(default="", repr=False)
-    sender_rate: float | None = Field(default=None, gt=0)
+    sender_rate: float | None = Field(default=None, gt=0, le=1_000_000)  # senders.MAX_RATE
 
     # Purge and retention (the scheduled job of the dispatchers, or pg_cron)
     error_retention: Seconds = 7 * 86400.0  # errored messages, by finished_at; 0 keeps

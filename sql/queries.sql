@@ -96,7 +96,8 @@ LIMIT %(limit)s;
 -- paused by hand never (its resume wakes the dispatchers). A time already past: a due
 -- row another session holds. `more` says that a sender took its whole share: claim again
 -- at once. %(now)s is the claim's clock, the database's own when NULL (tests set it to
--- claim as of another time); %(burst)s is OUTBOX_SENDER_BURST. The claimed rows' columns
+-- claim as of another time); %(burst)s is OUTBOX_SENDER_BURST; %(paced)s the call slots
+-- free now, which a limited sender's rows may not outnumber. The claimed rows' columns
 -- are the fields of Claimed (outbox/store/queue.py), in order (`probe`: the one row of a
 -- paused sender that goes as its breaker's probe; `paced`: a row that took a token or is
 -- a probe, which the dispatcher starts first), then next_due_at and more.
@@ -163,7 +164,10 @@ grants AS (
     SELECT r.id, r.share, r.guarded, COALESCE(g.probe, false) AS probe,
            CASE WHEN NOT r.guarded THEN r.share
                 WHEN g.probe THEN LEAST(r.share, 1)
-                ELSE LEAST(r.share, floor(g.tokens)::int) END AS allowance
+                -- A limited sender's rows only for the call slots free now (%(paced)s): a
+                -- row claimed with its token must start now, not with the next second's.
+                ELSE LEAST(r.share, %(paced)s, floor(LEAST(g.tokens, r.share))::int)
+           END AS allowance
     FROM ready r
     LEFT JOIN guards g ON g.id = r.id
     WHERE r.share > 0 AND (NOT r.guarded OR g.id IS NOT NULL)
@@ -190,7 +194,7 @@ claimed AS (
         updated_at = (SELECT now FROM clock)
     WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM due))
     RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.attempts,
-              m.max_attempts, m.expires_at, m.sender, m.throttles
+              m.max_attempts, m.expires_at, m.sender, m.throttles, m.updated_at AS claimed_at
 ),
 taken AS (
     SELECT sender, count(*) AS n, (array_agg(id))[1] AS first_id
@@ -245,10 +249,10 @@ SELECT c.id, c.user_id, c."to", c.type, c.payload, c.client_message_id, c.attemp
        c.max_attempts, c.expires_at, c.sender, c.throttles,
        EXISTS (SELECT FROM grants g WHERE g.id = c.sender AND g.probe) AS probe,
        EXISTS (SELECT FROM grants g WHERE g.id = c.sender AND g.guarded) AS paced,
-       NULL::timestamptz AS next_due_at, NULL::boolean AS more
+       c.claimed_at, NULL::timestamptz AS next_due_at, NULL::boolean AS more
 FROM claimed c
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s
             THEN (SELECT min(at) FROM wake)
        END,

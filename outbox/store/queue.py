@@ -35,6 +35,7 @@ class Claimed:
     throttles: int = 0  # times the provider throttled it so far (each spent no attempt)
     probe: bool = False  # its sender is paused: this call is its breaker's probe
     paced: bool = False  # it took its sender's token (or is a probe): start it first
+    claimed_at: datetime | None = None  # the claim's time (the database's clock)
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 5× more, per message
@@ -58,6 +59,7 @@ class Completion:
     code: str | None = None  # the provider's code of a sender-level error (the pause's)
     pause_base: float | None = None  # a sender-level error: OUTBOX_SENDER_PAUSE
     pause_max: float | None = None  # and OUTBOX_SENDER_PAUSE_MAX
+    claimed_at: datetime | None = None  # its claim's time: a throttle after a decrease
 
 
 CLAIM_COLUMNS = [*(field.name for field in dataclasses.fields(Claimed)), "next_due_at", "more"]
@@ -120,6 +122,7 @@ class Queue:
                     "lease_seconds": lease_seconds,
                     "now": None,
                     "burst": burst,
+                    "paced": 0,
                 }
                 prepare = None if conn.prepare_threshold is None else True
                 await self._db.execute(
@@ -132,19 +135,23 @@ class Queue:
         limit: int,
         lease_seconds: float,
         *,
-        burst: float = 0.2,
+        burst: float = 0.2,  # OUTBOX_SENDER_BURST's default
+        paced: int | None = None,
         now: datetime | None = None,
     ) -> ClaimResult:
         """Up to `limit` due messages, each sender within its limits (`burst`: seconds'
-        worth of its rate its bucket holds), and, when fewer came, when a row may next be
-        claimed (see ClaimEnd). A paused sender's messages are left pending, but for its
-        breaker's probe. `now`: claim as of that time (the database's clock when None)."""
+        worth of its rate its bucket holds; `paced`: the call slots free now, which a
+        limited sender's rows may not outnumber, None: `limit`), and, when fewer came,
+        when a row may next be claimed (see ClaimEnd). A paused sender's messages are left
+        pending, but for its breaker's probe. `now`: claim as of that time (the
+        database's clock when None)."""
         params = {
             "dispatcher": dispatcher,
             "limit": limit,
             "lease_seconds": lease_seconds,
             "now": now,
             "burst": burst,
+            "paced": limit if paced is None else paced,
         }
         rows = await self._db.fetchall(QUERIES["claim_messages"], params, row=_claim_row)
         claimed: list[Claimed] = []

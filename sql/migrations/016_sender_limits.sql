@@ -193,24 +193,26 @@ $$;
 -- - a pair throttle (131056) holds the other pending messages of that sender to that
 --   recipient as long as the throttled one;
 -- - a throttle halves the sender's rate (at least 1/s) and empties its bucket, once per
---   burst: only a throttled call that started after the last decrease decreases it again
---   (the calls already out when it fell tell of the old rate). An unlimited sender gets
+--   burst: only a throttled row claimed after the last decrease decreases it again (the
+--   rows already claimed when it fell tell of the old rate; both times are the
+--   database's, whatever the dispatchers' clocks say). An unlimited sender gets
 --   a limit first: its rate measured over the last 2 s (attempts finished);
 -- - a sender-level failure pauses the sender (the breaker: OUTBOX_SENDER_PAUSE, doubled
 --   by each failed probe up to OUTBOX_SENDER_PAUSE_MAX, from the outcome's pause_base and
 --   pause_max); a failure of the probe pauses it again for twice as long;
--- - the probe's success (or a permanent failure: the account could send) resumes it; any
---   other end of the probe lets another message probe.
+-- - the probe's success (or a permanent failure: the account could send) resumes it; a
+--   probe handed back uncalled, or expired, lets another message probe at once; any other
+--   end (a timeout, a 5xx, a throttle) waits the same period again for the next probe.
 CREATE FUNCTION outbox.sender_outcome_rows(p_outcomes json, p_applied uuid[])
 RETURNS TABLE (id uuid, sender text, outcome text, throttle text, error text, code text,
-               next_attempt_at timestamptz, started_at timestamptz, pause_base float8,
+               next_attempt_at timestamptz, claimed_at timestamptz, pause_base float8,
                pause_max float8)
 LANGUAGE sql IMMUTABLE AS $$
     SELECT o.id, o.sender, o.outcome, o.throttle, o.error, o.code, o.next_attempt_at,
-           o.started_at, o.pause_base, o.pause_max
+           o.claimed_at, o.pause_base, o.pause_max
     FROM json_to_recordset(p_outcomes)
         AS o(id uuid, sender text, outcome text, throttle text, error text, code text,
-             next_attempt_at timestamptz, started_at timestamptz, pause_base float8,
+             next_attempt_at timestamptz, claimed_at timestamptz, pause_base float8,
              pause_max float8)
     WHERE o.id = ANY (p_applied)
 $$;
@@ -252,7 +254,7 @@ BEGIN
 
     -- Rate throttles: AIMD's decrease.
     FOR hit IN
-        SELECT o.sender, max(o.started_at) AS started_at
+        SELECT o.sender, max(o.claimed_at) AS claimed_at
         FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o
         WHERE o.outcome = 'throttled' AND o.throttle = 'rate'
         GROUP BY o.sender
@@ -270,7 +272,7 @@ BEGIN
             tokens = 0,
             refilled_at = GREATEST(s.refilled_at, now())  -- never back (see the claim)
         WHERE s.id = hit.sender
-          AND (s.decreased_at IS NULL OR hit.started_at > s.decreased_at);
+          AND (s.decreased_at IS NULL OR hit.claimed_at > s.decreased_at);
     END LOOP;
 
     -- Sender-level failures: the breaker.
@@ -281,7 +283,7 @@ BEGIN
         FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o
         LEFT JOIN outbox.sender_state s ON s.id = o.sender
         WHERE o.outcome = 'sender'
-        ORDER BY o.sender, o.started_at
+        ORDER BY o.sender, o.claimed_at
     LOOP
         IF hit.probe_failed THEN
             period := LEAST(hit.pause_max, COALESCE(hit.pause_seconds, hit.pause_base) * 2);
@@ -298,16 +300,23 @@ BEGIN
 
     -- The probes' other ends.
     FOR hit IN
-        SELECT o.sender, o.outcome
+        SELECT o.sender, o.outcome, s.paused ->> 'reason' AS reason, s.paused ->> 'code' AS code,
+               COALESCE(s.pause_seconds, 60) AS period
         FROM outbox.sender_outcome_rows(p_outcomes, p_applied) o
         JOIN outbox.sender_state s ON s.id = o.sender AND s.probe_id = o.id
         WHERE o.outcome <> 'sender'
     LOOP
         IF hit.outcome IN ('sent', 'permanent') THEN
             PERFORM outbox.resume_sender(hit.sender);
-        ELSE
+        ELSIF hit.outcome IN ('interrupted', 'expired') THEN
+            -- Never called (handed back, or expired first): another message probes now.
             UPDATE outbox.sender_state SET probe_id = NULL, probe_until = NULL
             WHERE id = hit.sender;
+        ELSE
+            -- Called, but it tells nothing of the account (a timeout, a 5xx, a
+            -- throttle): the next probe after the same period, not doubled.
+            PERFORM outbox.pause_sender(hit.sender, hit.reason, hit.code,
+                                        now() + make_interval(secs => hit.period), false);
         END IF;
     END LOOP;
 END;

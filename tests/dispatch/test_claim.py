@@ -16,7 +16,14 @@ def claim_plan(conn: psycopg.Connection, limit: int) -> dict[str, Any]:
     with conn.transaction(force_rollback=True):
         row = conn.execute(
             b"EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["claim_messages"].encode(),
-            {"dispatcher": "d-1", "limit": limit, "lease_seconds": 30, "now": None, "burst": 0.2},
+            {
+                "dispatcher": "d-1",
+                "limit": limit,
+                "lease_seconds": 30,
+                "now": None,
+                "burst": 0.2,
+                "paced": limit,
+            },
         ).fetchone()
     assert row is not None
     plan: dict[str, Any] = row[0][0]["Plan"]

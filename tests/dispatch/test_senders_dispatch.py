@@ -313,7 +313,7 @@ def test_a_message_whose_sender_is_unknown_ends_in_error_uncalled(
 # The claim statement itself -----------------------------------------------------------
 
 
-CLAIM = {"dispatcher": "d-1", "lease_seconds": 30, "now": None, "burst": 0.2}
+CLAIM = {"dispatcher": "d-1", "lease_seconds": 30, "now": None, "burst": 0.2, "paced": 1000}
 
 
 def claim(conn: psycopg.Connection, limit: int = 10) -> tuple[list[str], Any, bool]:
