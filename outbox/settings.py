@@ -173,7 +173,7 @@ class Settings(BaseSettings):
     lease_seconds: Seconds = 60.0
     # A sender's breaker: paused this long after a sender-level error, doubled by each
     # failed probe up to sender_pause_max.
-    sender_pause: Seconds = Field(default=60.0, gt=0)
+    sender_pause: Seconds = 60.0  # 0: the probe goes at once
     sender_pause_max: Seconds = Field(default=3600.0, gt=0)
     # Limits (outbox/store/queue.py's claim): a sender's bucket holds this many seconds'
     # worth of its rate; a message throttled more often than max_throttles ends `error`;

@@ -595,10 +595,7 @@ ORDER BY s.id;
 -- to (NULL: unlimited), as the claim computes it; one sender's when %(id)s is given.
 SELECT id, paused,
        outbox.sender_rate(rate_limit, learned_limit, decreased_rate, decreased_at, now())
-           AS effective_rate,
-       learned_limit IS NOT NULL
-           AND outbox.sender_rate(rate_limit, learned_limit, decreased_rate, decreased_at,
-                                  now()) IS NOT NULL AS learned
+           AS effective_rate
 FROM outbox.sender_state
 WHERE %(id)s::text IS NULL OR id = %(id)s::text
 ORDER BY id;

@@ -44,13 +44,12 @@ class SenderCounts:
 @dataclass(frozen=True, slots=True)
 class SenderState:
     """A sender's state now (the columns of sender_states): its pause, and the rate the
-    claim keeps it to (None: unlimited); `learned`: a limit it got from a throttle, having
-    none configured."""
+    claim keeps it to (None: unlimited; with no rate_limit configured, a limit it learned
+    from a throttle)."""
 
     id: str
     paused: dict[str, Any] | None
     effective_rate: float | None
-    learned: bool
 
 
 @dataclass(frozen=True, slots=True)
