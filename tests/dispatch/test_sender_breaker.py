@@ -3,12 +3,13 @@ PostgreSQL: a sender-level error (Cloud code 190: the access token expired) paus
 sender only, its messages pending and unattempted, with a `sender_paused` event on the
 feed; past each pause period exactly one message goes as the probe, its failure pausing
 the sender again for twice as long (up to OUTBOX_SENDER_PAUSE_MAX), its success resuming
-it (`sender_resumed`) and sending the rest. A pause by hand is never probed; the sender
-`default` has the same breaker; a gateway's `session_not_ready` stays a retry of one
-message."""
+it (`sender_resumed`) and sending the rest, a probe answered 503 or timed out waiting the
+same period again. A pause by hand is never probed; the sender `default` has the same
+breaker; a gateway's `session_not_ready` stays a retry of one message."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -426,3 +427,57 @@ def test_a_gateways_session_not_ready_stays_a_retry_of_the_message(
     assert attempts_of(sql_conn, "default") == {"transient": 10, "sent": 10}
     assert state_of(sql_conn, "default")["paused"] is None
     assert sender_events(sql_conn, "default") == []
+
+
+def test_a_probe_answered_503_or_timing_out_waits_the_same_period_for_the_next(
+    sql_conn: psycopg.Connection, provider: Provider, start_dispatcher: Start, admin: httpx.Client
+) -> None:
+    """After 190, the provider answers A's probes with a 503 or not at all (timed out): a
+    probe called that tells nothing of the account waits the same period again, neither
+    doubled nor cut short by another message probing at once. Two dispatchers, 3 s: one
+    call per period reaches A, each a message's first attempt."""
+    scripted, _ = provider
+    first: list[float] = []
+    probes: list[Call] = []
+
+    def script(call: Call, n: int) -> Reply:
+        if not first:
+            first.append(call.at)
+        # The first calls, out together, and any straggler before the first probe may go
+        # (the pause ends PAUSE after the first 190's outcome at the earliest): 190.
+        if call.at - first[0] < PAUSE:
+            return EXPIRED
+        probes.append(call)
+        if len(probes) % 2:
+            return Reply(status=503, body={"error": "upstream unavailable"})
+        return Reply(delay=1.0)  # past OUTBOX_PROVIDER_TIMEOUT: timed out
+
+    scripted.script = script
+    put_senders(admin, provider, "a")
+    dispatchers = [start_dispatcher(False, **BREAKER, provider_timeout="300ms") for _ in range(2)]
+    for dispatcher in dispatchers:
+        dispatcher.wait_ready()
+    insert_messages(sql_conn, 20, sender="a")
+    sql_conn.execute("NOTIFY outbox_new")
+    wait_for(lambda: first, what="A's first call")
+    wait_for(lambda: time.time() > first[0] + 3.5, timeout=10, what="3.5 s of A's breaker")
+
+    pauses, resumed = pauses_and_resume(sql_conn, "a")
+    assert resumed is None
+    starts = [call.at for call in probes]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    print(f"\n503/timeout probes: {len(probes)}, gaps (s): {[round(g, 3) for g in gaps]}")
+    # The first pause, then a probe each period (the timed-out ones 0.3 s longer).
+    assert 2 <= len(probes) <= 6, starts
+    assert all(gap >= PAUSE - 0.05 for gap in gaps), gaps
+    assert len(pauses) >= len(probes)  # each probe's end paused A again (the last may not yet)
+    periods = [epoch(p["data"]["until"]) - epoch(p["data"]["timestamp"]) for p in pauses]
+    assert periods == pytest.approx([PAUSE] * len(pauses), abs=0.01)  # never doubled
+    assert state_of(sql_conn, "a")["pause_seconds"] == PAUSE
+    # One attempt per period: each probe another message's first.
+    assert {call.attempt for call in probes} == {1}
+    assert len({call.task_id for call in probes}) == len(probes)
+    spent = sql_conn.execute(
+        "SELECT sum(attempts) FROM outbox.messages WHERE sender = 'a'"
+    ).fetchone()
+    assert spent is not None and spent[0] <= len(probes)
