@@ -368,7 +368,7 @@ BEGIN
           AND m.status = 'in_flight'
           AND m.locked_by = p_dispatcher
           AND m.attempts = o.attempt
-        RETURNING m.id, m.status
+        RETURNING m.id, m.status, o.outcome
     ),
     recorded AS (
         INSERT INTO outbox.attempts
@@ -376,17 +376,17 @@ BEGIN
         SELECT o.id, o.attempt, p_dispatcher, o.started_at, o.finished_at, o.outcome, o.error,
                o.latency_ms
         FROM outcome o JOIN updated u ON u.id = o.id
-        RETURNING message_id, outcome
     )
     -- A sender-level pause, a throttle or a shutdown hand-back is not news for the client
-    -- while the message waits.
-    SELECT array_agg(r.message_id),
-           array_agg(r.message_id) FILTER (
+    -- while the message waits. Read from `updated` alone: a join of the two CTEs' rows
+    -- was planned as a nested loop (each CTE estimated at 100 rows), 9 ms per 512.
+    SELECT array_agg(u.id),
+           array_agg(u.id) FILTER (
                WHERE u.status <> 'pending'
-                  OR r.outcome NOT IN ('sender', 'interrupted', 'throttled')),
-           bool_or(r.outcome IN ('sender', 'throttled'))
+                  OR u.outcome NOT IN ('sender', 'interrupted', 'throttled')),
+           bool_or(u.outcome IN ('sender', 'throttled'))
     INTO applied, eventful, senders_news
-    FROM recorded r JOIN updated u ON u.id = r.message_id;
+    FROM updated u;
     IF senders_news
        OR EXISTS (SELECT FROM outbox.sender_state WHERE probe_id = ANY (applied)) THEN
         PERFORM outbox.apply_sender_outcomes(p_outcomes, applied);
