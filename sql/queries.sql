@@ -120,17 +120,22 @@ heads AS (
         ORDER BY sender, next_attempt_at
         LIMIT 1) n
 ),
-senders AS MATERIALIZED (
+rates AS MATERIALIZED (
     SELECT h.sender AS id, h.head, st.paused IS NULL AS active, st.probe_at, st.probe_until,
-           st.tokens, st.refilled_at, rate.rate,
-           outbox.sender_tokens(st.tokens, st.refilled_at, rate.rate, %(burst)s, c.now)
-               AS tokens_now
+           st.tokens, st.refilled_at,
+           outbox.sender_rate(st.rate_limit, st.learned_limit, st.decreased_rate,
+                              st.decreased_at, c.now) AS rate
     FROM heads h
     CROSS JOIN clock c
     LEFT JOIN outbox.sender_state st ON st.id = h.sender
-    CROSS JOIN LATERAL (
-        SELECT outbox.sender_rate(st.rate_limit, st.learned_limit, st.decreased_rate,
-                                  st.decreased_at, c.now) AS rate) rate
+),
+senders AS MATERIALIZED (
+    SELECT r.*,
+           CASE WHEN r.rate IS NOT NULL
+                THEN outbox.sender_tokens(r.tokens, r.refilled_at, r.rate, %(burst)s,
+                                          (SELECT now FROM clock))
+           END AS tokens_now
+    FROM rates r
 ),
 ready AS (
     SELECT r.id, r.guarded,
@@ -246,11 +251,10 @@ wake AS (
                END AS head) next
 )
 SELECT c.id, c.user_id, c."to", c.type, c.payload, c.client_message_id, c.attempts AS attempt,
-       c.max_attempts, c.expires_at, c.sender, c.throttles,
-       EXISTS (SELECT FROM grants g WHERE g.id = c.sender AND g.probe) AS probe,
-       EXISTS (SELECT FROM grants g WHERE g.id = c.sender AND g.guarded) AS paced,
+       c.max_attempts, c.expires_at, c.sender, c.throttles, g.probe, g.guarded AS paced,
        c.claimed_at, NULL::timestamptz AS next_due_at, NULL::boolean AS more
 FROM claimed c
+JOIN grants g ON g.id = c.sender  -- one hash join, not a lookup per row
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s
