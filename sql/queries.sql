@@ -73,9 +73,11 @@ LIMIT %(limit)s;
 --    row: unlimited and active), with its effective rate now.
 -- 3. `ready`: those with a due row that may send now: active and, when limited, with a
 --    token in their bucket; or paused by their breaker past its period with no probe
---    out (one message then goes, as the probe). Each gets a share of the claim: equal
---    shares, one more for the oldest heads, so that no sender's backlog holds back
---    another's rows.
+--    out (one message then goes, as the probe). The oldest heads get a share of the
+--    claim each: equal shares of at least 32 rows (one more for the oldest), so that no
+--    sender's backlog holds back another's rows, and a claim of a few hundred rows over
+--    many senders visits a few of them (each visit is an index descent); those left out
+--    come first in the next claim, which follows at once (`more`).
 -- 4. `guards`: the state of the limited and probing ones, locked (FOR NO KEY UPDATE SKIP
 --    LOCKED: a sender whose state another claim holds is left to that claim) and read
 --    again as it is now, with the tokens it holds now.
@@ -94,8 +96,8 @@ LIMIT %(limit)s;
 -- capacity if smaller: each dispatcher claims a limited sender's backlog about five
 -- times a second, whatever its rate) or, when paused by its breaker, before the probe may go; a sender
 -- paused by hand never (its resume wakes the dispatchers). A time already past: a due
--- row another session holds. `more` says that a sender took its whole share: claim again
--- at once. %(now)s is the claim's clock, the database's own when NULL (tests set it to
+-- row another session holds. `more` says that a sender took its whole share, or that
+-- senders with due rows were left out: claim again at once. %(now)s is the claim's clock, the database's own when NULL (tests set it to
 -- claim as of another time); %(burst)s is OUTBOX_SENDER_BURST; %(paced)s the call slots
 -- free now, which a limited sender's rows may not outnumber. The claimed rows' columns
 -- are the fields of Claimed (outbox/store/queue.py), in order (`probe`: the one row of a
@@ -139,10 +141,14 @@ senders AS MATERIALIZED (
 ),
 ready AS (
     SELECT r.id, r.guarded,
-           %(limit)s / r.n + CASE WHEN r.rank <= mod(%(limit)s, r.n) THEN 1 ELSE 0 END AS share
+           CASE WHEN r.rank <= r.k
+                THEN %(limit)s / r.k + CASE WHEN r.rank <= mod(%(limit)s, r.k) THEN 1 ELSE 0 END
+                ELSE 0
+           END AS share
     FROM (
         SELECT s.id, s.rate IS NOT NULL OR NOT s.active AS guarded,
-               count(*) OVER () AS n, row_number() OVER (ORDER BY s.head, s.id) AS rank
+               LEAST(count(*) OVER (), GREATEST(1, %(limit)s / 32)) AS k,
+               row_number() OVER (ORDER BY s.head, s.id) AS rank
         FROM senders s
         WHERE s.head <= (SELECT now FROM clock)
           AND CASE WHEN s.active THEN s.rate IS NULL OR s.tokens_now >= 1
@@ -261,7 +267,8 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, N
             THEN (SELECT min(at) FROM wake)
        END,
        EXISTS (SELECT FROM grants g JOIN taken t ON t.sender = g.id
-               WHERE NOT g.probe AND t.n >= g.share);
+               WHERE NOT g.probe AND t.n >= g.share)
+       OR (%(limit)s > 0 AND EXISTS (SELECT FROM ready WHERE share = 0));
 
 -- name: expire_pending
 -- Pending messages whose expires_at has passed end `error` "expired" (the reaper's round;

@@ -486,18 +486,19 @@ def test_two_batches_with_pair_throttles_on_the_same_recipients_never_deadlock(
 
 def test_the_claims_paced_cap_limits_a_limited_sender_only(sql_conn: psycopg.Connection) -> None:
     """With 2 call slots free, a limited sender with 10 tokens and 10 due rows gets 2 rows;
-    an unlimited sender in the same claim its whole share."""
+    an unlimited sender in the same claim its whole share (a claim of 64 rows shares out
+    to two senders: at least 32 rows each)."""
     add_sender(sql_conn, "lim", 50)  # a full bucket: 0.2 s of 50/s, 10 tokens
     add_sender(sql_conn, "free")
     add_due(sql_conn, "lim", 10)
     add_due(sql_conn, "free", 10)
     at = db_now(sql_conn)
 
-    got = claim(sql_conn, at, limit=20, paced=2)
+    got = claim(sql_conn, at, limit=64, paced=2)
     assert len(got.of("lim")) == 2 and all(row["paced"] for row in got.of("lim"))
     assert len(got.of("free")) == 10 and not any(row["paced"] for row in got.of("free"))
     # The 2 took 2 tokens only: 8 left for the next claim at the same moment.
-    assert len(claim(sql_conn, at, limit=20, paced=20).of("lim")) == 8
+    assert len(claim(sql_conn, at, limit=64, paced=20).of("lim")) == 8
     # No slot free: nothing of the limited sender.
     add_due(sql_conn, "lim", 5)
-    assert claim(sql_conn, at + timedelta(seconds=1), limit=20, paced=0).of("lim") == []
+    assert claim(sql_conn, at + timedelta(seconds=1), limit=64, paced=0).of("lim") == []
