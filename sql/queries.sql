@@ -94,11 +94,12 @@ LIMIT %(limit)s;
 -- fewer than it asked for: per sender its next pending row's due time, but not before its
 -- bucket holds the tokens worth waking for (a fifth of a second's worth, or its whole
 -- capacity if smaller: each dispatcher claims a limited sender's backlog about five
--- times a second, whatever its rate) or, when paused by its breaker, before the probe may go; a sender
--- paused by hand never (its resume wakes the dispatchers). A time already past: a due
--- row another session holds. `more` says that a sender took its whole share, or that
--- senders with due rows were left out: claim again at once. %(now)s is the claim's clock, the database's own when NULL (tests set it to
--- claim as of another time); %(burst)s is OUTBOX_SENDER_BURST; %(paced)s the call slots
+-- times a second, whatever its rate) or, when paused by its breaker, before the probe
+-- may go; a sender paused by hand never (its resume wakes the dispatchers). A time
+-- already past: a due row another session holds. `more` says that a sender took its
+-- whole share, or that senders with due rows were left out: claim again at once.
+-- %(now)s is the claim's clock, the database's own when NULL (tests set it to claim as
+-- of another time); %(burst)s is OUTBOX_SENDER_BURST; %(paced)s the call slots
 -- free now, which a limited sender's rows may not outnumber. The claimed rows' columns
 -- are the fields of Claimed (outbox/store/queue.py), in order (`probe`: the one row of a
 -- paused sender that goes as its breaker's probe; `paced`: a row that took a token or is
