@@ -127,6 +127,9 @@ class Dispatcher:
         self._running: set[asyncio.Task[None]] = set()  # attempts, until their call ends
         self._slots_taken = 0  # attempts started whose provider call has not ended
         self._buffer: deque[tuple[Claimed, float]] = deque()  # claimed, not started; lease end
+        # Per sender, the user whose rows its last claim took last: the next claim there
+        # serves the users after it first (round-robin).
+        self._cursors: dict[str, str] = {}
         self._concurrency = settings.dispatch_concurrency
         prefetch = settings.dispatch_prefetch
         self._capacity = self._concurrency + (self._concurrency if prefetch is None else prefetch)
@@ -310,7 +313,11 @@ class Dispatcher:
             self.settings.lease_seconds,
             burst=self.settings.sender_burst,
             paced=free_slots,
+            cursors=self._cursors,
+            user_max_in_flight=self.settings.user_max_in_flight,
         )
+        # Round-robin: each sender's next claim starts after the user this one served last.
+        self._cursors.update(result.cursors)
         self.metrics.claim_size.observe(len(result.claimed))
         self.take(result.claimed, lease_end)
         return len(result.claimed), result.next_due_at, result.more

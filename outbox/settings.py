@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     sender_burst: Seconds = Field(default=0.2, gt=0, le=60)
     max_throttles: int = Field(default=100, ge=0, le=1_000_000)
     pair_delay: Seconds = Field(default=6.0, ge=0)
+    # Fairness: at most this many rows of one user (JWT sub) claimed at once across the
+    # cluster, prefetched ones included (None: no cap).
+    user_max_in_flight: int | None = Field(default=None, ge=1, le=1_000_000)
     shutdown_grace: Seconds = 30.0
 
     # Providers

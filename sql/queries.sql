@@ -7,17 +7,29 @@
 -- plain INSERT costs PostgreSQL about a quarter less than one with ON CONFLICT, whose
 -- speculative insertion every row pays (EXPLAIN ANALYZE of 1,000 rows: 11.8 ms
 -- against 15.9). A client_message_id already taken fails it with a unique violation,
--- and the caller runs insert_messages instead.
+-- and the caller runs insert_messages instead. An ordered message that may have a live
+-- earlier one in its conversation (one seen now, an earlier one of the batch, or a send_at
+-- ahead, where it takes its place later) gets check_order: the claim checks its order
+-- (sql/migrations/017_order_priority_fairness.sql). Requests that overlap in time see
+-- nothing of each other: either may go first.
 INSERT INTO outbox.messages AS m
     (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
-     send_at, expires_at, next_attempt_at, sender)
+     send_at, expires_at, next_attempt_at, sender, priority, ordered, check_order)
 SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
        decode(b.request_hash, 'hex'), b.max_attempts, b.send_at, b.expires_at,
-       GREATEST(now(), COALESCE(b.send_at, now())), b.sender
-FROM jsonb_to_recordset(%(messages)s::jsonb)
-    AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
-         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz,
-         sender text);
+       GREATEST(now(), COALESCE(b.send_at, now())), b.sender, b.priority, b.ordered,
+       b.ordered AND (COALESCE(b.send_at > now(), false)
+                      OR row_number() OVER (PARTITION BY b.sender, b."to" ORDER BY b.n) > 1
+                      OR EXISTS (SELECT FROM outbox.messages e
+                                 WHERE e.status IN ('pending', 'in_flight')
+                                   AND e.sender = b.sender AND e."to" = b."to" AND e.ordered))
+FROM ROWS FROM (jsonb_to_recordset(%(messages)s::jsonb)
+        AS (id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
+            request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz,
+            sender text, priority smallint, ordered boolean)) WITH ORDINALITY
+    AS b(id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
+         send_at, expires_at, sender, priority, ordered, n)
+ORDER BY b.n  -- seq (the column's default) in array order;
 
 -- name: insert_messages
 -- insert_new_messages when some rows may be replays: the same INSERT, and per row
@@ -25,14 +37,22 @@ FROM jsonb_to_recordset(%(messages)s::jsonb)
 -- under the same client_message_id), or a conflict (nothing comes back for it).
 INSERT INTO outbox.messages AS m
     (id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
-     send_at, expires_at, next_attempt_at, sender)
+     send_at, expires_at, next_attempt_at, sender, priority, ordered, check_order)
 SELECT b.id, b.user_id, b.client_message_id, b."to", b.type, b.payload,
        decode(b.request_hash, 'hex'), b.max_attempts, b.send_at, b.expires_at,
-       GREATEST(now(), COALESCE(b.send_at, now())), b.sender
-FROM jsonb_to_recordset(%(messages)s::jsonb)
-    AS b(id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
-         request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz,
-         sender text)
+       GREATEST(now(), COALESCE(b.send_at, now())), b.sender, b.priority, b.ordered,
+       b.ordered AND (COALESCE(b.send_at > now(), false)
+                      OR row_number() OVER (PARTITION BY b.sender, b."to" ORDER BY b.n) > 1
+                      OR EXISTS (SELECT FROM outbox.messages e
+                                 WHERE e.status IN ('pending', 'in_flight')
+                                   AND e.sender = b.sender AND e."to" = b."to" AND e.ordered))
+FROM ROWS FROM (jsonb_to_recordset(%(messages)s::jsonb)
+        AS (id uuid, user_id text, client_message_id text, "to" text, type text, payload jsonb,
+            request_hash text, max_attempts int, send_at timestamptz, expires_at timestamptz,
+            sender text, priority smallint, ordered boolean)) WITH ORDINALITY
+    AS b(id, user_id, client_message_id, "to", type, payload, request_hash, max_attempts,
+         send_at, expires_at, sender, priority, ordered, n)
+ORDER BY b.n  -- seq (the column's default) in array order
 ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL
 DO UPDATE SET updated_at = m.updated_at
     WHERE m.request_hash = EXCLUDED.request_hash
@@ -110,7 +130,7 @@ WITH RECURSIVE clock AS MATERIALIZED (
 heads AS (
     (SELECT sender, next_attempt_at AS head
      FROM outbox.messages
-     WHERE status = 'pending'
+     WHERE status = 'pending' AND NOT held
      ORDER BY sender, next_attempt_at
      LIMIT 1)
     UNION ALL
@@ -119,7 +139,7 @@ heads AS (
     CROSS JOIN LATERAL (
         SELECT sender, next_attempt_at AS head
         FROM outbox.messages
-        WHERE status = 'pending' AND sender > h.sender
+        WHERE status = 'pending' AND NOT held AND sender > h.sender
         ORDER BY sender, next_attempt_at
         LIMIT 1) n
 ),
@@ -184,18 +204,119 @@ grants AS (
     LEFT JOIN guards g ON g.id = r.id
     WHERE r.share > 0 AND (NOT r.guarded OR g.id IS NOT NULL)
 ),
-due AS (
-    SELECT d.ctid
+-- The walk: each granted sender's users, round-robin. Priorities in order (0 high first);
+-- within one, the users after this dispatcher's cursor for that sender (%(cursors)s, the
+-- last user its previous claim served there), then, a second lap, those up to it; each
+-- user takes its due rows up to what is left of the sender's allowance (and, under
+-- %(user_max)s, its room in flight). A row per step: `real` ones are users, the others
+-- move to the next lap or priority; at most 64 steps per sender.
+busy AS MATERIALIZED (
+    SELECT m.user_id, count(*) AS n
+    FROM outbox.messages m
+    WHERE %(user_max)s::int IS NOT NULL AND m.status = 'in_flight'
+    GROUP BY m.user_id
+),
+walk AS (
+    SELECT g.id AS sender, 0::smallint AS priority, 0 AS lap,
+           %(cursors)s::jsonb ->> g.id AS user_id, g.allowance AS remaining, 0::bigint AS n,
+           0 AS steps, false AS real
     FROM grants g
-    CROSS JOIN LATERAL (
-        SELECT m.ctid
-        FROM outbox.messages m
-        WHERE m.status = 'pending' AND m.sender = g.id
-          AND m.next_attempt_at <= (SELECT now FROM clock)
-        ORDER BY m.sender, m.next_attempt_at  -- messages_sender_due's order: never read past
-        LIMIT g.allowance
-        FOR UPDATE OF m SKIP LOCKED) d
     WHERE g.allowance > 0
+    UNION ALL
+    SELECT w.sender, nx.priority, nx.lap, nx.user_id, w.remaining - nx.n, nx.n, w.steps + 1,
+           nx.real
+    FROM walk w
+    CROSS JOIN LATERAL (
+        (SELECT w.priority, w.lap, u.user_id,
+                LEAST(
+                    (SELECT count(*)
+                     FROM (SELECT FROM outbox.messages c
+                           WHERE c.status = 'pending' AND NOT c.held AND c.sender = w.sender
+                             AND c.priority = w.priority AND c.user_id = u.user_id
+                             AND c.next_attempt_at <= (SELECT now FROM clock)
+                           ORDER BY c.next_attempt_at  -- messages_claim's order, never a scan
+                           LIMIT w.remaining) x),
+                    GREATEST(0, COALESCE(%(user_max)s::int - (SELECT b.n FROM busy b
+                                                             WHERE b.user_id = u.user_id),
+                                         %(user_max)s::int, w.remaining))) AS n,
+                true AS real
+         -- The next user (a JWT sub is never empty: '' is before them all), as an index
+         -- condition: never a read through one user's rows.
+         FROM (SELECT m.user_id
+               FROM outbox.messages m
+               WHERE m.status = 'pending' AND NOT m.held AND m.sender = w.sender
+                 AND m.priority = w.priority AND m.user_id > COALESCE(w.user_id, '')
+               ORDER BY m.sender, m.priority, m.user_id
+               LIMIT 1) u
+         WHERE w.lap = 0 OR u.user_id <= %(cursors)s::jsonb ->> w.sender)
+        UNION ALL
+        (SELECT w.priority, 1, NULL::text, 0::bigint, false
+         WHERE w.lap = 0 AND %(cursors)s::jsonb ? w.sender)
+        UNION ALL
+        (SELECT (w.priority + 1)::smallint, 0, %(cursors)s::jsonb ->> w.sender, 0::bigint, false
+         WHERE w.priority < 2)
+        LIMIT 1) nx
+    WHERE w.remaining > 0 AND w.steps < 64
+),
+-- Each user's due rows, oldest first, rows that another dispatcher is claiming skipped.
+due AS (
+    SELECT d.*, w.priority AS rank_priority, w.steps AS rank_step
+    FROM walk w
+    CROSS JOIN LATERAL (
+        SELECT m.ctid, m.id, m.sender, m.user_id, m."to", m.ordered, m.check_order,
+               m.order_at, m.seq, m.next_attempt_at
+        FROM outbox.messages m
+        WHERE m.status = 'pending' AND NOT m.held AND m.sender = w.sender
+          AND m.priority = w.priority AND m.user_id = w.user_id
+          AND m.next_attempt_at <= (SELECT now FROM clock)
+        ORDER BY m.sender, m.priority, m.user_id, m.next_attempt_at  -- messages_claim's order
+        LIMIT w.n
+        FOR UPDATE OF m SKIP LOCKED) d
+    WHERE w.real AND w.n > 0
+),
+-- Order: a row that may have a live earlier message in its conversation looks for the
+-- last one (as this statement's snapshot sees it; a row of this claim counts).
+checked AS (
+    SELECT d.*, p.id AS before_id
+    FROM due d
+    LEFT JOIN LATERAL (
+        SELECT e.id
+        FROM outbox.messages e
+        WHERE d.check_order
+          AND e.status IN ('pending', 'in_flight') AND e.sender = d.sender
+          AND e."to" = d."to" AND e.ordered AND (e.order_at, e.seq) < (d.order_at, d.seq)
+        ORDER BY e.order_at DESC, e.seq DESC
+        LIMIT 1) p ON true
+),
+-- Those earlier messages, locked while still live: their finalisation then waits for
+-- this claim, and its release sees the rows parked behind them. One being finalised or
+-- claimed now is skipped: its followers stay as they are, for the next claim.
+before AS (
+    SELECT e.id
+    FROM outbox.messages e
+    WHERE e.id = ANY (ARRAY(SELECT before_id FROM checked WHERE before_id IS NOT NULL))
+      AND e.status IN ('pending', 'in_flight')
+    FOR SHARE OF e SKIP LOCKED
+),
+-- A user's rows beyond %(user_max)s in flight wait (its rows of several senders or
+-- priorities in one claim counted together).
+decided AS (
+    SELECT c.ctid, c.before_id IS NOT NULL AS park,
+           c.before_id IS NULL
+           AND (%(user_max)s::int IS NULL
+                OR COALESCE((SELECT b.n FROM busy b WHERE b.user_id = c.user_id), 0)
+                   + count(*) FILTER (WHERE c.before_id IS NULL) OVER (
+                         PARTITION BY c.user_id ORDER BY c.rank_priority, c.rank_step,
+                                                         c.next_attempt_at, c.seq)
+                   <= %(user_max)s::int) AS go
+    FROM checked c
+    WHERE c.before_id IS NULL OR c.before_id IN (SELECT id FROM before)
+),
+parked AS (
+    UPDATE outbox.messages m
+    SET held = true
+    WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM decided WHERE park))
+    RETURNING m.sender
 ),
 claimed AS (
     UPDATE outbox.messages m
@@ -204,9 +325,12 @@ claimed AS (
         locked_by = %(dispatcher)s,
         locked_until = (SELECT now FROM clock) + make_interval(secs => %(lease_seconds)s),
         updated_at = (SELECT now FROM clock)
-    WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM due))
+    WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM decided WHERE go))
     RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.attempts,
               m.max_attempts, m.expires_at, m.sender, m.throttles, m.updated_at AS claimed_at
+),
+fetched AS (
+    SELECT sender, count(*) AS n FROM due GROUP BY sender
 ),
 taken AS (
     SELECT sender, count(*) AS n, (array_agg(id))[1] AS first_id
@@ -251,7 +375,7 @@ wake AS (
         SELECT CASE WHEN t.n IS NULL THEN s.head
                     ELSE (SELECT m.next_attempt_at
                           FROM outbox.messages m
-                          WHERE m.status = 'pending' AND m.sender = s.id
+                          WHERE m.status = 'pending' AND NOT m.held AND m.sender = s.id
                             AND m.id NOT IN (SELECT id FROM claimed)
                           ORDER BY m.sender, m.next_attempt_at
                           LIMIT 1)
@@ -259,7 +383,8 @@ wake AS (
 )
 SELECT c.id, c.user_id, c."to", c.type, c.payload, c.client_message_id, c.attempts AS attempt,
        c.max_attempts, c.expires_at, c.sender, c.throttles, g.probe, g.guarded AS paced,
-       c.claimed_at, NULL::timestamptz AS next_due_at, NULL::boolean AS more
+       c.claimed_at, NULL::timestamptz AS next_due_at, NULL::boolean AS more,
+       NULL::jsonb AS cursors
 FROM claimed c
 JOIN grants g ON g.id = c.sender  -- one hash join, not a lookup per row
 UNION ALL
@@ -267,9 +392,15 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, N
        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s
             THEN (SELECT min(at) FROM wake)
        END,
-       EXISTS (SELECT FROM grants g JOIN taken t ON t.sender = g.id
+       EXISTS (SELECT FROM grants g JOIN fetched t ON t.sender = g.id
                WHERE NOT g.probe AND t.n >= g.share)
-       OR (%(limit)s > 0 AND EXISTS (SELECT FROM ready WHERE share = 0));
+       OR (%(limit)s > 0 AND EXISTS (SELECT FROM ready WHERE share = 0))
+       OR EXISTS (SELECT FROM parked),
+       (SELECT jsonb_object_agg(v.sender, v.user_id)
+        FROM (SELECT DISTINCT ON (w.sender) w.sender, w.user_id
+              FROM walk w
+              WHERE w.real AND w.n > 0
+              ORDER BY w.sender, w.steps DESC) v);
 
 -- name: expire_pending
 -- Pending messages whose expires_at has passed end `error` "expired" (the reaper's round;
@@ -418,7 +549,7 @@ SELECT COALESCE(
 WITH RECURSIVE heads AS (
     (SELECT sender, next_attempt_at AS head
      FROM outbox.messages
-     WHERE status = 'pending'
+     WHERE status = 'pending' AND NOT held
      ORDER BY sender, next_attempt_at
      LIMIT 1)
     UNION ALL
@@ -427,14 +558,17 @@ WITH RECURSIVE heads AS (
     CROSS JOIN LATERAL (
         SELECT sender, next_attempt_at AS head
         FROM outbox.messages
-        WHERE status = 'pending' AND sender > h.sender
+        WHERE status = 'pending' AND NOT held AND sender > h.sender
         ORDER BY sender, next_attempt_at
         LIMIT 1) n
 ), pending AS (
-    SELECT 1 FROM outbox.messages WHERE status = 'pending' LIMIT %(cap)s + 1
+    SELECT 1 FROM (SELECT FROM outbox.messages WHERE status = 'pending' AND NOT held
+                   UNION ALL
+                   SELECT FROM outbox.messages WHERE held AND status = 'pending') p
+    LIMIT %(cap)s + 1
 ), pending_due AS (
     SELECT 1 FROM outbox.messages
-    WHERE status = 'pending' AND next_attempt_at <= now() LIMIT %(cap)s + 1
+    WHERE status = 'pending' AND NOT held AND next_attempt_at <= now() LIMIT %(cap)s + 1
 ), in_flight AS (
     SELECT locked_until AS at FROM outbox.messages
     WHERE status = 'in_flight' ORDER BY locked_until LIMIT %(cap)s + 1
@@ -498,7 +632,7 @@ SELECT json_build_object(
               FROM heads h
               CROSS JOIN LATERAL (
                   SELECT * FROM outbox.messages m
-                  WHERE m.status = 'pending' AND m.sender = h.sender
+                  WHERE m.status = 'pending' AND NOT m.held AND m.sender = h.sender
                   ORDER BY m.sender, m.next_attempt_at
                   LIMIT %(rows)s) w
               ORDER BY w.next_attempt_at
@@ -530,17 +664,19 @@ SELECT %(id)s::text = 'default'
 -- name: queue_gauges
 -- The Prometheus queue gauges (outbox/metrics.py), read at most once per
 -- OUTBOX_METRICS_CACHE. Exact where a partial index keeps it cheap whatever the size of
--- the history: pending rows through messages_sender_due, in-flight rows through messages_lease
+-- the history: pending rows through messages_sender_due (parked ones through messages_held;
+-- they are not due), in-flight rows through messages_lease
 -- (live rows only, index-only scans). Sent, error and cancelled rows are most of a big
 -- table: their counts are estimated from the planner's statistics instead, as of the
 -- last (auto)ANALYZE: a catalogue lookup (outbox/store/figures.py does the arithmetic).
 -- The columns are the fields of GaugeRow (outbox/store/figures.py).
 WITH pending AS (
-    SELECT count(*) AS count,
+    SELECT count(*) + (SELECT count(*) FROM outbox.messages WHERE held AND status = 'pending')
+               AS count,
            count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
            GREATEST(0, COALESCE(EXTRACT(epoch FROM now() - min(next_attempt_at)), 0))::float8
                AS oldest_due_age
-    FROM outbox.messages WHERE status = 'pending'
+    FROM outbox.messages WHERE status = 'pending' AND NOT held
 ), in_flight AS (
     SELECT count(*) AS count, count(*) FILTER (WHERE locked_until < now()) AS expired
     FROM outbox.messages WHERE status = 'in_flight'

@@ -391,6 +391,15 @@ $$;
 
 
 --
+-- Name: priority_name(smallint); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.priority_name(p smallint) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN CASE p WHEN 0 THEN 'high'::text WHEN 1 THEN 'normal'::text WHEN 2 THEN 'low'::text ELSE NULL::text END;
+
+
+--
 -- Name: purge(interval, interval, interval, integer, bigint, bigint, bigint); Type: PROCEDURE; Schema: outbox; Owner: -
 --
 
@@ -688,6 +697,139 @@ $$;
 
 
 --
+-- Name: release_after_update(); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.release_after_update() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    senders text[];
+    tos text[];
+BEGIN
+    IF NOT EXISTS (SELECT FROM outbox.messages WHERE held AND status = 'pending') THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(n.sender), array_agg(n."to") INTO senders, tos
+    FROM changed n
+    WHERE n.ordered AND n.status IN ('sent', 'error', 'cancelled');
+    IF senders IS NOT NULL THEN
+        PERFORM outbox.release_conversations(senders, tos);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+
+--
+-- Name: release_conversations(text[], text[]); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.release_conversations(p_senders text[], p_tos text[]) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    released integer;
+BEGIN
+    WITH conversation AS (
+        SELECT DISTINCT c.sender, c."to"
+        FROM unnest(p_senders, p_tos) AS c(sender, "to")
+        WHERE EXISTS (SELECT FROM outbox.messages h
+                      WHERE h.held AND h.status = 'pending'
+                        AND h.sender = c.sender AND h."to" = c."to")
+    ), first AS (
+        SELECT f.id
+        FROM conversation c
+        CROSS JOIN LATERAL (
+            SELECT e.id, e.held, e.status
+            FROM outbox.messages e
+            WHERE e.status IN ('pending', 'in_flight') AND e.sender = c.sender
+              AND e."to" = c."to" AND e.ordered
+            ORDER BY e.order_at, e.seq
+            LIMIT 1) f
+        WHERE f.held AND f.status = 'pending'
+    ), released AS (
+        UPDATE outbox.messages m
+        SET held = false
+        WHERE m.id IN (SELECT id FROM first) AND m.held AND m.status = 'pending'
+        RETURNING 1
+    )
+    SELECT count(*) INTO released FROM released;
+    IF released > 0 THEN
+        PERFORM pg_notify('outbox_new', '');
+    END IF;
+    RETURN released;
+END;
+$$;
+
+
+--
+-- Name: release_stranded(text, text, integer); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.release_stranded(p_sender text, p_to text, p_limit integer, OUT last_sender text, OUT last_to text, OUT released integer) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    WITH RECURSIVE conversation AS (
+        (SELECT h.sender, h."to", 1 AS n
+         FROM outbox.messages h
+         WHERE h.held AND h.status = 'pending'
+           AND (p_sender IS NULL OR (h.sender, h."to") > (p_sender, p_to))
+         ORDER BY h.sender, h."to"
+         LIMIT 1)
+        UNION ALL
+        SELECT x.sender, x."to", c.n + 1
+        FROM conversation c
+        CROSS JOIN LATERAL (
+            SELECT h.sender, h."to"
+            FROM outbox.messages h
+            WHERE h.held AND h.status = 'pending' AND (h.sender, h."to") > (c.sender, c."to")
+            ORDER BY h.sender, h."to"
+            LIMIT 1) x
+        WHERE c.n < p_limit
+    ), visited AS MATERIALIZED (
+        SELECT * FROM conversation
+    ), stranded AS (
+        SELECT f.id
+        FROM visited c
+        CROSS JOIN LATERAL (
+            SELECT h.id, h.order_at, h.seq
+            FROM outbox.messages h
+            WHERE h.held AND h.status = 'pending' AND h.sender = c.sender AND h."to" = c."to"
+            ORDER BY h.order_at, h.seq
+            LIMIT 1) f
+        WHERE NOT EXISTS (
+            SELECT FROM outbox.messages e
+            WHERE e.status IN ('pending', 'in_flight') AND e.sender = c.sender
+              AND e."to" = c."to" AND e.ordered
+              AND NOT (e.held AND e.status = 'pending')
+              AND (e.order_at, e.seq) < (f.order_at, f.seq))
+    ), done AS (
+        UPDATE outbox.messages m
+        SET held = false
+        WHERE m.id IN (SELECT id FROM stranded) AND m.held AND m.status = 'pending'
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM done),
+           (SELECT v.sender FROM visited v ORDER BY v.n DESC LIMIT 1),
+           (SELECT v."to" FROM visited v ORDER BY v.n DESC LIMIT 1)
+    INTO released, last_sender, last_to;
+    IF (SELECT count(*) FROM (SELECT 1 FROM outbox.messages h
+                              WHERE h.held AND h.status = 'pending'
+                                AND (h.sender, h."to") > (last_sender, last_to)
+                              LIMIT 1) x) = 0 THEN
+        last_sender := NULL;  -- the end: the next round starts again
+        last_to := NULL;
+    END IF;
+    IF released > 0 THEN
+        PERFORM pg_notify('outbox_new', '');
+    END IF;
+END;
+$$;
+
+
+--
 -- Name: resume_sender(text); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -748,7 +890,14 @@ CREATE TABLE outbox.messages (
     finished_at timestamp with time zone,
     sender text DEFAULT 'default'::text NOT NULL,
     throttles integer DEFAULT 0 NOT NULL,
+    seq bigint NOT NULL,
+    order_at timestamp with time zone GENERATED ALWAYS AS (GREATEST(created_at, send_at)) STORED,
+    priority smallint DEFAULT 1 NOT NULL,
+    ordered boolean DEFAULT true NOT NULL,
+    check_order boolean DEFAULT false NOT NULL,
+    held boolean DEFAULT false NOT NULL,
     CONSTRAINT messages_max_attempts_check CHECK ((max_attempts > 0)),
+    CONSTRAINT messages_priority_check CHECK (((priority >= 0) AND (priority <= 2))),
     CONSTRAINT messages_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'sent'::text, 'error'::text, 'cancelled'::text]))),
     CONSTRAINT messages_type_check CHECK ((type = ANY (ARRAY['text'::text, 'template'::text, 'image'::text, 'document'::text, 'audio'::text, 'video'::text])))
 )
@@ -772,6 +921,7 @@ BEGIN
     SET status = 'pending',
         max_attempts = attempts + p_budget,
         throttles = 0,
+        held = false,
         next_attempt_at = GREATEST(now(), COALESCE(send_at, now())),  -- never before send_at
         last_error = NULL,
         provider_message_id = NULL,
@@ -786,11 +936,59 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
+    IF requeued.ordered THEN
+        UPDATE outbox.messages
+        SET check_order = true
+        WHERE status = 'pending' AND sender = requeued.sender AND "to" = requeued."to"
+          AND ordered AND NOT check_order
+          AND (order_at, seq) > (requeued.order_at, requeued.seq);
+    END IF;
     PERFORM outbox.write_events(ARRAY[requeued.id]);
     PERFORM pg_notify('outbox_new', '');
     RETURN NEXT requeued;
 END;
 $$;
+
+
+--
+-- Name: sender_rate(double precision, double precision, double precision, timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.sender_rate(p_limit double precision, p_learned double precision, p_decreased double precision, p_since timestamp with time zone, p_at timestamp with time zone) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT CASE
+        WHEN p_limit IS NULL AND p_learned IS NULL THEN NULL
+        WHEN p_since IS NULL THEN COALESCE(p_limit, p_learned)
+        WHEN p_limit IS NOT NULL
+            THEN LEAST(p_limit, p_decreased
+                       + 0.1 * p_limit * GREATEST(0, EXTRACT(epoch FROM p_at - p_since)::float8))
+        ELSE NULLIF(LEAST(10 * p_learned, p_decreased
+                          + 0.1 * p_learned * GREATEST(0, EXTRACT(epoch FROM p_at - p_since)::float8)),
+                    10 * p_learned)
+    END
+$$;
+
+
+--
+-- Name: sender_tokens(double precision, timestamp with time zone, double precision, double precision, timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.sender_tokens(p_tokens double precision, p_refilled timestamp with time zone, p_rate double precision, p_burst double precision, p_at timestamp with time zone) RETURNS double precision
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT LEAST(GREATEST(1, p_rate * p_burst),
+                 p_tokens + p_rate * GREATEST(0, EXTRACT(epoch FROM p_at - p_refilled)::float8))
+$$;
+
+
+--
+-- Name: wire_time(timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.wire_time(ts timestamp with time zone) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$ SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') $$;
 
 
 --
@@ -809,6 +1007,37 @@ CREATE TABLE outbox.attempts (
     latency_ms double precision
 )
 WITH (autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.02');
+
+
+--
+-- Name: sender_state; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.sender_state (
+    id text NOT NULL,
+    rate_limit double precision,
+    learned_limit double precision,
+    decreased_rate double precision,
+    decreased_at timestamp with time zone,
+    tokens double precision DEFAULT 'Infinity'::double precision NOT NULL,
+    refilled_at timestamp with time zone DEFAULT now() NOT NULL,
+    paused jsonb,
+    probe_at timestamp with time zone,
+    pause_seconds double precision,
+    probe_id uuid,
+    probe_until timestamp with time zone,
+    CONSTRAINT sender_state_learned_limit_check CHECK ((learned_limit > (0)::double precision)),
+    CONSTRAINT sender_state_rate_limit_check CHECK ((rate_limit > (0)::double precision))
+);
+
+
+--
+-- Name: waiting_for(outbox.messages); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.waiting_for(m outbox.messages) RETURNS jsonb
+    LANGUAGE sql STABLE
+    RETURN CASE WHEN ((m).status <> 'pending'::text) THEN NULL::jsonb WHEN ((m).ordered AND ((m).held OR (m).check_order) AND (EXISTS (SELECT FROM outbox.messages e WHERE ((e.status = ANY (ARRAY['pending'::text, 'in_flight'::text])) AND (e.sender = (waiting_for.m).sender) AND (e."to" = (waiting_for.m)."to") AND e.ordered AND (ROW(e.order_at, e.seq) < ROW((waiting_for.m).order_at, (waiting_for.m).seq)))))) THEN jsonb_build_object('reason', 'earlier_message', 'task_id', (SELECT e.id FROM outbox.messages e WHERE ((e.status = ANY (ARRAY['pending'::text, 'in_flight'::text])) AND (e.sender = (waiting_for.m).sender) AND (e."to" = (waiting_for.m)."to") AND e.ordered AND (ROW(e.order_at, e.seq) < ROW((waiting_for.m).order_at, (waiting_for.m).seq))) ORDER BY e.order_at, e.seq LIMIT 1)) WHEN ((m).send_at > now()) THEN jsonb_build_object('reason', 'send_at', 'until', outbox.wire_time((m).send_at)) WHEN ((m).next_attempt_at > now()) THEN jsonb_build_object('reason', CASE WHEN ((SELECT a.outcome FROM outbox.attempts a WHERE (a.message_id = (waiting_for.m).id) ORDER BY a.id DESC LIMIT 1) = 'throttled'::text) THEN 'rate_limit'::text ELSE 'retry'::text END, 'until', outbox.wire_time((m).next_attempt_at)) WHEN (SELECT (st.paused IS NOT NULL) FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender)) THEN jsonb_build_object('reason', 'sender_paused', 'until', (SELECT outbox.wire_time(st.probe_at) AS wire_time FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender))) WHEN (SELECT (outbox.sender_tokens(st.tokens, st.refilled_at, outbox.sender_rate(st.rate_limit, st.learned_limit, st.decreased_rate, st.decreased_at, now()), (0.2)::double precision, now()) < (1)::double precision) FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender)) THEN jsonb_build_object('reason', 'rate_limit') ELSE NULL::jsonb END;
 
 
 --
@@ -833,7 +1062,10 @@ CREATE VIEW outbox.listed_message AS
     m.updated_at,
     m.finished_at,
     m.sender,
-    m.throttles
+    m.throttles,
+    outbox.priority_name(m.priority) AS priority,
+    m.ordered,
+    outbox.waiting_for(m.*) AS waiting_for
    FROM outbox.messages m;
 
 
@@ -860,6 +1092,9 @@ CREATE VIEW outbox.message_view AS
     l.finished_at,
     l.sender,
     l.throttles,
+    l.priority,
+    l.ordered,
+    l.waiting_for,
     COALESCE(( SELECT jsonb_agg(jsonb_build_object('attempt', a.attempt, 'started_at', a.started_at, 'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error) ORDER BY a.id) AS jsonb_agg
            FROM outbox.attempts a
           WHERE (a.message_id = l.id)), '[]'::jsonb) AS history
@@ -896,38 +1131,6 @@ CREATE FUNCTION outbox.sender_outcome_rows(p_outcomes json, p_applied uuid[]) RE
              next_attempt_at timestamptz, claimed_at timestamptz, pause_base float8,
              pause_max float8)
     WHERE o.id = ANY (p_applied)
-$$;
-
-
---
--- Name: sender_rate(double precision, double precision, double precision, timestamp with time zone, timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
---
-
-CREATE FUNCTION outbox.sender_rate(p_limit double precision, p_learned double precision, p_decreased double precision, p_since timestamp with time zone, p_at timestamp with time zone) RETURNS double precision
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$
-    SELECT CASE
-        WHEN p_limit IS NULL AND p_learned IS NULL THEN NULL
-        WHEN p_since IS NULL THEN COALESCE(p_limit, p_learned)
-        WHEN p_limit IS NOT NULL
-            THEN LEAST(p_limit, p_decreased
-                       + 0.1 * p_limit * GREATEST(0, EXTRACT(epoch FROM p_at - p_since)::float8))
-        ELSE NULLIF(LEAST(10 * p_learned, p_decreased
-                          + 0.1 * p_learned * GREATEST(0, EXTRACT(epoch FROM p_at - p_since)::float8)),
-                    10 * p_learned)
-    END
-$$;
-
-
---
--- Name: sender_tokens(double precision, timestamp with time zone, double precision, double precision, timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
---
-
-CREATE FUNCTION outbox.sender_tokens(p_tokens double precision, p_refilled timestamp with time zone, p_rate double precision, p_burst double precision, p_at timestamp with time zone) RETURNS double precision
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$
-    SELECT LEAST(GREATEST(1, p_rate * p_burst),
-                 p_tokens + p_rate * GREATEST(0, EXTRACT(epoch FROM p_at - p_refilled)::float8))
 $$;
 
 
@@ -972,15 +1175,6 @@ $$;
 
 
 --
--- Name: wire_time(timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
---
-
-CREATE FUNCTION outbox.wire_time(ts timestamp with time zone) RETURNS text
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$ SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') $$;
-
-
---
 -- Name: write_events(uuid[]); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -1015,7 +1209,8 @@ BEGIN
                    'client_message_id', m.client_message_id,
                    'provider_message_id', m.provider_message_id,
                    'attempt', m.attempts,
-                   'sender', m.sender)
+                   'sender', m.sender,
+                   'priority', outbox.priority_name(m.priority))
                || CASE WHEN m.status = 'pending'
                        THEN jsonb_build_object('next_attempt_at', outbox.wire_time(m.next_attempt_at))
                        ELSE '{}'::jsonb END,
@@ -1132,6 +1327,25 @@ CREATE TABLE outbox.job_runs (
 
 
 --
+-- Name: messages_seq; Type: SEQUENCE; Schema: outbox; Owner: -
+--
+
+CREATE SEQUENCE outbox.messages_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+
+--
+-- Name: messages_seq; Type: SEQUENCE OWNED BY; Schema: outbox; Owner: -
+--
+
+ALTER SEQUENCE outbox.messages_seq OWNED BY outbox.messages.seq;
+
+
+--
 -- Name: provider_latency; Type: VIEW; Schema: outbox; Owner: -
 --
 
@@ -1233,28 +1447,6 @@ CREATE TABLE outbox.schema_migrations (
 
 
 --
--- Name: sender_state; Type: TABLE; Schema: outbox; Owner: -
---
-
-CREATE TABLE outbox.sender_state (
-    id text NOT NULL,
-    rate_limit double precision,
-    learned_limit double precision,
-    decreased_rate double precision,
-    decreased_at timestamp with time zone,
-    tokens double precision DEFAULT 'Infinity'::double precision NOT NULL,
-    refilled_at timestamp with time zone DEFAULT now() NOT NULL,
-    paused jsonb,
-    probe_at timestamp with time zone,
-    pause_seconds double precision,
-    probe_id uuid,
-    probe_until timestamp with time zone,
-    CONSTRAINT sender_state_learned_limit_check CHECK ((learned_limit > (0)::double precision)),
-    CONSTRAINT sender_state_rate_limit_check CHECK ((rate_limit > (0)::double precision))
-);
-
-
---
 -- Name: senders; Type: TABLE; Schema: outbox; Owner: -
 --
 
@@ -1329,6 +1521,13 @@ CREATE VIEW outbox.throughput AS
 --
 
 ALTER TABLE ONLY outbox.events ALTER COLUMN id SET DEFAULT nextval('outbox.events_id_seq'::regclass);
+
+
+--
+-- Name: messages seq; Type: DEFAULT; Schema: outbox; Owner: -
+--
+
+ALTER TABLE ONLY outbox.messages ALTER COLUMN seq SET DEFAULT nextval('outbox.messages_seq'::regclass);
 
 
 --
@@ -1438,6 +1637,13 @@ CREATE INDEX events_user_id ON outbox.events USING btree (user_id, id);
 
 
 --
+-- Name: messages_claim; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX messages_claim ON outbox.messages USING btree (sender, priority, user_id, next_attempt_at) WHERE ((status = 'pending'::text) AND (NOT held));
+
+
+--
 -- Name: messages_client_message_id; Type: INDEX; Schema: outbox; Owner: -
 --
 
@@ -1459,10 +1665,24 @@ CREATE INDEX messages_error_finished ON outbox.messages USING btree (finished_at
 
 
 --
+-- Name: messages_held; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX messages_held ON outbox.messages USING btree (sender, "to", order_at, seq) WHERE (held AND (status = 'pending'::text));
+
+
+--
 -- Name: messages_lease; Type: INDEX; Schema: outbox; Owner: -
 --
 
 CREATE INDEX messages_lease ON outbox.messages USING btree (locked_until) WHERE (status = 'in_flight'::text);
+
+
+--
+-- Name: messages_live; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX messages_live ON outbox.messages USING btree (sender, "to", order_at, seq) WHERE (status = ANY (ARRAY['pending'::text, 'in_flight'::text]));
 
 
 --
@@ -1476,7 +1696,7 @@ CREATE INDEX messages_pending_expiry ON outbox.messages USING btree (expires_at)
 -- Name: messages_sender_due; Type: INDEX; Schema: outbox; Owner: -
 --
 
-CREATE INDEX messages_sender_due ON outbox.messages USING btree (sender, next_attempt_at) WHERE (status = 'pending'::text);
+CREATE INDEX messages_sender_due ON outbox.messages USING btree (sender, next_attempt_at) WHERE ((status = 'pending'::text) AND (NOT held));
 
 
 --
@@ -1512,6 +1732,13 @@ CREATE TRIGGER events_purged AFTER DELETE ON outbox.events REFERENCING OLD TABLE
 --
 
 CREATE TRIGGER messages_notify_new AFTER INSERT ON outbox.messages FOR EACH STATEMENT EXECUTE FUNCTION outbox.notify_new();
+
+
+--
+-- Name: messages messages_release_next; Type: TRIGGER; Schema: outbox; Owner: -
+--
+
+CREATE TRIGGER messages_release_next AFTER UPDATE ON outbox.messages REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION outbox.release_after_update();
 
 
 --

@@ -34,6 +34,8 @@ class NewMessage:
     send_at: datetime | None
     expires_at: datetime | None
     sender: str
+    priority: int = 1  # 0 high, 1 normal, 2 low (the column's values)
+    ordered: bool = True  # sent after the earlier ordered messages of its conversation
 
 
 @dataclass(slots=True)
@@ -64,7 +66,7 @@ class HistoryEntry(TypedDict):
 
 @dataclass(slots=True)
 class ListedRow:
-    """A message as the view outbox.listed_message shows it (016_sender_limits.sql): the
+    """A message as the view outbox.listed_message shows it (017_order_priority_fairness.sql): the
     view's columns, by name and in order."""
 
     id: uuid.UUID
@@ -85,6 +87,10 @@ class ListedRow:
     finished_at: datetime | None
     sender: str
     throttles: int  # times the provider throttled it (each spent no attempt)
+    priority: str  # high | normal | low
+    ordered: bool
+    # Why a pending message waits: {"reason", "until"?, "task_id"?} (migration 017)
+    waiting_for: dict[str, Any] | None
 
     def __post_init__(self) -> None:
         self.status = MessageStatus(self.status)  # the column is text
@@ -134,6 +140,8 @@ def _document(rows: Sequence[tuple[str, NewMessage]], max_attempts: int) -> str:
                 "send_at": message.send_at,
                 "expires_at": message.expires_at,
                 "sender": message.sender,
+                "priority": message.priority,
+                "ordered": message.ordered,
             }
             for user_id, message in rows
         ]

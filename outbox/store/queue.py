@@ -62,17 +62,24 @@ class Completion:
     claimed_at: datetime | None = None  # its claim's time: a throttle after a decrease
 
 
-CLAIM_COLUMNS = [*(field.name for field in dataclasses.fields(Claimed)), "next_due_at", "more"]
+CLAIM_COLUMNS = [
+    *(field.name for field in dataclasses.fields(Claimed)),
+    "next_due_at",
+    "more",
+    "cursors",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimEnd:
     """What a claim says after its rows: when a row may next be claimed (None: nothing
     pending that may go, or a full claim), and whether a sender took its whole share of
-    the claim (more may be due: claim again at once)."""
+    the claim (more may be due: claim again at once); and, per sender, the last user
+    the claim served (the round-robin's cursors, for the next claim)."""
 
     next_due_at: datetime | None
     more: bool
+    cursors: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,7 @@ class ClaimResult:
     claimed: list[Claimed]
     next_due_at: datetime | None
     more: bool
+    cursors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _claim_row(cursor: Any) -> RowMaker[Claimed | ClaimEnd]:
@@ -92,8 +100,8 @@ def _claim_row(cursor: Any) -> RowMaker[Claimed | ClaimEnd]:
 
     def make(values: Sequence[Any]) -> Claimed | ClaimEnd:
         if values[0] is not None:
-            return Claimed(*values[:-2])
-        return ClaimEnd(values[-2], bool(values[-1]))
+            return Claimed(*values[:-3])
+        return ClaimEnd(values[-3], bool(values[-2]), values[-1] or {})
 
     return make
 
@@ -123,6 +131,8 @@ class Queue:
                     "now": None,
                     "burst": burst,
                     "paced": 0,
+                    "cursors": "{}",
+                    "user_max": None,
                 }
                 prepare = None if conn.prepare_threshold is None else True
                 await self._db.execute(
@@ -137,11 +147,15 @@ class Queue:
         *,
         burst: float = 0.2,  # OUTBOX_SENDER_BURST's default
         paced: int | None = None,
+        cursors: dict[str, str] | None = None,
+        user_max_in_flight: int | None = None,
         now: datetime | None = None,
     ) -> ClaimResult:
         """Up to `limit` due messages, each sender within its limits (`burst`: seconds'
         worth of its rate its bucket holds; `paced`: the call slots free now, which a
-        limited sender's rows may not outnumber, None: `limit`), and, when fewer came,
+        limited sender's rows may not outnumber, None: `limit`; `cursors`: per sender,
+        the user the previous claim served last there, whose turn has passed;
+        `user_max_in_flight`: no user gets more rows in flight), and, when fewer came,
         when a row may next be claimed (see ClaimEnd). A paused sender's messages are left
         pending, but for its breaker's probe. `now`: claim as of that time (the
         database's clock when None)."""
@@ -152,16 +166,18 @@ class Queue:
             "now": now,
             "burst": burst,
             "paced": limit if paced is None else paced,
+            "cursors": orjson.dumps(cursors or {}).decode(),
+            "user_max": user_max_in_flight,
         }
         rows = await self._db.fetchall(QUERIES["claim_messages"], params, row=_claim_row)
         claimed: list[Claimed] = []
-        end = ClaimEnd(None, False)
+        end = ClaimEnd(None, False, {})
         for row in rows:
             if isinstance(row, Claimed):
                 claimed.append(row)
             else:
                 end = row
-        return ClaimResult(claimed, end.next_due_at, end.more)
+        return ClaimResult(claimed, end.next_due_at, end.more, end.cursors)
 
     async def complete(self, dispatcher: str, completions: list[Completion]) -> set[uuid.UUID]:
         """Write many outcomes in one statement; return the ids it applied to."""

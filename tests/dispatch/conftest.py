@@ -197,16 +197,18 @@ def insert_messages(
     expires_at: str | None = None,
     sender: str = "default",
 ) -> list[str]:
-    """Queue `count` text messages directly (the API is tested elsewhere)."""
+    """Queue `count` text messages directly (the API is tested elsewhere), each to a
+    recipient of its own: no conversation orders them."""
     ids = [str(uuid.uuid4()) for _ in range(count)]
     conn.execute(
         """INSERT INTO outbox.messages
                (id, user_id, "to", type, payload, request_hash, max_attempts, send_at, expires_at,
                 next_attempt_at, sender)
-           SELECT id, %s, '5511999999999', 'text', '{"body": "hi", "preview_url": false}',
+           SELECT id, %s, '5511' || lpad(n::text, 9, '0'), 'text',
+                  '{"body": "hi", "preview_url": false}',
                   '\\x00', %s, %s::timestamptz, %s::timestamptz,
                   GREATEST(now(), COALESCE(%s::timestamptz, now())), %s
-           FROM unnest(%s::uuid[]) AS id""",
+           FROM unnest(%s::uuid[]) WITH ORDINALITY AS t(id, n)""",
         [user_id, max_attempts, send_at, expires_at, send_at, sender, ids],
     )
     return ids

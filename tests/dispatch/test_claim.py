@@ -23,6 +23,8 @@ def claim_plan(conn: psycopg.Connection, limit: int) -> dict[str, Any]:
                 "now": None,
                 "burst": 0.2,
                 "paced": limit,
+                "cursors": "{}",
+                "user_max": None,
             },
         ).fetchone()
     assert row is not None
@@ -43,7 +45,7 @@ def test_a_claim_reads_the_rows_it_claims_not_the_table(sql_conn: psycopg.Connec
     insert_messages(sql_conn, 5_000)
     sql_conn.execute("ANALYZE outbox.messages")
     plan = claim_plan(sql_conn, 512)
-    update = next(node for node in nodes(plan) if node["Node Type"] == "ModifyTable")
+    update = next(node for node in nodes(plan) if node.get("Subplan Name") == "CTE claimed")
     assert update["Actual Rows"] == 512
     scanned = [
         (node["Node Type"], node.get("Index Name"))

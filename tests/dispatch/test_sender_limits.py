@@ -599,6 +599,8 @@ def test_a_claim_with_an_older_clock_takes_no_refill_twice(sql_conn: psycopg.Con
             "now": start + timedelta(seconds=after),
             "burst": BURST,
             "paced": 1000,
+            "cursors": "{}",
+            "user_max": None,
         }
         rows = sql_conn.execute(QUERIES["claim_messages"], params).fetchall()
         return sum(1 for row in rows if row[0] is not None)

@@ -92,6 +92,8 @@ def claim(
         "now": at,
         "burst": BURST,
         "paced": limit if paced is None else paced,
+        "cursors": "{}",
+        "user_max": None,
     }
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(QUERIES["claim_messages"], params).fetchall()

@@ -313,7 +313,15 @@ def test_a_message_whose_sender_is_unknown_ends_in_error_uncalled(
 # The claim statement itself -----------------------------------------------------------
 
 
-CLAIM = {"dispatcher": "d-1", "lease_seconds": 30, "now": None, "burst": 0.2, "paced": 1000}
+CLAIM = {
+    "dispatcher": "d-1",
+    "lease_seconds": 30,
+    "now": None,
+    "burst": 0.2,
+    "paced": 1000,
+    "cursors": "{}",
+    "user_max": None,
+}
 
 
 def claim(conn: psycopg.Connection, limit: int = 10) -> tuple[list[str], Any, bool]:
@@ -322,7 +330,7 @@ def claim(conn: psycopg.Connection, limit: int = 10) -> tuple[list[str], Any, bo
         rows = conn.execute(QUERIES["claim_messages"], {**CLAIM, "limit": limit}).fetchall()
     end = rows[-1]
     assert end[0] is None  # the claim's last row says what comes next
-    return [str(row[0]) for row in rows if row[0] is not None], end[-2], end[-1]
+    return [str(row[0]) for row in rows if row[0] is not None], end[-3], end[-2]
 
 
 def pause(conn: psycopg.Connection, sender_id: str) -> None:
