@@ -1,7 +1,8 @@
 """The lease reaper: rows whose lease ran out (their dispatcher died, or lost the database
 for longer than the lease) go back to pending, their attempt recorded `lease_expired`; and
 pending messages whose expires_at has passed end `error` "expired", those of a paused or
-limited sender included, which no claim takes meanwhile."""
+limited sender included, which no claim takes meanwhile; and parked messages that no
+finalisation will release (two of one conversation finalised at the same moment) go on."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class Reaper:
         self._metrics = metrics
         self._own_rows = own_rows
         self._on_reaped = on_reaped
+        # Where the next sweep of parked rows starts (conversations visited in order).
+        self._stranded_after: tuple[str, str] | None = None
 
     async def run(self) -> None:
         """Until cancelled; a statement that fails other than by the database being away
@@ -52,11 +55,16 @@ class Reaper:
             try:
                 reaped = await self._store.queue.reap_expired_leases(keep=keep)
                 expired = await self._store.queue.expire_pending()
+                released, self._stranded_after = await self._store.queue.release_stranded(
+                    self._stranded_after
+                )
             except psycopg.OperationalError as exc:
                 log.warning("lease reaper failed", error=str(exc).strip())
                 continue
             if expired:
                 log.info("pending messages expired", count=expired)
+            if released:
+                log.warning("released parked messages nothing else would have", count=released)
             if reaped:
                 self._metrics.leases_recovered.inc(reaped)
                 log.warning("returned rows whose lease expired", count=reaped)

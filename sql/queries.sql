@@ -407,6 +407,13 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, N
 -- sql/migrations/016_sender_limits.sql).
 SELECT outbox.expire_pending(%(limit)s::int);
 
+-- name: release_stranded
+-- Parked rows that nothing would release, released (the reaper's round; the safety net of
+-- sql/migrations/017_order_priority_fairness.sql): up to %(limit)s conversations after
+-- (%(sender)s, %(to)s); the last one visited (NULLs: the end was reached) and the count.
+SELECT last_sender, last_to, released
+FROM outbox.release_stranded(%(sender)s::text, %(to)s::text, %(limit)s::int);
+
 -- name: set_sender_limit
 -- A sender's configured limit in its state (the dispatchers write `default`'s, which the
 -- environment sets): a change starts its rate again at the limit.

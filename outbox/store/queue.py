@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from psycopg.rows import RowMaker, no_result, scalar_row
+from psycopg.rows import RowMaker, no_result, scalar_row, tuple_row
 
 from outbox.states import AttemptOutcome, MessageStatus
 from outbox.store.database import QUERIES, Database, check_columns
@@ -203,3 +203,21 @@ class Queue:
         """Return rows whose lease expired, except those in `keep`; how many were returned."""
         params = {"limit": limit, "keep": list(keep)}
         return len(await self._db.fetchall(QUERIES["reap_expired_leases"], params, row=scalar_row))
+
+    async def release_stranded(
+        self, after: tuple[str, str] | None, limit: int = 1000
+    ) -> tuple[int, tuple[str, str] | None]:
+        """Release parked rows that no finalisation will release (two messages of one
+        conversation finalised at the same moment), visiting up to `limit` conversations
+        after `after`; how many were released, and where the next round starts (None:
+        from the first)."""
+        sender, to = after if after is not None else (None, None)
+        row = await self._db.fetchone(
+            QUERIES["release_stranded"],
+            {"sender": sender, "to": to, "limit": limit},
+            row=tuple_row,
+        )
+        if row is None:
+            return 0, None
+        last_sender, last_to, released = row
+        return int(released), None if last_sender is None else (last_sender, last_to)
