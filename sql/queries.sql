@@ -81,6 +81,7 @@ WHERE (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text)
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
   AND (%(client_message_id)s::text IS NULL OR client_message_id = %(client_message_id)s::text)
   AND (%(sender)s::text IS NULL OR sender = %(sender)s::text)
+  AND (%(priority)s::text IS NULL OR priority = %(priority)s::text)
   AND (%(after)s::uuid IS NULL OR id < %(after)s::uuid)
 ORDER BY id DESC
 LIMIT %(limit)s;
@@ -101,10 +102,17 @@ LIMIT %(limit)s;
 -- 4. `guards`: the state of the limited and probing ones, locked (FOR NO KEY UPDATE SKIP
 --    LOCKED: a sender whose state another claim holds is left to that claim) and read
 --    again as it is now, with the tokens it holds now.
--- 5. `due`: each sender's due rows, oldest first, up to its share and its tokens, rows
---    that another dispatcher is claiming skipped (FOR UPDATE SKIP LOCKED); `claimed`
---    takes them as the UPDATE always did (by ctid, a TID scan: see below), and `spent`
---    takes the tokens (or records the probe) in the same statement.
+-- 5. `walk`: each granted sender's users with due rows, by priority (strict: high first),
+--    and within one, round-robin from the user this dispatcher's last claim served last
+--    there (%(cursors)s); each takes its due rows up to what is left of the sender's
+--    allowance (and of its room under %(user_max)s, OUTBOX_USER_MAX_IN_FLIGHT). `due`
+--    locks those rows, oldest first, rows that another dispatcher is claiming skipped
+--    (FOR UPDATE SKIP LOCKED).
+-- 6. Order (sql/migrations/017_order_priority_fairness.sql): a row marked check_order whose
+--    conversation has a live earlier ordered message is parked behind it (`parked`), that
+--    message locked FOR SHARE so that its finalisation, which releases the next, waits for
+--    this claim; the others are claimed as the UPDATE always did (by ctid, a TID scan: see
+--    below), and `spent` takes the tokens (or records the probe) in the same statement.
 -- The UPDATE finds the rows it locked by their ctid: no join back to the table, whose
 -- plan, by statistics, could be a hash join over a sequential scan of every row. A
 -- locked row cannot move, but one that another transaction changed after this
@@ -117,7 +125,9 @@ LIMIT %(limit)s;
 -- times a second, whatever its rate) or, when paused by its breaker, before the probe
 -- may go; a sender paused by hand never (its resume wakes the dispatchers). A time
 -- already past: a due row another session holds. `more` says that a sender took its
--- whole share, or that senders with due rows were left out: claim again at once.
+-- whole share, that senders with due rows were left out, that rows were parked, or that
+-- a walk ran out of steps: claim again at once. `cursors`: per sender, the last user its
+-- walk visited, where the next claim's walk starts.
 -- %(now)s is the claim's clock, the database's own when NULL (tests set it to claim as
 -- of another time); %(burst)s is OUTBOX_SENDER_BURST; %(paced)s the call slots
 -- free now, which a limited sender's rows may not outnumber. The claimed rows' columns
@@ -395,11 +405,12 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, N
        EXISTS (SELECT FROM grants g JOIN fetched t ON t.sender = g.id
                WHERE NOT g.probe AND t.n >= g.share)
        OR (%(limit)s > 0 AND EXISTS (SELECT FROM ready WHERE share = 0))
-       OR EXISTS (SELECT FROM parked),
+       OR EXISTS (SELECT FROM parked)
+       OR EXISTS (SELECT FROM walk w WHERE w.steps >= 64 AND w.remaining > 0),
        (SELECT jsonb_object_agg(v.sender, v.user_id)
         FROM (SELECT DISTINCT ON (w.sender) w.sender, w.user_id
               FROM walk w
-              WHERE w.real AND w.n > 0
+              WHERE w.real
               ORDER BY w.sender, w.steps DESC) v);
 
 -- name: expire_pending
