@@ -55,7 +55,7 @@ LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
 STATUSES = tuple(MessageStatus)
 CLIENT_CLOSED = 499  # the request log's status for a client that left mid-request
-LIST_PARAMETERS = ("status", "limit", "after", "client_message_id", "sender")
+LIST_PARAMETERS = ("status", "limit", "after", "client_message_id", "sender", "priority")
 _SENDER = re.compile(models.SENDER_PATTERN.removeprefix("^").removesuffix("$"))
 # The admin summary: where its counts stop (index-only counts of pending, in-flight and
 # errored rows; sent and cancelled rows, read from the heap: see the admin_summary
@@ -84,6 +84,8 @@ def _new_message(message: models.AnyMessage) -> NewMessage:
         send_at=message.send_at,
         expires_at=message.expires_at,
         sender=message.sender,
+        priority=models.PRIORITIES[message.priority],
+        ordered=message.ordered,
     )
 
 
@@ -236,6 +238,9 @@ def listed_message(row: ListedRow) -> dict[str, Any]:
         "finished_at": models.iso_utc(row.finished_at),
         "sender": row.sender,
         "throttles": row.throttles,
+        "priority": row.priority,
+        "ordered": row.ordered,
+        "waiting_for": row.waiting_for,
     }
 
 
@@ -352,6 +357,9 @@ async def list_messages(request: Request) -> Response:
     sender = params.get("sender")
     if sender is not None and not _SENDER.fullmatch(sender):
         raise _query_error("sender", f"must match {models.SENDER_PATTERN}")
+    priority = params.get("priority")
+    if priority is not None and priority not in models.PRIORITIES:
+        raise _query_error("priority", "must be one of " + ", ".join(models.PRIORITIES))
     after = None
     if "after" in params:
         try:
@@ -364,6 +372,7 @@ async def list_messages(request: Request) -> Response:
         status=status_filter,
         client_message_id=client_message_id,
         sender=sender,
+        priority=priority,
         after=after,
         limit=limit,
     )

@@ -6,7 +6,7 @@ import hashlib
 import math
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 import orjson
 from pydantic import (
@@ -21,6 +21,9 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+
+# pydantic reads typing.TypedDict only from Python 3.12.
+from typing_extensions import TypedDict
 
 from outbox.states import DeliveryState, MessageStatus
 
@@ -119,6 +122,10 @@ LINK_PATTERN = rf"^https?://[^\u0000{_WHITE_SPACE}]+$"
 # A sender's id (outbox/senders.py keeps the same rule for the senders it stores).
 SENDER_PATTERN = r"^[a-z0-9_-]{1,64}$"
 DEFAULT_SENDER = "default"
+# A message's priority by name, and the column's value (0 is claimed first).
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: dict[Priority, int] = {"high": 0, "normal": 1, "low": 2}
+DEFAULT_PRIORITY: Priority = "normal"
 
 # json_schema_extra: documented only; the validator enforces the rule.
 Text = Annotated[str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": NO_NUL_PATTERN})]
@@ -185,6 +192,17 @@ class _Common(_Strict):
     to: Phone
     client_message_id: Text | None = Field(default=None, min_length=1, max_length=128)
     sender: SenderId = DEFAULT_SENDER
+    priority: Priority = Field(
+        default=DEFAULT_PRIORITY,
+        description="Among a sender's due messages, higher priority is sent first (strict:"
+        " a steady stream of `high` delays `low`); it never reorders a conversation",
+    )
+    ordered: StrictBool = Field(
+        default=True,
+        description="Sent only after the earlier ordered messages from this sender to this"
+        " `to` (in acceptance order) are final; false: neither waits for them nor holds"
+        " back later ones",
+    )
     send_at: Instant | None = Field(
         default=None,
         description="When to send: RFC 3339 with a UTC offset within ±15:59, between years 1"
@@ -301,7 +319,7 @@ BATCH_ITEMS = TypeAdapter(list[SendRequest])
 def request_hash(message: AnyMessage, content: dict[str, Any]) -> bytes:
     """A digest of the normalised request (`content` is message.content()): equal for a
     faithful resend."""
-    normal = {
+    normal: dict[str, Any] = {
         "to": message.to,
         "type": message.type,
         "content": content,
@@ -314,6 +332,11 @@ def request_hash(message: AnyMessage, content: dict[str, Any]) -> bytes:
     # keeps the hash its replay computes now.
     if message.sender != DEFAULT_SENDER:
         normal["sender"] = message.sender
+    # Likewise priority and ordered: only when not the default.
+    if message.priority != DEFAULT_PRIORITY:
+        normal["priority"] = message.priority
+    if not message.ordered:
+        normal["ordered"] = False
     return hashlib.sha256(orjson.dumps(normal, option=orjson.OPT_SORT_KEYS)).digest()
 
 
@@ -352,6 +375,32 @@ class AttemptView(BaseModel):
     error: str | None
 
 
+class WaitingFor(TypedDict):
+    """Why a pending message waits."""
+
+    reason: Annotated[
+        Literal["send_at", "retry", "earlier_message", "sender_paused", "rate_limit"],
+        Field(
+            description="send_at: scheduled later; retry: a retry's backoff; earlier_message:"
+            " an earlier ordered message of its conversation is not final yet (`task_id`);"
+            " sender_paused: its sender is paused; rate_limit: its sender's rate limit (a"
+            " throttle's wait, with `until`, or an empty bucket)"
+        ),
+    ]
+    until: NotRequired[
+        Annotated[
+            str | None,
+            Field(
+                description="When that wait ends: the send_at, the next attempt, a paused"
+                " sender's next probe (null when paused by hand: until a resume)"
+            ),
+        ]
+    ]
+    task_id: NotRequired[
+        Annotated[str, Field(description="earlier_message: the message it waits for")]
+    ]
+
+
 class ListedMessage(BaseModel):
     """A message as the list shows it: its attempts are in GET …/messages/{task_id}."""
 
@@ -373,6 +422,15 @@ class ListedMessage(BaseModel):
     sender: str
     throttles: int = Field(
         description="Times the provider throttled it (its rate limit): each spent no attempt"
+    )
+    priority: Priority = Field(description="high, normal or low, as sent (default normal)")
+    ordered: bool = Field(
+        description="Sent only after the earlier ordered messages of its conversation"
+        " (sender and `to`) are final"
+    )
+    waiting_for: WaitingFor | None = Field(
+        description="Why a pending message is not being sent yet; null when it is not"
+        " pending, or is due and waits only for a dispatcher"
     )
 
 

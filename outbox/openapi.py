@@ -315,6 +315,11 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                     "schema": {"type": "string", "pattern": models.SENDER_PATTERN},
                 },
                 {
+                    "name": "priority",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": list(models.PRIORITIES)},
+                },
+                {
                     "name": "limit",
                     "in": "query",
                     "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},

@@ -275,12 +275,14 @@ class Messages:
         sender: str | None,
         after: uuid.UUID | None,
         limit: int,
+        priority: str | None = None,
     ) -> list[ListedRow]:
         params = {
             "user_id": user_id,
             "status": status,
             "client_message_id": client_message_id,
             "sender": sender,
+            "priority": priority,  # high | normal | low
             "after": after,
             "limit": limit,
         }

@@ -70,6 +70,15 @@ BODIES = [
     _template({"n": -(2**63) - 1}),
     _template({"s": ["a\x00"]}),
     _template({"a\x00": 1}),
+    _text(priority="high", ordered=False),
+    _text(priority="low", ordered=True),
+    _text(priority="urgent"),
+    _text(priority="HIGH"),
+    _text(priority=0),
+    _text(priority=None),
+    _text(ordered="false"),
+    _text(ordered=0),
+    _text(ordered=None),
 ]
 
 

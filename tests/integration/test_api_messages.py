@@ -274,8 +274,12 @@ def _literal(value: Any) -> str:
         # the sender has many rows (a sender with few reads the table either way).
         {"user_id": "NULL", "status": "NULL", "client_message_id": "NULL",
          "sender": "'default'", "after": "NULL"},
+        # Nor the priority: its filter too is applied on top.
+        {"user_id": "'user-7'", "status": "NULL", "client_message_id": "NULL",
+         "sender": "NULL", "priority": "'high'", "after": "NULL"},
     ],
-    ids=["user", "user-status-after", "admin", "client-message-id", "user-sender", "admin-sender"],
+    ids=["user", "user-status-after", "admin", "client-message-id", "user-sender", "admin-sender",
+         "user-priority"],
 )  # fmt: skip
 def test_the_list_query_is_served_by_an_index(
     sql_conn: psycopg.Connection, params: dict[str, str]
@@ -291,6 +295,7 @@ def test_the_list_query_is_served_by_an_index(
     query = QUERIES["list_messages"]
     literal = {key: psycopg.sql.SQL(value) for key, value in params.items()}
     literal["limit"] = psycopg.sql.SQL("50")
+    literal.setdefault("priority", psycopg.sql.SQL("NULL"))
     statement = psycopg.sql.SQL(query.replace("%(", "{").replace(")s", "}")).format(**literal)
     plan = "\n".join(
         row[0] for row in sql_conn.execute(psycopg.sql.SQL("EXPLAIN ") + statement).fetchall()

@@ -69,7 +69,15 @@ def every_combination(after: Any) -> list[dict[str, Any]]:
     # Every row's sender is `default`: its filter, on top of the plan, drops none of them.
     senders = [None, "default"]
     return [
-        {"user_id": o, "status": s, "client_message_id": c, "sender": d, "after": a, "limit": LIMIT}
+        {
+            "user_id": o,
+            "status": s,
+            "client_message_id": c,
+            "sender": d,
+            "priority": None,
+            "after": a,
+            "limit": LIMIT,
+        }
         for o, s, c, d, a in itertools.product(
             owners, statuses, client_message_ids, senders, [None, after]
         )
