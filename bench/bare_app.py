@@ -69,6 +69,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "send_at": None,
                 "expires_at": None,
                 "sender": "default",
+                # The insert's columns since order and priority (ignored before them).
+                "priority": 1,
+                "ordered": True,
             }
         ]
     ).decode()

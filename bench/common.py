@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -28,11 +29,30 @@ TEXT = (
     "Hello! Your order #48213 has shipped and should arrive tomorrow. "
     "Track it at https://example.com/t/48213"
 )
-TO = "5511999999999"
+# Each message its own recipient: messages to one number are one conversation, sent one
+# after another (ordered by default), which is not what the throughput workloads measure.
+# 13 digits like 5511999999999, so the payload keeps its size.
+_RECIPIENTS = itertools.count(1)
+
+
+def recipient(k: int, area: str = "11") -> str:
+    """The k-th distinct number of an area (the SQL pre-fills spell area 11's
+    '5511' || lpad(k, 9, '0'))."""
+    return f"55{area}{k % 10**9:09d}"
+
+
+def next_recipient() -> str:
+    """A number no earlier call of this process returned."""
+    return recipient(next(_RECIPIENTS))
 
 
 def payload(client_message_id: str) -> dict[str, Any]:
-    return {"to": TO, "type": "text", "text": TEXT, "client_message_id": client_message_id}
+    return {
+        "to": next_recipient(),
+        "type": "text",
+        "text": TEXT,
+        "client_message_id": client_message_id,
+    }
 
 
 def payload_bytes(client_message_id: str) -> bytes:

@@ -26,6 +26,8 @@ class Config:
     m2_n: int
     m2_concurrency: int
     m2_senders: int
+    m2_users: int
+    conv_n: int
     m3_n: int
     m3_latency_ms: float
     m3_concurrency: int
@@ -41,6 +43,12 @@ class Config:
     cpu_rate: float
     cpu_seconds: float
     cpu_dispatchers: int
+    otp_campaign: int
+    otp_limit: float
+    otp_rate: float
+    otp_seconds: float
+    otp_dispatchers: int
+    otp_provider: str  # otp's sender: http (calls timed at the provider server) or fake
     limited_provider: str  # the limited senders' provider: fake, or http (the provider server)
     sender_burst: float  # OUTBOX_SENDER_BURST as the processes get it (passed through)
     run_timeout: float
@@ -62,6 +70,11 @@ class Config:
             m2_concurrency=_env_int("BENCH_M2_CONCURRENCY", 256),
             # The m2_senders step: M2's backlog spread round-robin over this many senders.
             m2_senders=_env_int("BENCH_M2_SENDERS", 100),
+            # m2_users: M2's backlog from this many users (m2_n / m2_users each).
+            m2_users=_env_int("BENCH_M2_USERS", 1_000),
+            # m2_conversation: one conversation of this many ordered messages (its calls go
+            # one at a time).
+            conv_n=_env_int("BENCH_CONV_N", 500 if quick else 2_000),
             m3_n=_env_int("BENCH_M3_N", 1_000 if quick else 5_000),
             m3_latency_ms=20.0,
             m3_concurrency=50,
@@ -81,6 +94,14 @@ class Config:
             cpu_rate=_env_float("BENCH_CPU_RATE", 20),
             cpu_seconds=_env_float("BENCH_CPU_SECONDS", 5 if quick else 20),
             cpu_dispatchers=_env_int("BENCH_CPU_DISPATCHERS", 1),
+            # otp: `high` messages POSTed at otp_rate/s for otp_seconds while a `low`
+            # campaign of otp_campaign rows drains through one sender limited to otp_limit.
+            otp_campaign=_env_int("BENCH_OTP_CAMPAIGN", 10_000),
+            otp_limit=_env_float("BENCH_OTP_LIMIT", 500),
+            otp_rate=_env_float("BENCH_OTP_RATE", 10),
+            otp_seconds=_env_float("BENCH_OTP_SECONDS", 5 if quick else 10),
+            otp_dispatchers=_env_int("BENCH_OTP_DISPATCHERS", 2),
+            otp_provider=os.environ.get("BENCH_OTP_PROVIDER") or "http",
             limited_provider=os.environ.get("BENCH_LIMITED_PROVIDER") or "fake",
             sender_burst=float(parse_duration(os.environ.get("OUTBOX_SENDER_BURST") or 0.2)),
             run_timeout=_env_float("BENCH_RUN_TIMEOUT", 180),

@@ -25,6 +25,7 @@ class Database:
         self.admin_url = ""
         self.url = ""
         self.conn: psycopg.Connection[Any] | None = None
+        self._columns: set[str] | None = None
 
     def create(self) -> str:
         """OUTBOX_BENCH_DATABASE_URL, or a new database named after the run; its URL."""
@@ -72,6 +73,17 @@ class Database:
     def scalar(self, query: Any, params: Any = None) -> Any:
         row = self.q(query, params).fetchone()
         return row[0] if row else None
+
+    def has_column(self, name: str) -> bool:
+        """Whether outbox.messages has this column: the bench also measures commits from
+        before the order and priority columns (bench/README.md)."""
+        if self._columns is None:
+            rows = self.q(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = 'outbox' AND table_name = 'messages'"
+            ).fetchall()
+            self._columns = {name for (name,) in rows}
+        return name in self._columns
 
     def count_messages(self) -> int:
         return int(self.scalar("SELECT count(*) FROM outbox.messages"))

@@ -21,11 +21,11 @@ import websockets
 from psycopg.conninfo import conninfo_to_dict
 
 from bench import ws_idle
-from bench.common import CpuMeter, Proc, pct, stop_all, vm_rss_mb, wait_ready
+from bench.common import CpuMeter, Proc, next_recipient, pct, stop_all, vm_rss_mb, wait_ready
 from bench.config import Config
 from bench.harness import SEND, Harness, wait_lines, wait_log
 
-BODY = {"to": "5511999999999", "type": "text", "text": "latency probe"}
+BODY = {"type": "text", "text": "latency probe"}  # each POST adds its own recipient
 
 
 async def measure(port: int, token: str, count: int, rate: float) -> list[float]:
@@ -51,7 +51,7 @@ async def measure(port: int, token: str, count: int, rate: float) -> list[float]
 
             async def post() -> None:
                 started = time.perf_counter()
-                response = await http.post(SEND, json=BODY)
+                response = await http.post(SEND, json={**BODY, "to": next_recipient()})
                 sent_at[response.json()["task_id"]] = started
 
             posts = []

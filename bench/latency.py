@@ -14,7 +14,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from bench import m4_floor as floor_worker
-from bench.common import TEXT, TO, CpuMeter, Proc, payload_bytes, pct, wait_ready
+from bench.common import TEXT, CpuMeter, Proc, next_recipient, payload_bytes, pct, wait_ready
 from bench.harness import SEND, Harness, wait_lines
 from bench.httpclient import RawClient, build_post
 
@@ -24,15 +24,24 @@ WARM = 10  # calls before timing: the pool and the provider connection set up
 Sent = list[tuple[str, float, float]]  # (key, call, return) epochs of each enqueue
 
 
-def paced(h: Harness, enqueue: Callable[[int], T], key_of: Callable[[T], str]) -> tuple[Sent, int]:
-    """M4's producer: `enqueue(i)` at a steady rate (scheduled at t0 + i/rate, no
-    catch-up bursts), each awaited; (key, call, return) epochs, the return stamped
-    before `key_of` reads the answer, and how many calls were late."""
+def paced(
+    h: Harness,
+    enqueue: Callable[[int], T],
+    key_of: Callable[[T], str],
+    rate: float | None = None,
+    seconds: float | None = None,
+) -> tuple[Sent, int]:
+    """M4's producer: `enqueue(i)` at a steady rate (M4's unless given; scheduled at t0 +
+    i/rate, no catch-up bursts) for `seconds` (M4's), each awaited; (key, call, return)
+    epochs, the return stamped before `key_of` reads the answer, and how many calls
+    were late."""
+    rate = rate or h.cfg.m4_rate
+    seconds = seconds or h.cfg.m4_seconds
     sent: Sent = []
     late = 0
     t0 = time.time() + 0.2
-    for i in range(int(h.cfg.m4_rate * h.cfg.m4_seconds)):
-        delay = t0 + i / h.cfg.m4_rate - time.time()
+    for i in range(int(rate * seconds)):
+        delay = t0 + i / rate - time.time()
         if delay > 0:
             time.sleep(delay)
         elif delay < -0.005:
@@ -159,9 +168,10 @@ def _floor_inserts(
 ) -> tuple[Sent, int, dict[str, Any]]:
     """The floor's timed rows, each INSERTed and NOTIFYed in one autocommitted statement."""
     with psycopg.connect(h.db.url, autocommit=True) as producer:
-        args = {"to": TO, "payload": Jsonb({"body": TEXT, "preview_url": False})}
+        body = Jsonb({"body": TEXT, "preview_url": False})
 
         def enqueue(_i: int) -> tuple[Any, ...] | None:
+            args = {"to": next_recipient(), "payload": body}  # each row its own recipient
             return producer.execute(floor_worker.ENQUEUE, args).fetchone()
 
         def row_id(row: tuple[Any, ...] | None) -> str:

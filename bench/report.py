@@ -196,6 +196,25 @@ ROWS: tuple[Spec, ...] = (
         cpu=DRAIN,
     ),
     Spec(
+        "M2 from {m2_users:,} users × {m2_per_user}, 1 dispatcher ({m2_concurrency} in flight)",
+        "msg/s",
+        "m2_users",
+        bar="≥ 0.9× M2 1 disp.",
+        threshold=0.9,
+        relative_to="m2_1p",
+        ratios=(Ratio("m2_1p", "M2 1 disp."),),
+        note="round-robin users",
+        cpu=DRAIN,
+    ),
+    Spec(
+        "M2 one conversation of {conv_n:,} ordered messages, 1 dispatcher",
+        "msg/s",
+        "m2_conversation",
+        ratios=(Ratio("m2_1p", "M2 1 disp."),),
+        note="{conv_order}",
+        cpu=DRAIN,
+    ),
+    Spec(
         "M2 drain, 2 dispatchers ({m2_concurrency} in flight each)",
         "msg/s",
         "m2_2p",
@@ -290,6 +309,29 @@ ROWS: tuple[Spec, ...] = (
         note="its database's backends",
     ),
     Spec(
+        "OTP under campaign: high at {otp_rate:g}/s, {otp_campaign:,} low, 1 sender at "
+        "{otp_limit:g}/s; p50",
+        "ms",
+        "otp_p50",
+        note="{otp_timing}",
+        cpu=M4,
+    ),
+    Spec(
+        "OTP under campaign: p99",
+        "ms",
+        "otp_p99",
+        bar="< 100",
+        threshold=100,
+        higher_is_better=False,
+        note="max {med[otp_max]:.1f} ms",
+    ),
+    Spec(
+        "OTP under campaign: to the call's start (attempts.started_at), p99",
+        "ms",
+        "otp_start_p99",
+        note="p50 {med[otp_start_p50]:.1f} ms",
+    ),
+    Spec(
         "cost growth: M2 1 disp. + {old_rows} old rows",
         "msg/s",
         "growth",
@@ -379,12 +421,40 @@ class Context:
         }
         return derived[name]() if name in derived else self.median(name)
 
+    def runs(self, name: str) -> list[dict[str, Any]]:
+        return list(self.figures.get(name, {}).get("runs", []))
+
+    def conv_order(self) -> str:
+        """What m2_conversation found of its calls' order (a run out of order on a schema
+        with order fails instead of recording)."""
+        runs = self.runs("m2_conversation")
+        if any(run.get("schema_ordered") is False for run in runs):
+            worst = max(run.get("out_of_order", 0) for run in runs)
+            overlapping = max(run.get("overlapping", 0) for run in runs)
+            return (
+                f"no order columns (not required): up to {worst} calls out of order, "
+                f"{overlapping} overlapping"
+            )
+        return "one call at a time, in seq order" if runs else ""
+
+    def otp_timing(self) -> str:
+        """From where to where the OTPs were timed: from their POST's answer or (an API
+        without the `priority` field) their INSERT's commit; to their call's arrival at
+        the provider server or (BENCH_OTP_PROVIDER=fake) its start."""
+        runs = self.runs("otp_p50")
+        start = "INSERT committed" if any(r.get("via") == "sql" for r in runs) else "POST answered"
+        fake = any(r.get("timed_by") == "attempts.started_at" for r in runs)
+        return f"{start} → call {'starts (fake sender)' if fake else 'arrives'}"
+
     def labels(self) -> dict[str, Any]:
         old = self.cfg.growth_sent + self.cfg.growth_error
         medians = {name: m for name in self.figures if (m := self.median(name)) is not None}
         return {
             **asdict(self.cfg),
             "m3_ceiling": self.m3_ceiling(),
+            "m2_per_user": max(1, self.cfg.m2_n // self.cfg.m2_users),
+            "conv_order": self.conv_order(),
+            "otp_timing": self.otp_timing(),
             "limited_cap": self.limited_cap(),
             "limited_timing": "arrivals"
             if self.cfg.limited_provider == "http"

@@ -5,14 +5,18 @@ A fresh database on the local PostgreSQL per run (or OUTBOX_BENCH_DATABASE_URL),
 the raw data under bench/results/<timestamp>/, the table on stdout and in
 bench/results/<timestamp>.json. Knobs (environment): BENCH_QUICK=1 (small N, 1 repetition),
 BENCH_REPS, BENCH_M1_N, BENCH_M2_N, BENCH_M2_SENDERS (default 100), BENCH_M3_N,
+BENCH_M2_USERS (default 1,000: m2_users), BENCH_CONV_N (default 2,000: m2_conversation),
 BENCH_M4_SECONDS, BENCH_LIMITED_N, BENCH_LIMITED_RATE (m2_limited: 10,000 rows from one
 sender at 500/s), BENCH_CPU_N, BENCH_CPU_RATE, BENCH_CPU_SECONDS, BENCH_CPU_DISPATCHERS
 (limited_cpu: 10,000 due rows from one sender at 20/s, 1 dispatcher, 20 s),
-BENCH_GROWTH_SENT, BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840),
-BENCH_KEEP_DB=1, BENCH_ONLY=floor,m1,m2_1p,m2_senders,m2_2p,m3,m4,m4_floor,m2_limited,
-limited_cpu,growth,ws (a subset of the steps; m1 includes M1's stack floor,
-bench/bare_app.py; m2_senders is judged against m2_1p of the same run), BENCH_WS_CLIENTS
-(the `ws` step's idle feeds).
+BENCH_OTP_CAMPAIGN, BENCH_OTP_LIMIT, BENCH_OTP_RATE, BENCH_OTP_SECONDS,
+BENCH_OTP_DISPATCHERS (otp: `high` POSTs at 10/s for 10 s while a 10,000-row `low`
+campaign drains through one sender at 500/s, 2 dispatchers), BENCH_GROWTH_SENT,
+BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840), BENCH_KEEP_DB=1,
+BENCH_ONLY=floor,m1,m2_1p,m2_senders,m2_users,m2_conversation,m2_2p,m3,m4,m4_floor,
+m2_limited,limited_cpu,otp,growth,ws (a subset of the steps; m1 includes M1's stack floor,
+bench/bare_app.py; m2_senders and m2_users are judged against m2_1p of the same run),
+BENCH_WS_CLIENTS (the `ws` step's idle feeds).
 OUTBOX_* variables that the bench does not set itself (e.g. OUTBOX_DB_POOL_SIZE,
 OUTBOX_DISPATCH_CONCURRENCY outside M3) are passed to the processes and recorded.
 
@@ -33,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import drain, feeds, ingest, latency, limits
+from bench import drain, feeds, ingest, latency, limits, otp
 from bench.common import BENCH_DIR, ROOT, payload_bytes, stop_all
 from bench.config import Config
 from bench.harness import Harness
@@ -56,12 +60,15 @@ def steps(cfg: Config) -> list[Step]:
         Step("m1", ingest.m1, cfg.reps),
         Step("m2_1p", drain.m2_1p, cfg.reps),
         Step("m2_senders", drain.m2_senders, cfg.reps),
+        Step("m2_users", drain.m2_users, cfg.reps),
+        Step("m2_conversation", drain.m2_conversation, cfg.reps),
         Step("m2_2p", drain.m2_2p, cfg.reps),
         Step("m3", drain.m3, cfg.reps),
         Step("m4", latency.m4, cfg.reps),
         Step("m4_floor", latency.m4_floor, cfg.reps),
         Step("m2_limited", limits.m2_limited, cfg.reps),
         Step("limited_cpu", limits.limited_cpu, 1),
+        Step("otp", otp.otp, cfg.reps),
         Step("growth", drain.growth, 1, need=90 if cfg.growth_sent >= 500_000 else 0),
         Step("ws", feeds.ws, 1, need=60),
     ]

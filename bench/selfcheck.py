@@ -14,6 +14,7 @@ from pathlib import Path
 from bench import provider_server
 from bench.common import (
     CpuMeter,
+    payload,
     payload_bytes,
     pct,
     postgres_cpu_seconds,
@@ -29,11 +30,15 @@ from bench.report import ROWS, Row, render, rows
 from bench.sql import (
     DROP_SENDERS,
     FLOOR_SCRIPT,
+    PREFILL_CAMPAIGN,
+    PREFILL_OLD_ERROR,
     PREFILL_OLD_SENT,
     PREFILL_PENDING,
     PREFILL_PENDING_FROM,
     PREFILL_PENDING_SENDERS,
+    PREFILL_PENDING_USERS,
     STORE_SENDERS,
+    prefill_conversation,
 )
 from bench.wrk import run_wrk
 
@@ -86,6 +91,19 @@ def check_rows() -> None:
     senders = f"M2 over {cfg.m2_senders} senders, 1 dispatcher ({cfg.m2_concurrency} in flight)"
     assert by_figure[senders].threshold == 0.9 * 3.0  # 0.9× the median of m2_1p
     assert by_figure[senders].note.startswith("1.00× M2 1 disp.")
+    users = (
+        f"M2 from {cfg.m2_users:,} users × {max(1, cfg.m2_n // cfg.m2_users)}, 1 dispatcher "
+        f"({cfg.m2_concurrency} in flight)"
+    )
+    assert by_figure[users].threshold == 0.9 * 3.0  # 0.9× the median of m2_1p
+    otp_p99 = by_figure["OTP under campaign: p99"]
+    assert otp_p99.threshold == 100 and otp_p99.verdict()[1] == "PASS", otp_p99
+    conversation = f"M2 one conversation of {cfg.conv_n:,} ordered messages, 1 dispatcher"
+    assert by_figure[conversation].threshold is None
+    assert by_figure[conversation].note.endswith("one call at a time, in seq order")
+    before = {**figures, "m2_conversation": {"values": [1.0], "runs": [{"schema_ordered": False}]}}
+    row = {r.figure: r for r in rows(before, {"serve": [], "dispatch": []}, cfg)}[conversation]
+    assert "no order columns" in row.note, row.note
     assert by_figure["peak RSS, serve (each process)"].note == "1 processes"
     assert by_figure["M4 latency p50"].cpu == "other 12"
     limited = (
@@ -100,17 +118,31 @@ def check_payload_and_sql() -> None:
     body = json.loads(payload_bytes("c-0000000001"))
     assert set(body) == {"to", "type", "text", "client_message_id"}  # no "tenant": see common
     assert len(payload_bytes("c-0000000001")) == 185
+    # Each message its own recipient (one number would make them one conversation).
+    tos = {payload(f"c-{i}")["to"] for i in range(100)}
+    assert len(tos) == 100 and {len(to) for to in tos} == {13}, tos
     assert "%(n)s" in PREFILL_PENDING and "%(n)s" in PREFILL_OLD_SENT
     queries = (
         PREFILL_PENDING,
         PREFILL_OLD_SENT,
+        PREFILL_OLD_ERROR,
         PREFILL_PENDING_SENDERS,
         PREFILL_PENDING_FROM,
+        PREFILL_PENDING_USERS,
+        PREFILL_CAMPAIGN,
+        prefill_conversation(True),
+        prefill_conversation(False),
         STORE_SENDERS,
     )
     for query in queries:
-        bare = query.replace("%(n)s", "").replace("%(senders)s", "").replace("%(sender)s", "")
+        bare = query
+        for name in ("n", "senders", "sender", "per_user"):
+            bare = bare.replace(f"%({name})s", "")
         assert "%" not in bare, "a bare % breaks psycopg"  # psycopg placeholders only
+    for query in (PREFILL_PENDING, PREFILL_OLD_SENT, PREFILL_OLD_ERROR, PREFILL_CAMPAIGN):
+        assert "lpad(i::text, 9, '0')" in query, "each row its own recipient"
+    assert "check_order" in prefill_conversation(True)
+    assert "check_order" not in prefill_conversation(False)  # a schema from before
     assert "%(senders)s" in PREFILL_PENDING_SENDERS and "%(senders)s" in STORE_SENDERS
     assert "%" not in DROP_SENDERS  # run without parameters: no placeholder to escape
     assert FLOOR_SCRIPT.startswith("\\set cid") and FLOOR_SCRIPT.count(";") == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.common import TEXT, TO
+from bench.common import TEXT
 
 # Installed in schema `bench` of the bench database (never in `outbox`).
 HELPERS = """
@@ -46,23 +46,63 @@ VACUUM = [
 _PAYLOAD = f"""jsonb_build_object('body', '{TEXT}'::text, 'preview_url', false)"""
 
 
-def _prefill_pending(sender: str) -> str:
-    """N due pending rows, as `POST /send/batch` would leave them (user `bench`), each
-    from the sender that the SQL expression `sender` names."""
+# The i-th row's own recipient, as bench.common.recipient(i) spells it.
+RECIPIENT = "'5511' || lpad(i::text, 9, '0')"
+# The columns of order and priority (sql/migrations/017_order_priority_fairness.sql):
+# a pre-fill names them only on a schema that has them (Database.has_column).
+ORDER_COLUMNS = ("priority", "ordered", "check_order")
+
+
+def prefill_pending(
+    sender: str = "'default'",
+    to: str = RECIPIENT,
+    user: str = "'bench'",
+    columns: dict[str, str] | None = None,
+) -> str:
+    """N due pending rows, as `POST /send/batch` would leave them: the SQL expressions
+    `sender`, `to`, `user` (over the row number i) and any other `columns` (name →
+    expression); each row its own recipient unless `to` says otherwise. Ordered (the
+    column's default) without check_order (its default): what the insert sets when the
+    conversation has no live earlier message. `seq` (a default) in i's order, as the
+    insert takes it in array order."""
+    extra = columns or {}
+    names = "".join(f", {name}" for name in extra)
+    values = "".join(f", {value}" for value in extra.values())
     return f"""
 INSERT INTO outbox.messages (id, user_id, client_message_id, "to", type, payload, request_hash,
-                             max_attempts, next_attempt_at, created_at, updated_at, sender)
-SELECT bench.uuid7(), 'bench', 'c-' || lpad(i::text, 10, '0'), '{TO}', 'text', {_PAYLOAD},
-       sha256(convert_to('c-' || i, 'UTF8')), 4, now(), now(), now(), {sender}
+                             max_attempts, next_attempt_at, created_at, updated_at,
+                             sender{names})
+SELECT bench.uuid7(), {user}, 'c-' || lpad(i::text, 10, '0'), {to}, 'text', {_PAYLOAD},
+       sha256(convert_to('c-' || i, 'UTF8')), 4, now(), now(), now(), {sender}{values}
 FROM generate_series(1, %(n)s) AS i
+ORDER BY i
 """
 
 
-PREFILL_PENDING = _prefill_pending("'default'")
+PREFILL_PENDING = prefill_pending()
 # The same rows spread round-robin over the senders of STORE_SENDERS.
-PREFILL_PENDING_SENDERS = _prefill_pending("'bench-' || mod(i, %(senders)s)")
+PREFILL_PENDING_SENDERS = prefill_pending(sender="'bench-' || mod(i, %(senders)s)")
 # The same rows, all from the sender %(sender)s.
-PREFILL_PENDING_FROM = _prefill_pending("%(sender)s")
+PREFILL_PENDING_FROM = prefill_pending(sender="%(sender)s")
+# The same rows from %(users)s users (bench-u0000, …), %(per_user)s each, in blocks.
+PREFILL_PENDING_USERS = prefill_pending(
+    user="'bench-u' || lpad(((i - 1) / %(per_user)s::int)::text, 4, '0')"
+)
+# One conversation: every row to one number (the insert sets check_order on all but the
+# first, which found no live earlier one). `check_order`: whether the schema has it.
+CONVERSATION_TO = "5511900000000"
+
+
+def prefill_conversation(check_order: bool) -> str:
+    return prefill_pending(
+        to=f"'{CONVERSATION_TO}'", columns={"check_order": "i > 1"} if check_order else None
+    )
+
+
+# A `low` campaign from the sender %(sender)s and the user `campaign`.
+PREFILL_CAMPAIGN = prefill_pending(
+    sender="%(sender)s", user="'campaign'", columns={"priority": "2"}
+)
 
 # %(senders)s stored senders bench-0, bench-1, …, as `PUT /senders/{id}` would store a
 # `fake` one with no limit, no latency and no failures (no credentials to encrypt).
@@ -81,7 +121,7 @@ PREFILL_OLD_SENT = f"""
 INSERT INTO outbox.messages (id, user_id, client_message_id, "to", type, payload, request_hash,
                              status, attempts, max_attempts, next_attempt_at,
                              provider_message_id, created_at, updated_at, finished_at)
-SELECT bench.uuid7(t), 'old-' || mod(i, 1000), 'old-' || i, '{TO}', 'text', {_PAYLOAD},
+SELECT bench.uuid7(t), 'old-' || mod(i, 1000), 'old-' || i, {RECIPIENT}, 'text', {_PAYLOAD},
        sha256(convert_to('old-' || i, 'UTF8')), 'sent', 1, 4, t, 'fake-' || md5(i::text),
        t, t + interval '1 second', t + interval '1 second'
 FROM (SELECT i, now() - interval '8 days' + i * (interval '7 days' / %(n)s) AS t
@@ -92,7 +132,8 @@ PREFILL_OLD_ERROR = f"""
 INSERT INTO outbox.messages (id, user_id, client_message_id, "to", type, payload, request_hash,
                              status, attempts, max_attempts, next_attempt_at, last_error,
                              created_at, updated_at, finished_at)
-SELECT bench.uuid7(t), 'old-' || mod(i, 1000), 'olderr-' || i, '{TO}', 'text', {_PAYLOAD},
+SELECT bench.uuid7(t), 'old-' || mod(i, 1000), 'olderr-' || i, {RECIPIENT}, 'text',
+       {_PAYLOAD},
        sha256(convert_to('olderr-' || i, 'UTF8')), 'error', 4, 4, t,
        'permanent: invalid recipient', t, t + interval '10 minutes', t + interval '10 minutes'
 FROM (SELECT i, now() - interval '6 days' + i * (interval '5 days' / %(n)s) AS t
@@ -139,8 +180,9 @@ CREATE TABLE bench.floor_messages (LIKE outbox.messages INCLUDING ALL);
 # The keys are random over 10^18, not 10^12: two runs of one sitting aborted on a
 # duplicate key with the smaller range (a run holds up to ~170,000 rows).
 FLOOR_SCRIPT = f"""\\set cid random(1, 999999999999999999)
+\\set to random(1, 999999999)
 INSERT INTO bench.floor_messages (id, user_id, client_message_id, "to", type, payload, \
 request_hash, max_attempts, next_attempt_at) VALUES (bench.uuid7(), 'bench', \
-'c-' || lpad(:cid::text, 18, '0'), '{TO}', 'text', {_PAYLOAD}, \
+'c-' || lpad(:cid::text, 18, '0'), '5511' || lpad(:to::text, 9, '0'), 'text', {_PAYLOAD}, \
 sha256(convert_to('c-' || :cid, 'UTF8')), 4, now());
 """

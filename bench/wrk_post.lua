@@ -23,10 +23,12 @@ end
 
 function request()
   sent = sent + 1
+  -- Each message its own recipient (13 digits, as in bench/common.py): one number would
+  -- make every message one conversation, sent one after another.
   local body = string.format(
-    '{"to":"5511999999999","type":"text","text":"Hello! Your order #48213 has shipped and ' ..
+    '{"to":"5511%02d%07d","type":"text","text":"Hello! Your order #48213 has shipped and ' ..
     'should arrive tomorrow. Track it at https://example.com/t/48213",' ..
-    '"client_message_id":"c-%02d%08d"}', tid, sent)
+    '"client_message_id":"c-%02d%08d"}', tid, sent % 10000000, tid, sent)
   return wrk.format(nil, nil, nil, body)
 end
 
