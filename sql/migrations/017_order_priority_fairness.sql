@@ -80,7 +80,7 @@ BEGIN
     ), released AS (
         UPDATE outbox.messages m
         SET held = false
-        WHERE m.id IN (SELECT id FROM first) AND m.held AND m.status = 'pending'
+        WHERE m.id = ANY (ARRAY(SELECT id FROM first)) AND m.held AND m.status = 'pending'
         RETURNING 1
     )
     SELECT count(*) INTO released FROM released;
@@ -165,7 +165,7 @@ BEGIN
     ), done AS (
         UPDATE outbox.messages m
         SET held = false
-        WHERE m.id IN (SELECT id FROM stranded) AND m.held AND m.status = 'pending'
+        WHERE m.id = ANY (ARRAY(SELECT id FROM stranded)) AND m.held AND m.status = 'pending'
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM done),
