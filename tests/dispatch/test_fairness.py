@@ -132,7 +132,7 @@ def test_user_max_in_flight_caps_each_users_calls_while_another_users_flow(
     both = max_at_once(calls["user-a"] + calls["user-b"])
     figure("user max in flight 2", **at_once, both=both)
     assert all(len(intervals) == 12 for intervals in calls.values())
-    assert at_once == {"user-a": 2, "user-b": 2}
+    assert max(at_once.values()) <= 2
     # user-b's calls went beside user-a's, not after them.
     assert both >= 3
     assert min(start for start, _ in calls["user-b"]) < max(end for _, end in calls["user-a"])

@@ -552,3 +552,34 @@ def test_a_scheduled_message_takes_its_place_at_its_due_time(
     assert row(sql_conn, scheduled) == ("pending", True, True)
     finish(sql_conn, sooner)
     assert claim(sql_conn, due.isoformat()) == [scheduled]
+
+
+def test_two_finalisations_at_once_strand_a_row_that_release_stranded_then_releases(
+    sql_conn: psycopg.Connection, database_url: str
+) -> None:
+    # Two messages of one conversation in flight together: the second, then the first,
+    # retried by an admin while the second was out. A third parked behind the second.
+    first = accept_one(sql_conn)
+    assert claim(sql_conn) == [first]
+    finish(sql_conn, first, "error")
+    second = accept_one(sql_conn)
+    assert claim(sql_conn) == [second]
+    third = accept_one(sql_conn)
+    assert sql_conn.execute("SELECT id FROM outbox.retry_message(%s, 4)", [first]).fetchall()
+    assert claim(sql_conn) == [first]
+    assert row(sql_conn, third) == ("pending", True, True)
+
+    # Both finalised at the same moment: each one's release sees the other still live.
+    with psycopg.connect(database_url) as one, psycopg.connect(database_url) as other:
+        finish(one, first)
+        finish(other, second)
+        one.commit()
+        other.commit()
+    assert row(sql_conn, third) == ("pending", True, True)  # stranded
+    assert claim(sql_conn) == []
+
+    found = sql_conn.execute(
+        QUERIES["release_stranded"], {"sender": None, "to": None, "limit": 100}
+    ).fetchone()
+    assert found == (None, None, 1)
+    assert claim(sql_conn) == [third]
