@@ -218,7 +218,8 @@ BEGIN
     IF requeued.ordered THEN
         UPDATE outbox.messages
         SET check_order = true
-        WHERE status = 'pending' AND sender = requeued.sender AND "to" = requeued."to"
+        WHERE status IN ('pending', 'in_flight') AND sender = requeued.sender
+          AND "to" = requeued."to"
           AND ordered AND NOT check_order
           AND (order_at, seq) > (requeued.order_at, requeued.seq);
     END IF;

@@ -504,11 +504,6 @@ def test_a_finalisation_racing_a_claim_never_strands_the_row_behind_it(
     assert claim(sql_conn) == [third]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbox.retry_message marks only the later rows `pending` for an order check,"
-    " not one in flight that then fails and is retried",
-)
 def test_an_admin_retry_holds_back_a_later_message_in_flight_then_failed(
     sql_conn: psycopg.Connection,
 ) -> None:
