@@ -329,10 +329,18 @@ class Dispatcher:
         # A row that took its sender's token starts ahead of the others: the limit is kept
         # at the claim, and a call that waits behind another sender's burst would start
         # with the next second's.
-        paced = [(message, lease_end) for message in claimed if message.paced]
-        if paced:
-            self._buffer.extendleft(reversed(paced))
-        self._buffer.extend((message, lease_end) for message in claimed if not message.paced)
+        # So does a `high` one (priority 0): prefetched rows of lower priorities claimed
+        # before it must not hold it back.
+        first = [
+            (message, lease_end) for message in claimed if message.paced or message.priority == 0
+        ]
+        if first:
+            self._buffer.extendleft(reversed(first))
+        self._buffer.extend(
+            (message, lease_end)
+            for message in claimed
+            if not (message.paced or message.priority == 0)
+        )
         self._start_buffered()
 
     def _start_buffered(self) -> None:

@@ -133,7 +133,7 @@ LIMIT %(limit)s;
 -- free now, which a limited sender's rows may not outnumber. The claimed rows' columns
 -- are the fields of Claimed (outbox/store/queue.py), in order (`probe`: the one row of a
 -- paused sender that goes as its breaker's probe; `paced`: a row that took a token or is
--- a probe, which the dispatcher starts first), then next_due_at and more.
+-- a probe, which the dispatcher starts first), then next_due_at, more and cursors.
 WITH RECURSIVE clock AS MATERIALIZED (
     SELECT COALESCE(%(now)s::timestamptz, now()) AS now
 ),
@@ -219,54 +219,62 @@ grants AS (
 -- last user its previous claim served there), then, a second lap, those up to it; each
 -- user takes its due rows up to what is left of the sender's allowance (and, under
 -- %(user_max)s, its room in flight). A row per step: `real` ones are users, the others
--- move to the next lap or priority; at most 64 steps per sender.
+-- move to the next lap or priority; at most 64 users per priority and sender.
+-- Under %(user_max)s: each user's rows in flight, as one object (a lookup per user).
 busy AS MATERIALIZED (
-    SELECT m.user_id, count(*) AS n
-    FROM outbox.messages m
-    WHERE %(user_max)s::int IS NOT NULL AND m.status = 'in_flight'
-    GROUP BY m.user_id
+    SELECT COALESCE(jsonb_object_agg(b.user_id, b.n), '{}') AS n
+    FROM (SELECT m.user_id, count(*) AS n
+          FROM outbox.messages m
+          WHERE %(user_max)s::int IS NOT NULL AND m.status = 'in_flight'
+          GROUP BY m.user_id) b
 ),
 walk AS (
     SELECT g.id AS sender, 0::smallint AS priority, 0 AS lap,
            %(cursors)s::jsonb ->> g.id AS user_id, g.allowance AS remaining, 0::bigint AS n,
-           0 AS steps, false AS real
+           0 AS steps, 0 AS pstep, false AS real
     FROM grants g
     WHERE g.allowance > 0
     UNION ALL
     SELECT w.sender, nx.priority, nx.lap, nx.user_id, w.remaining - nx.n, nx.n, w.steps + 1,
-           nx.real
+           nx.pstep, nx.real
     FROM walk w
     CROSS JOIN LATERAL (
         (SELECT w.priority, w.lap, u.user_id,
-                LEAST(
-                    (SELECT count(*)
-                     FROM (SELECT FROM outbox.messages c
-                           WHERE c.status = 'pending' AND NOT c.held AND c.sender = w.sender
-                             AND c.priority = w.priority AND c.user_id = u.user_id
-                             AND c.next_attempt_at <= (SELECT now FROM clock)
-                           ORDER BY c.next_attempt_at  -- messages_claim's order, never a scan
-                           LIMIT w.remaining) x),
-                    GREATEST(0, COALESCE(%(user_max)s::int - (SELECT b.n FROM busy b
-                                                             WHERE b.user_id = u.user_id),
-                                         %(user_max)s::int, w.remaining))) AS n,
-                true AS real
+                CASE WHEN u.head > (SELECT now FROM clock) THEN 0  -- nothing due yet
+                     ELSE LEAST(
+                         (SELECT count(*)
+                          FROM (SELECT FROM outbox.messages c
+                                WHERE c.status = 'pending' AND NOT c.held
+                                  AND c.sender = w.sender AND c.priority = w.priority
+                                  AND c.user_id = u.user_id
+                                  AND c.next_attempt_at <= (SELECT now FROM clock)
+                                ORDER BY c.next_attempt_at  -- messages_claim's order
+                                LIMIT w.remaining) x),
+                         GREATEST(0, COALESCE(
+                             %(user_max)s::int - COALESCE(((SELECT n FROM busy) ->> u.user_id)::int, 0),
+                             w.remaining)))
+                END AS n,
+                w.pstep + 1 AS pstep, true AS real
          -- The next user (a JWT sub is never empty: '' is before them all), as an index
-         -- condition: never a read through one user's rows.
-         FROM (SELECT m.user_id
+         -- condition: never a read through one user's rows; with its first row's due time.
+         FROM (SELECT m.user_id, m.next_attempt_at AS head
                FROM outbox.messages m
                WHERE m.status = 'pending' AND NOT m.held AND m.sender = w.sender
                  AND m.priority = w.priority AND m.user_id > COALESCE(w.user_id, '')
-               ORDER BY m.sender, m.priority, m.user_id
+               ORDER BY m.sender, m.priority, m.user_id, m.next_attempt_at
                LIMIT 1) u
-         WHERE w.lap = 0 OR u.user_id <= %(cursors)s::jsonb ->> w.sender)
+         WHERE w.pstep < 64 AND (w.lap = 0 OR u.user_id <= %(cursors)s::jsonb ->> w.sender))
         UNION ALL
-        (SELECT w.priority, 1, NULL::text, 0::bigint, false
-         WHERE w.lap = 0 AND %(cursors)s::jsonb ? w.sender)
+        (SELECT w.priority, 1, NULL::text, 0::bigint, w.pstep, false
+         WHERE w.pstep < 64 AND w.lap = 0 AND %(cursors)s::jsonb ? w.sender)
         UNION ALL
-        (SELECT (w.priority + 1)::smallint, 0, %(cursors)s::jsonb ->> w.sender, 0::bigint, false
+        -- The next priority: after this one's users, or after 64 of them (users whose rows
+        -- are not due yet would otherwise hold the walk there).
+        (SELECT (w.priority + 1)::smallint, 0, %(cursors)s::jsonb ->> w.sender, 0::bigint, 0,
+                false
          WHERE w.priority < 2)
         LIMIT 1) nx
-    WHERE w.remaining > 0 AND w.steps < 64
+    WHERE w.remaining > 0
 ),
 -- Each user's due rows, oldest first, rows that another dispatcher is claiming skipped.
 due AS (
@@ -314,7 +322,7 @@ decided AS (
     SELECT c.ctid, c.before_id IS NOT NULL AS park,
            c.before_id IS NULL
            AND (%(user_max)s::int IS NULL
-                OR COALESCE((SELECT b.n FROM busy b WHERE b.user_id = c.user_id), 0)
+                OR COALESCE(((SELECT n FROM busy) ->> c.user_id)::int, 0)
                    + count(*) FILTER (WHERE c.before_id IS NULL) OVER (
                          PARTITION BY c.user_id ORDER BY c.rank_priority, c.rank_step,
                                                          c.next_attempt_at, c.seq)
@@ -337,7 +345,8 @@ claimed AS (
         updated_at = (SELECT now FROM clock)
     WHERE m.ctid = ANY (ARRAY(SELECT ctid FROM decided WHERE go))
     RETURNING m.id, m.user_id, m."to", m.type, m.payload, m.client_message_id, m.attempts,
-              m.max_attempts, m.expires_at, m.sender, m.throttles, m.updated_at AS claimed_at
+              m.max_attempts, m.expires_at, m.sender, m.throttles, m.updated_at AS claimed_at,
+              m.priority
 ),
 fetched AS (
     SELECT sender, count(*) AS n FROM due GROUP BY sender
@@ -393,12 +402,13 @@ wake AS (
 )
 SELECT c.id, c.user_id, c."to", c.type, c.payload, c.client_message_id, c.attempts AS attempt,
        c.max_attempts, c.expires_at, c.sender, c.throttles, g.probe, g.guarded AS paced,
-       c.claimed_at, NULL::timestamptz AS next_due_at, NULL::boolean AS more,
+       c.claimed_at, c.priority, NULL::timestamptz AS next_due_at, NULL::boolean AS more,
        NULL::jsonb AS cursors
 FROM claimed c
 JOIN grants g ON g.id = c.sender  -- one hash join, not a lookup per row
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL,
        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s
             THEN (SELECT min(at) FROM wake)
        END,
@@ -406,7 +416,9 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, N
                WHERE NOT g.probe AND t.n >= g.share)
        OR (%(limit)s > 0 AND EXISTS (SELECT FROM ready WHERE share = 0))
        OR EXISTS (SELECT FROM parked)
-       OR EXISTS (SELECT FROM walk w WHERE w.steps >= 64 AND w.remaining > 0),
+       -- A walk cut short after 64 users of one priority that took rows: more may be due.
+       OR (EXISTS (SELECT FROM walk w WHERE w.pstep >= 64 AND w.remaining > 0)
+           AND EXISTS (SELECT FROM due)),
        (SELECT jsonb_object_agg(v.sender, v.user_id)
         FROM (SELECT DISTINCT ON (w.sender) w.sender, w.user_id
               FROM walk w

@@ -922,6 +922,7 @@ BEGIN
         max_attempts = attempts + p_budget,
         throttles = 0,
         held = false,
+        check_order = ordered,  -- it still waits for an earlier live message (one retried)
         next_attempt_at = GREATEST(now(), COALESCE(send_at, now())),  -- never before send_at
         last_error = NULL,
         provider_message_id = NULL,
@@ -1038,7 +1039,7 @@ CREATE TABLE outbox.sender_state (
 
 CREATE FUNCTION outbox.waiting_for(m outbox.messages) RETURNS jsonb
     LANGUAGE sql STABLE
-    RETURN CASE WHEN ((m).status <> 'pending'::text) THEN NULL::jsonb WHEN ((m).ordered AND ((m).held OR (m).check_order) AND (EXISTS (SELECT FROM outbox.messages e WHERE ((e.status = ANY (ARRAY['pending'::text, 'in_flight'::text])) AND (e.sender = (waiting_for.m).sender) AND (e."to" = (waiting_for.m)."to") AND e.ordered AND (ROW(e.order_at, e.seq) < ROW((waiting_for.m).order_at, (waiting_for.m).seq)))))) THEN jsonb_build_object('reason', 'earlier_message', 'task_id', (SELECT e.id FROM outbox.messages e WHERE ((e.status = ANY (ARRAY['pending'::text, 'in_flight'::text])) AND (e.sender = (waiting_for.m).sender) AND (e."to" = (waiting_for.m)."to") AND e.ordered AND (ROW(e.order_at, e.seq) < ROW((waiting_for.m).order_at, (waiting_for.m).seq))) ORDER BY e.order_at, e.seq LIMIT 1)) WHEN ((m).send_at > now()) THEN jsonb_build_object('reason', 'send_at', 'until', outbox.wire_time((m).send_at)) WHEN ((m).next_attempt_at > now()) THEN jsonb_build_object('reason', CASE WHEN ((SELECT a.outcome FROM outbox.attempts a WHERE (a.message_id = (waiting_for.m).id) ORDER BY a.id DESC LIMIT 1) = 'throttled'::text) THEN 'rate_limit'::text ELSE 'retry'::text END, 'until', outbox.wire_time((m).next_attempt_at)) WHEN (SELECT (st.paused IS NOT NULL) FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender)) THEN jsonb_build_object('reason', 'sender_paused', 'until', (SELECT outbox.wire_time(st.probe_at) AS wire_time FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender))) WHEN (SELECT (outbox.sender_tokens(st.tokens, st.refilled_at, outbox.sender_rate(st.rate_limit, st.learned_limit, st.decreased_rate, st.decreased_at, now()), (0.2)::double precision, now()) < (1)::double precision) FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender)) THEN jsonb_build_object('reason', 'rate_limit') ELSE NULL::jsonb END;
+    RETURN CASE WHEN ((m).status <> 'pending'::text) THEN NULL::jsonb WHEN ((m).ordered AND ((m).held OR (m).check_order) AND (EXISTS (SELECT FROM outbox.messages e WHERE ((e.status = ANY (ARRAY['pending'::text, 'in_flight'::text])) AND (e.sender = (waiting_for.m).sender) AND (e."to" = (waiting_for.m)."to") AND e.ordered AND (ROW(e.order_at, e.seq) < ROW((waiting_for.m).order_at, (waiting_for.m).seq)))))) THEN jsonb_build_object('reason', 'earlier_message', 'task_id', (SELECT e.id FROM outbox.messages e WHERE ((e.status = ANY (ARRAY['pending'::text, 'in_flight'::text])) AND (e.sender = (waiting_for.m).sender) AND (e."to" = (waiting_for.m)."to") AND e.ordered AND (ROW(e.order_at, e.seq) < ROW((waiting_for.m).order_at, (waiting_for.m).seq))) ORDER BY e.order_at, e.seq LIMIT 1)) WHEN ((m).send_at > now()) THEN jsonb_build_object('reason', 'send_at', 'until', outbox.wire_time((m).send_at)) WHEN ((m).next_attempt_at > now()) THEN jsonb_build_object('reason', CASE WHEN ((SELECT a.outcome FROM outbox.attempts a WHERE (a.message_id = (waiting_for.m).id) ORDER BY a.attempt DESC, a.id DESC LIMIT 1) = 'throttled'::text) THEN 'rate_limit'::text ELSE 'retry'::text END, 'until', outbox.wire_time((m).next_attempt_at)) WHEN (SELECT (st.paused IS NOT NULL) FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender)) THEN jsonb_build_object('reason', 'sender_paused', 'until', (SELECT outbox.wire_time(st.probe_at) AS wire_time FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender))) WHEN (SELECT (outbox.sender_tokens(st.tokens, st.refilled_at, outbox.sender_rate(st.rate_limit, st.learned_limit, st.decreased_rate, st.decreased_at, now()), (0.2)::double precision, now()) < (1)::double precision) FROM outbox.sender_state st WHERE (st.id = (waiting_for.m).sender)) THEN jsonb_build_object('reason', 'rate_limit') ELSE NULL::jsonb END;
 
 
 --
@@ -1370,8 +1371,8 @@ CREATE VIEW outbox.provider_latency AS
 CREATE VIEW outbox.queue_summary AS
  SELECT 'pending'::text AS status,
     count(*) AS count,
-    min(messages.next_attempt_at) AS oldest,
-    count(*) FILTER (WHERE (messages.next_attempt_at <= now())) AS due_now
+    min(messages.next_attempt_at) FILTER (WHERE (NOT messages.held)) AS oldest,
+    count(*) FILTER (WHERE ((messages.next_attempt_at <= now()) AND (NOT messages.held))) AS due_now
    FROM outbox.messages
   WHERE (messages.status = 'pending'::text)
 UNION ALL

@@ -36,6 +36,7 @@ class Claimed:
     probe: bool = False  # its sender is paused: this call is its breaker's probe
     paced: bool = False  # it took its sender's token (or is a probe): start it first
     claimed_at: datetime | None = None  # the claim's time (the database's clock)
+    priority: int = 1  # 0 high, 1 normal, 2 low: a high row starts ahead of those waiting
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 5× more, per message

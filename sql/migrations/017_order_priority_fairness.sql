@@ -33,6 +33,10 @@ ALTER TABLE outbox.messages
 
 ALTER SEQUENCE outbox.messages_seq OWNED BY outbox.messages.seq;
 
+-- Messages live at the upgrade took their seq in the table's physical order, and nobody
+-- looked for their earlier ones at insert: the claim checks them all.
+UPDATE outbox.messages SET check_order = true WHERE status IN ('pending', 'in_flight');
+
 -- The senders' heads (the claim's skip scan, its wake time): parked rows are not due.
 DROP INDEX outbox.messages_sender_due;
 CREATE INDEX messages_sender_due ON outbox.messages (sender, next_attempt_at)
@@ -186,7 +190,8 @@ END;
 $$;
 
 -- An admin's retry goes at once, ahead of the later messages of its conversation not yet
--- sent: it is unparked, and those later ones are checked by the claim again.
+-- sent (one in flight included: it may fail and come back): they are checked by the claim
+-- again, as is the retried one (an earlier message retried before it may be live).
 CREATE OR REPLACE FUNCTION outbox.retry_message(p_id uuid, p_budget integer)
 RETURNS SETOF outbox.messages
 LANGUAGE plpgsql AS $$
@@ -201,6 +206,7 @@ BEGIN
         max_attempts = attempts + p_budget,
         throttles = 0,
         held = false,
+        check_order = ordered,  -- it still waits for an earlier live message (one retried)
         next_attempt_at = GREATEST(now(), COALESCE(send_at, now())),  -- never before send_at
         last_error = NULL,
         provider_message_id = NULL,
@@ -309,7 +315,7 @@ RETURN CASE
         THEN jsonb_build_object(
             'reason', CASE WHEN (SELECT a.outcome FROM outbox.attempts a
                                  WHERE a.message_id = m.id
-                                 ORDER BY a.id DESC LIMIT 1) = 'throttled'
+                                 ORDER BY a.attempt DESC, a.id DESC LIMIT 1) = 'throttled'
                            THEN 'rate_limit' ELSE 'retry' END,
             'until', outbox.wire_time(m.next_attempt_at))
     WHEN (SELECT st.paused IS NOT NULL FROM outbox.sender_state st WHERE st.id = m.sender)
@@ -362,3 +368,24 @@ BEGIN
     END IF;
 END;
 $$;
+
+-- Parked rows are pending but not due: they wait for an earlier message, not for a
+-- dispatcher (the gauges and the dashboard count them the same way).
+CREATE OR REPLACE VIEW outbox.queue_summary AS
+SELECT 'pending'::text AS status, count(*) AS count,
+       min(next_attempt_at) FILTER (WHERE NOT held) AS oldest,
+       count(*) FILTER (WHERE next_attempt_at <= now() AND NOT held) AS due_now
+FROM outbox.messages WHERE status = 'pending'
+UNION ALL
+SELECT 'in_flight', count(*), min(locked_until),
+       count(*) FILTER (WHERE locked_until < now())
+FROM outbox.messages WHERE status = 'in_flight'
+UNION ALL
+SELECT 'sent', count(*), min(finished_at), 0
+FROM outbox.messages WHERE status = 'sent'
+UNION ALL
+SELECT 'error', count(*), min(finished_at), 0
+FROM outbox.messages WHERE status = 'error'
+UNION ALL
+SELECT 'cancelled', count(*), min(finished_at), 0
+FROM outbox.messages WHERE status = 'cancelled';

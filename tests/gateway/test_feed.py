@@ -76,6 +76,7 @@ def test_post_then_event_with_the_task_id_and_the_exact_v1_shape(
         "provider_message_id": f"prov-{task_id}",
         "attempt": data["attempt"],
         "sender": "default",
+        "priority": "normal",
     }
 
 
@@ -244,6 +245,7 @@ def test_a_cancel_is_announced_as_message_cancelled(serve: Serve, token: Token) 
         "provider_message_id": None,
         "attempt": 0,
         "sender": "default",
+        "priority": "normal",
     }
 
 
