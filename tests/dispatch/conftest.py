@@ -228,3 +228,15 @@ def wait_all(conn: psycopg.Connection, status: str, count: int, timeout: float =
 
 
 __all__ = ["Reply", "ScriptedProvider", "insert_messages", "signal", "statuses", "wait_all"]
+
+
+# claim_messages' parameters for a statement-level test (no dispatcher): add "limit".
+CLAIM_PARAMS = {
+    "dispatcher": "d-1",
+    "lease_seconds": 30,
+    "now": None,
+    "burst": 0.2,
+    "paced": 1000,
+    "cursors": "{}",
+    "user_max": None,
+}

@@ -32,7 +32,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from outbox.store import QUERIES
-from tests.dispatch.conftest import Call, DispatcherProcess, Reply, ScriptedProvider, statuses
+from tests.dispatch.conftest import (
+    CLAIM_PARAMS,
+    Call,
+    DispatcherProcess,
+    Reply,
+    ScriptedProvider,
+    statuses,
+)
 from tests.support import ServerThread, wait_for
 
 Start = Callable[..., DispatcherProcess]
@@ -379,16 +386,7 @@ def test_an_admin_retry_goes_ahead_of_the_later_messages_not_yet_sent(
 
 # The statements alone ----------------------------------------------------------------
 
-CLAIM = {
-    "dispatcher": "d-1",
-    "lease_seconds": 30,
-    "now": None,
-    "burst": 0.2,
-    "paced": 1000,
-    "cursors": "{}",
-    "user_max": None,
-    "limit": 10,
-}
+CLAIM = {**CLAIM_PARAMS, "limit": 10}
 
 
 def claim(conn: psycopg.Connection, now: str | None = None) -> list[str]:

@@ -24,6 +24,7 @@ from outbox.settings import Settings
 from outbox.store import QUERIES
 from tests.conftest import JWT_SECRET
 from tests.dispatch.conftest import (
+    CLAIM_PARAMS,
     PROVIDER_SECRET,
     Call,
     DispatcherProcess,
@@ -313,15 +314,7 @@ def test_a_message_whose_sender_is_unknown_ends_in_error_uncalled(
 # The claim statement itself -----------------------------------------------------------
 
 
-CLAIM = {
-    "dispatcher": "d-1",
-    "lease_seconds": 30,
-    "now": None,
-    "burst": 0.2,
-    "paced": 1000,
-    "cursors": "{}",
-    "user_max": None,
-}
+CLAIM = CLAIM_PARAMS
 
 
 def claim(conn: psycopg.Connection, limit: int = 10) -> tuple[list[str], Any, bool]:
