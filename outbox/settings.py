@@ -142,6 +142,13 @@ class Settings(BaseSettings):
     # API queries run under this statement_timeout (SET LOCAL); beyond it: 503.
     api_statement_timeout: Seconds = Field(default=5.0, gt=0)
 
+    # Delivery receipts (outbox/webhooks.py): Meta's verification handshake token, the
+    # app secret its notifications are signed with (besides each cloud sender's own
+    # `app_secret`), and the largest webhook body read (more: 413).
+    cloud_verify_token: str = Field(default="", repr=False)
+    cloud_app_secret: str = Field(default="", repr=False)
+    webhook_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+
     # JWT
     jwt_secret: str = ""
     jwt_public_key: str = ""
@@ -199,6 +206,10 @@ class Settings(BaseSettings):
     cloud_phone_number_id: str = ""
     cloud_token: str = ""
     provider_max_response_bytes: int = Field(default=1024 * 1024, ge=1024)  # more: transient
+    # A call that may have reached the provider without an answer (written, then a read
+    # error or the timeout): "retry" it (at least once: it may arrive twice) or "fail" it
+    # (at most once: `error` "unknown outcome"; a later receipt still records the truth).
+    unknown_outcome: Literal["retry", "fail"] = "retry"
 
     # Senders (outbox/senders.py): the Fernet keys of the stored credentials, the first
     # encrypting, all decrypting (rotation); messages per second of a sender that names

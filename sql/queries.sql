@@ -850,3 +850,11 @@ FROM senders AS s
 LEFT JOIN outbox.sender_state AS st ON st.id = s.id
 LEFT JOIN live AS l ON l.sender = s.id
 ORDER BY s.id <> 'default', s.id;
+
+-- Delivery receipts -------------------------------------------------------------------
+
+-- name: record_receipts
+-- One webhook POST's receipts, their events and one NOTIFY, in one transaction
+-- (sql/migrations/018_delivery_receipts.sql): one row per receipt, with the message it
+-- matched (NULL: unknown here).
+SELECT n, message_id FROM outbox.record_receipts(%(receipts)s::jsonb, %(senders)s::text[]);

@@ -243,6 +243,76 @@ $$;
 
 
 --
+-- Name: delivery_name(smallint); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.delivery_name(p smallint) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN CASE p WHEN 1 THEN 'failed'::text WHEN 2 THEN 'delivered'::text WHEN 3 THEN 'read'::text ELSE NULL::text END;
+
+
+SET default_tablespace = '';
+
+SET default_table_access_method = heap;
+
+--
+-- Name: messages; Type: TABLE; Schema: outbox; Owner: -
+--
+
+CREATE TABLE outbox.messages (
+    id uuid NOT NULL,
+    user_id text NOT NULL,
+    client_message_id text,
+    "to" text NOT NULL,
+    type text NOT NULL,
+    payload jsonb NOT NULL,
+    request_hash bytea NOT NULL,
+    status text DEFAULT 'pending'::text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    max_attempts integer NOT NULL,
+    send_at timestamp with time zone,
+    expires_at timestamp with time zone,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    locked_by text,
+    locked_until timestamp with time zone,
+    last_error text,
+    provider_message_id text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    finished_at timestamp with time zone,
+    sender text DEFAULT 'default'::text NOT NULL,
+    throttles integer DEFAULT 0 NOT NULL,
+    seq bigint NOT NULL,
+    order_at timestamp with time zone GENERATED ALWAYS AS (GREATEST(created_at, send_at)) STORED,
+    priority smallint DEFAULT 1 NOT NULL,
+    ordered boolean DEFAULT true NOT NULL,
+    check_order boolean DEFAULT false NOT NULL,
+    held boolean DEFAULT false NOT NULL,
+    delivery_state smallint,
+    provider_sent_at timestamp with time zone,
+    delivered_at timestamp with time zone,
+    read_at timestamp with time zone,
+    failed_at timestamp with time zone,
+    delivery_error jsonb,
+    CONSTRAINT messages_delivery_state_check CHECK (((delivery_state >= 1) AND (delivery_state <= 3))),
+    CONSTRAINT messages_max_attempts_check CHECK ((max_attempts > 0)),
+    CONSTRAINT messages_priority_check CHECK (((priority >= 0) AND (priority <= 2))),
+    CONSTRAINT messages_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'sent'::text, 'error'::text, 'cancelled'::text]))),
+    CONSTRAINT messages_type_check CHECK ((type = ANY (ARRAY['text'::text, 'template'::text, 'image'::text, 'document'::text, 'audio'::text, 'video'::text])))
+)
+WITH (autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.02', fillfactor='80');
+
+
+--
+-- Name: delivery_time(outbox.messages); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.delivery_time(m outbox.messages) RETURNS timestamp with time zone
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN CASE (m).delivery_state WHEN 1 THEN (m).failed_at WHEN 2 THEN (m).delivered_at WHEN 3 THEN (m).read_at ELSE NULL::timestamp with time zone END;
+
+
+--
 -- Name: event_lock_key(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -697,6 +767,129 @@ $$;
 
 
 --
+-- Name: record_receipts(jsonb, text[]); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.record_receipts(p_receipts jsonb, p_senders text[]) RETURNS TABLE(n integer, message_id uuid)
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+    matches jsonb;
+    became_sent uuid[];
+    climbed uuid[];
+    last_id bigint;
+BEGIN
+    WITH receipts AS (
+        SELECT (r ->> 'n')::integer AS n,
+               r ->> 'status' AS status,
+               to_timestamp((r ->> 'at')::double precision) AS at,
+               NULLIF(r ->> 'id', '') AS provider_id,
+               CASE WHEN jsonb_typeof(r -> 'error') = 'object' THEN r -> 'error' END AS error,
+               CASE WHEN r ->> 'task_id' ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$'
+                    THEN (r ->> 'task_id')::uuid END AS task_id
+        FROM jsonb_array_elements(p_receipts) AS r
+    ), matched AS (
+        SELECT r.*,
+               (SELECT k.id
+                FROM (SELECT m.id FROM outbox.messages m
+                      WHERE m.id = r.task_id
+                        AND (p_senders IS NULL OR m.sender = ANY (p_senders))
+                      UNION ALL
+                      SELECT m.id FROM outbox.messages m
+                      WHERE m.provider_message_id = r.provider_id
+                        AND (p_senders IS NULL OR m.sender = ANY (p_senders))
+                      LIMIT 1) k) AS message_id
+        FROM receipts r
+    ), news AS (
+        SELECT r.message_id,
+               max(CASE r.status WHEN 'failed' THEN 1 WHEN 'delivered' THEN 2
+                                 WHEN 'read' THEN 3 END)::smallint AS state,
+               min(r.at) FILTER (WHERE r.status = 'sent') AS sent_at,
+               min(r.at) FILTER (WHERE r.status = 'delivered') AS delivered_at,
+               min(r.at) FILTER (WHERE r.status = 'read') AS read_at,
+               min(r.at) FILTER (WHERE r.status = 'failed') AS failed_at,
+               (array_agg(r.error ORDER BY r.at) FILTER (WHERE r.status = 'failed'))[1] AS error,
+               (array_agg(r.provider_id) FILTER (WHERE r.provider_id IS NOT NULL))[1]
+                   AS provider_id
+        FROM matched r
+        WHERE r.message_id IS NOT NULL
+        GROUP BY r.message_id
+    ), current AS (
+        -- Locked in id order (two POSTs never wait for each other in a cycle) and read
+        -- as committed after any wait: the change is decided from the latest row.
+        SELECT m.id, m.status, m.delivery_state, m.provider_sent_at, m.delivered_at,
+               m.read_at, m.failed_at
+        FROM outbox.messages m
+        WHERE m.id IN (SELECT w.message_id FROM news w)
+        ORDER BY m.id
+        FOR UPDATE
+    ), changes AS (
+        SELECT c.id, c.status AS old_status, COALESCE(c.delivery_state, 0) AS old_state,
+               GREATEST(c.delivery_state, w.state) AS state,
+               COALESCE(c.provider_sent_at, w.sent_at) AS provider_sent_at,
+               COALESCE(c.delivered_at, w.delivered_at, w.read_at) AS delivered_at,
+               COALESCE(c.read_at, w.read_at) AS read_at,
+               COALESCE(c.failed_at, w.failed_at) AS failed_at,
+               CASE WHEN c.failed_at IS NULL THEN w.error END AS error,
+               w.provider_id,
+               c.status IN ('pending', 'error') AS proves_sent
+        FROM current c JOIN news w ON w.message_id = c.id
+    ), updated AS (
+        UPDATE outbox.messages m
+        SET delivery_state = ch.state,
+            provider_sent_at = ch.provider_sent_at,
+            delivered_at = ch.delivered_at,
+            read_at = ch.read_at,
+            failed_at = ch.failed_at,
+            delivery_error = COALESCE(m.delivery_error, ch.error),
+            provider_message_id = COALESCE(m.provider_message_id, ch.provider_id),
+            status = CASE WHEN ch.proves_sent THEN 'sent' ELSE m.status END,
+            finished_at = CASE WHEN ch.proves_sent THEN now() ELSE m.finished_at END,
+            last_error = CASE WHEN ch.proves_sent THEN NULL ELSE m.last_error END,
+            held = m.held AND NOT ch.proves_sent,
+            updated_at = now()
+        FROM changes ch
+        WHERE m.id = ch.id
+          AND (ch.proves_sent
+               OR ch.state IS DISTINCT FROM m.delivery_state
+               OR ch.provider_sent_at IS DISTINCT FROM m.provider_sent_at
+               OR ch.delivered_at IS DISTINCT FROM m.delivered_at
+               OR ch.read_at IS DISTINCT FROM m.read_at
+               OR ch.failed_at IS DISTINCT FROM m.failed_at)
+        RETURNING m.id, ch.proves_sent, ch.old_status, ch.old_state, m.delivery_state
+    )
+    SELECT (SELECT jsonb_agg(jsonb_build_object('n', r.n, 'message_id', r.message_id))
+            FROM matched r),
+           (SELECT array_agg(u.id ORDER BY u.id) FROM updated u WHERE u.proves_sent),
+           (SELECT array_agg(u.id ORDER BY u.id) FROM updated u
+            WHERE NOT u.proves_sent AND u.old_status IN ('sent', 'cancelled')
+              AND u.delivery_state > u.old_state)
+    INTO matches, became_sent, climbed;
+
+    -- A message proven sent: its message_sent, then its message_status when it has one.
+    PERFORM outbox.write_events(became_sent);
+    IF climbed IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(outbox.event_lock_key());
+        WITH inserted AS (
+            INSERT INTO outbox.events (message_id, user_id, sender, event, data)
+            SELECT m.id, m.user_id, m.sender, 'message_status', outbox.status_event_data(m)
+            FROM unnest(climbed) AS c(id)
+            JOIN outbox.messages m ON m.id = c.id
+            ORDER BY m.id
+            RETURNING id
+        )
+        SELECT max(id) INTO last_id FROM inserted;
+        PERFORM pg_notify('outbox_events', last_id::text);
+    END IF;
+
+    RETURN QUERY
+    SELECT (x ->> 'n')::integer, (x ->> 'message_id')::uuid
+    FROM jsonb_array_elements(COALESCE(matches, '[]'::jsonb)) AS x;
+END;
+$_$;
+
+
+--
 -- Name: release_after_update(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -857,51 +1050,6 @@ BEGIN
     RETURN NEXT p_id;
 END;
 $$;
-
-
-SET default_tablespace = '';
-
-SET default_table_access_method = heap;
-
---
--- Name: messages; Type: TABLE; Schema: outbox; Owner: -
---
-
-CREATE TABLE outbox.messages (
-    id uuid NOT NULL,
-    user_id text NOT NULL,
-    client_message_id text,
-    "to" text NOT NULL,
-    type text NOT NULL,
-    payload jsonb NOT NULL,
-    request_hash bytea NOT NULL,
-    status text DEFAULT 'pending'::text NOT NULL,
-    attempts integer DEFAULT 0 NOT NULL,
-    max_attempts integer NOT NULL,
-    send_at timestamp with time zone,
-    expires_at timestamp with time zone,
-    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
-    locked_by text,
-    locked_until timestamp with time zone,
-    last_error text,
-    provider_message_id text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    finished_at timestamp with time zone,
-    sender text DEFAULT 'default'::text NOT NULL,
-    throttles integer DEFAULT 0 NOT NULL,
-    seq bigint NOT NULL,
-    order_at timestamp with time zone GENERATED ALWAYS AS (GREATEST(created_at, send_at)) STORED,
-    priority smallint DEFAULT 1 NOT NULL,
-    ordered boolean DEFAULT true NOT NULL,
-    check_order boolean DEFAULT false NOT NULL,
-    held boolean DEFAULT false NOT NULL,
-    CONSTRAINT messages_max_attempts_check CHECK ((max_attempts > 0)),
-    CONSTRAINT messages_priority_check CHECK (((priority >= 0) AND (priority <= 2))),
-    CONSTRAINT messages_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'in_flight'::text, 'sent'::text, 'error'::text, 'cancelled'::text]))),
-    CONSTRAINT messages_type_check CHECK ((type = ANY (ARRAY['text'::text, 'template'::text, 'image'::text, 'document'::text, 'audio'::text, 'video'::text])))
-)
-WITH (autovacuum_vacuum_scale_factor='0.05', autovacuum_analyze_scale_factor='0.02', fillfactor='80');
 
 
 --
@@ -1067,7 +1215,13 @@ CREATE VIEW outbox.listed_message AS
     m.throttles,
     outbox.priority_name(m.priority) AS priority,
     m.ordered,
-    outbox.waiting_for(m.*) AS waiting_for
+    outbox.waiting_for(m.*) AS waiting_for,
+    m.delivery_state,
+    m.provider_sent_at,
+    m.delivered_at,
+    m.read_at,
+    m.failed_at,
+    m.delivery_error
    FROM outbox.messages m;
 
 
@@ -1097,6 +1251,12 @@ CREATE VIEW outbox.message_view AS
     l.priority,
     l.ordered,
     l.waiting_for,
+    l.delivery_state,
+    l.provider_sent_at,
+    l.delivered_at,
+    l.read_at,
+    l.failed_at,
+    l.delivery_error,
     COALESCE(( SELECT jsonb_agg(jsonb_build_object('attempt', a.attempt, 'started_at', a.started_at, 'finished_at', a.finished_at, 'outcome', a.outcome, 'error', a.error) ORDER BY a.id) AS jsonb_agg
            FROM outbox.attempts a
           WHERE (a.message_id = l.id)), '[]'::jsonb) AS history
@@ -1154,6 +1314,15 @@ $$;
 
 
 --
+-- Name: status_event_data(outbox.messages); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.status_event_data(m outbox.messages) RETURNS jsonb
+    LANGUAGE sql STABLE PARALLEL SAFE
+    RETURN jsonb_build_object('message_id', (m).id, 'status', outbox.delivery_name((m).delivery_state), 'to', (m)."to", 'timestamp', outbox.wire_time(outbox.delivery_time(m)), 'error', CASE WHEN ((m).delivery_state = 1) THEN (m).delivery_error ELSE NULL::jsonb END, 'client_message_id', (m).client_message_id, 'provider_message_id', (m).provider_message_id, 'sender', (m).sender, 'priority', outbox.priority_name((m).priority));
+
+
+--
 -- Name: sync_sender_state(); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -1195,10 +1364,12 @@ BEGIN
         SELECT m.id,
                m.user_id,
                m.sender,
-               CASE m.status WHEN 'pending' THEN 'message_retrying'
-                             WHEN 'cancelled' THEN 'message_cancelled'
-                             ELSE 'message_sent' END,
-               jsonb_build_object(
+               CASE WHEN k.receipt THEN 'message_status'
+                    ELSE CASE m.status WHEN 'pending' THEN 'message_retrying'
+                                       WHEN 'cancelled' THEN 'message_cancelled'
+                                       ELSE 'message_sent' END END,
+               CASE WHEN k.receipt THEN outbox.status_event_data(m)
+               ELSE jsonb_build_object(
                    'message_id', m.id,
                    'status', CASE m.status WHEN 'sent' THEN 'queued'
                                            WHEN 'pending' THEN 'retrying'
@@ -1215,11 +1386,17 @@ BEGIN
                    'priority', outbox.priority_name(m.priority))
                || CASE WHEN m.status = 'pending'
                        THEN jsonb_build_object('next_attempt_at', outbox.wire_time(m.next_attempt_at))
-                       ELSE '{}'::jsonb END,
+                       ELSE '{}'::jsonb END
+               END,
                m.updated_at
         FROM unnest(p_ids) WITH ORDINALITY AS t(id, n)
         JOIN outbox.messages m ON m.id = t.id
-        ORDER BY t.n
+        CROSS JOIN LATERAL (
+            SELECT false AS receipt
+            UNION ALL
+            SELECT true WHERE m.delivery_state IS NOT NULL AND m.status IN ('sent', 'error')
+        ) k
+        ORDER BY t.n, k.receipt
         RETURNING id
     )
     SELECT max(id) INTO last_id FROM inserted;
@@ -1265,6 +1442,24 @@ ALTER TABLE outbox.attempts ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MAXVALUE
     CACHE 1
 );
+
+
+--
+-- Name: delivery_funnel; Type: VIEW; Schema: outbox; Owner: -
+--
+
+CREATE VIEW outbox.delivery_funnel AS
+ SELECT m.sender,
+    date_trunc('hour'::text, m.finished_at) AS hour,
+    count(*) AS accepted,
+    count(m.delivered_at) AS delivered,
+    count(m.read_at) AS read,
+    count(*) FILTER (WHERE (m.delivery_state = 1)) AS failed,
+    percentile_cont((0.5)::double precision) WITHIN GROUP (ORDER BY ((EXTRACT(epoch FROM (m.delivered_at - m.finished_at)))::double precision)) AS median_seconds_to_delivered,
+    percentile_cont((0.5)::double precision) WITHIN GROUP (ORDER BY ((EXTRACT(epoch FROM (m.read_at - m.finished_at)))::double precision)) AS median_seconds_to_read
+   FROM outbox.messages m
+  WHERE (m.status = 'sent'::text)
+  GROUP BY m.sender, (date_trunc('hour'::text, m.finished_at));
 
 
 --
@@ -1653,6 +1848,13 @@ CREATE UNIQUE INDEX messages_client_message_id ON outbox.messages USING btree (c
 
 
 --
+-- Name: messages_delivery; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX messages_delivery ON outbox.messages USING btree (delivery_state, id) WHERE (delivery_state IS NOT NULL);
+
+
+--
 -- Name: messages_done_finished; Type: INDEX; Schema: outbox; Owner: -
 --
 
@@ -1695,6 +1897,13 @@ CREATE INDEX messages_pending_expiry ON outbox.messages USING btree (expires_at)
 
 
 --
+-- Name: messages_provider_message_id; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX messages_provider_message_id ON outbox.messages USING btree (provider_message_id) WHERE (provider_message_id IS NOT NULL);
+
+
+--
 -- Name: messages_sender_due; Type: INDEX; Schema: outbox; Owner: -
 --
 
@@ -1706,6 +1915,13 @@ CREATE INDEX messages_sender_due ON outbox.messages USING btree (sender, next_at
 --
 
 CREATE INDEX messages_status ON outbox.messages USING btree (status, id) WHERE (status <> ALL (ARRAY['pending'::text, 'in_flight'::text]));
+
+
+--
+-- Name: messages_user_delivery; Type: INDEX; Schema: outbox; Owner: -
+--
+
+CREATE INDEX messages_user_delivery ON outbox.messages USING btree (user_id, delivery_state, id) WHERE (delivery_state IS NOT NULL);
 
 
 --

@@ -1,5 +1,6 @@
 """The only package that runs SQL: named queries from sql/queries.sql → typed functions,
-one class per role (messages, queue, events, jobs, figures, senders) over one `Database`."""
+one class per role (messages, queue, events, jobs, figures, senders, receipts) over one
+`Database`."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from outbox.store.messages import (
     NewMessage,
 )
 from outbox.store.queue import Claimed, ClaimResult, Completion, Queue
+from outbox.store.receipts import Receipt, ReceiptMatch, Receipts, ReceiptStatus
 from outbox.store.senders import (
     NewSender,
     SenderCounts,
@@ -63,6 +65,10 @@ __all__ = [
     "PurgeCutoffs",
     "Queue",
     "QueueFigures",
+    "Receipt",
+    "ReceiptMatch",
+    "ReceiptStatus",
+    "Receipts",
     "SenderCounts",
     "SenderRow",
     "SenderState",
@@ -95,6 +101,7 @@ class Store:
         self.jobs = Jobs(self.db)
         self.figures = Figures(self.db)
         self.senders = Senders(self.db)
+        self.receipts = Receipts(self.db)
 
     @property
     def pool(self) -> AsyncConnectionPool:

@@ -66,8 +66,8 @@ class HistoryEntry(TypedDict):
 
 @dataclass(slots=True)
 class ListedRow:
-    """A message as the view outbox.listed_message shows it (017_order_priority_fairness.sql): the
-    view's columns, by name and in order."""
+    """A message as the view outbox.listed_message shows it (018_delivery_receipts.sql):
+    the view's columns, by name and in order."""
 
     id: uuid.UUID
     user_id: str
@@ -91,6 +91,14 @@ class ListedRow:
     ordered: bool
     # Why a pending message waits: {"reason", "until"?, "task_id"?} (migration 017)
     waiting_for: dict[str, Any] | None
+    # Its receipts (018_delivery_receipts.sql): the state (1 failed, 2 delivered, 3 read;
+    # None: no receipt yet) and the provider's time of each status, first reported.
+    delivery_state: int | None
+    provider_sent_at: datetime | None
+    delivered_at: datetime | None
+    read_at: datetime | None
+    failed_at: datetime | None
+    delivery_error: dict[str, Any] | None  # with failed: {"code", "title", "details"}
 
     def __post_init__(self) -> None:
         self.status = MessageStatus(self.status)  # the column is text
