@@ -43,6 +43,7 @@ _FAILED_OUTCOME = {
     ErrorKind.SENDER: AttemptOutcome.SENDER,
     ErrorKind.THROTTLED: AttemptOutcome.THROTTLED,
     ErrorKind.PAIR_THROTTLED: AttemptOutcome.THROTTLED,
+    ErrorKind.UNKNOWN: AttemptOutcome.UNKNOWN,
 }
 _THROTTLES = {ErrorKind.THROTTLED: "rate", ErrorKind.PAIR_THROTTLED: "pair"}
 
@@ -75,7 +76,8 @@ class CallResult:
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """When a failed attempt is tried again (outbox/retry.py), how long a throttle holds a
-    message and how many it may take, and a sender's breaker."""
+    message and how many it may take, a sender's breaker, and whether a call of unknown
+    outcome is retried ("retry": at least once) or final ("fail": at most once)."""
 
     base: float
     cap: float
@@ -84,6 +86,7 @@ class RetryPolicy:
     sender_pause_max: float = 3600.0
     max_throttles: int = 100
     pair_delay: float = 6.0
+    unknown_outcome: Literal["retry", "fail"] = "retry"
     random: Callable[[], float] = _random.random
 
     @classmethod
@@ -96,6 +99,7 @@ class RetryPolicy:
             sender_pause_max=settings.sender_pause_max,
             max_throttles=settings.max_throttles,
             pair_delay=settings.pair_delay,
+            unknown_outcome=settings.unknown_outcome,
         )
 
 
@@ -104,7 +108,9 @@ def completion(message: Claimed, result: CallResult, policy: RetryPolicy) -> Com
 
     Sent → sent. A transient failure with attempts left → pending after the backoff (never
     sooner than the provider's Retry-After); on the last attempt, or a permanent one →
-    error. A throttle → pending after Retry-After (else 1 s; a pair throttle: at least
+    error. An unknown outcome (called, no answer: it may have been sent) → as a transient
+    one, or error "unknown outcome" at once with OUTBOX_UNKNOWN_OUTCOME=fail; never
+    refunded. A throttle → pending after Retry-After (else 1 s; a pair throttle: at least
     OUTBOX_PAIR_DELAY), refunded, unless it was throttled max_throttles times already →
     error "throttled". A sender-level failure → pending, refunded: its sender is paused
     (the claim leaves its rows until the breaker's probe). Expired before the call →
@@ -178,7 +184,11 @@ def _failed(
             if kind is ErrorKind.PAIR_THROTTLED:
                 delay = max(delay, policy.pair_delay)
             next_attempt_at = result.finished_at + timedelta(seconds=min(delay, RETRY_AFTER_MAX))
-    elif kind is ErrorKind.TRANSIENT and message.attempt < message.max_attempts:
+    elif kind is ErrorKind.UNKNOWN and policy.unknown_outcome == "fail":
+        error = f"unknown outcome: {error}"  # at most once: the provider may have sent it
+    elif (
+        kind is ErrorKind.TRANSIENT or kind is ErrorKind.UNKNOWN
+    ) and message.attempt < message.max_attempts:
         delay = retry_delay(
             message.attempt,
             base=policy.base,
@@ -333,10 +343,10 @@ class Executor:
             failure = None
         except ProviderError as exc:
             provider_id, failure = None, exc
-        except TimeoutError:
+        except TimeoutError:  # the request may have reached the provider: none can say
             provider_id = None
             failure = ProviderError(
-                ErrorKind.TRANSIENT,
+                ErrorKind.UNKNOWN,
                 f"{provider.name}: no answer within {budget:.3g}s",
             )
         except asyncio.CancelledError:
@@ -508,9 +518,15 @@ class Executor:
             delay = (done.next_attempt_at - result.finished_at).total_seconds()
             bound.info(
                 "attempt failed, will retry",
-                outcome=AttemptOutcome.TRANSIENT,
+                outcome=done.outcome,  # transient, or unknown: it may have been sent
                 error=failure.reason,
                 retry_in=round(delay, 3),
+            )
+        elif failure.kind is ErrorKind.UNKNOWN and self.policy.unknown_outcome == "fail":
+            bound.error(
+                "unknown outcome: not retried (OUTBOX_UNKNOWN_OUTCOME=fail)",
+                outcome=done.outcome,
+                error=failure.reason,
             )
         else:
             bound.error(

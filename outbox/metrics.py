@@ -133,6 +133,8 @@ ATTEMPT_LABELS = (
     ("failed", "transient"),
     ("failed", "permanent"),
     ("failed", "throttled"),
+    ("retry", "unknown"),  # no answer: it may have been sent (OUTBOX_UNKNOWN_OUTCOME)
+    ("failed", "unknown"),
 )
 
 
@@ -144,9 +146,9 @@ class DispatchMetrics:
         self.attempts = Counter(
             "outbox_attempts_total",
             "Attempts recorded, by outcome (sent, retry, failed, paused, throttled, expired, "
-            "handed_back), error class (none, transient, permanent, sender, throttled; for "
-            "throttled: rate or pair) and sender. Paused and throttled attempts spend none of "
-            "the message's attempts.",
+            "handed_back), error class (none, transient, unknown, permanent, sender, "
+            "throttled; for throttled: rate or pair) and sender. Paused and throttled "
+            "attempts spend none of the message's attempts.",
             ["outcome", "error_class", "sender"],
             registry=registry,
         )

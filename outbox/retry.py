@@ -10,9 +10,12 @@ as the contract says ("±20 % around min(cap, base·2^(n−1))"), so with jitter
 Error classes (`classify`): the provider's own error code decides first (the
 Cloud API's `error.code`, looked up in `CLOUD_ERROR_KINDS`); the HTTP status
 decides only when there is no code or the code is not in the table:
-no response at all (connection error, timeout), 408 and 5xx are
+no response at all (a connection error before the request was written), 408 and 5xx are
 transient, 429 a throttle; any other status (other 4xx, and 1xx/3xx, which a provider should
-never answer) is permanent.
+never answer) is permanent. A request that may have reached the provider without an answer
+(a write or read error or timeout, the connection closed, the call's deadline) is `unknown`
+(`providers.base.transport_error`): retried as transient, or final per
+OUTBOX_UNKNOWN_OUTCOME=fail.
 
 Convention for the generic `http` provider (self-hosted gateways that keep a
 WhatsApp session per user): a gateway whose session is not ready (still
@@ -41,6 +44,8 @@ class ErrorKind(StrEnum):
     # The provider's rate limits: spend no attempt, go again after Retry-After (else 1 s).
     THROTTLED = "throttled"  # the sender's throughput: its rate is halved
     PAIR_THROTTLED = "pair_throttled"  # too many to one recipient: only theirs wait
+    # No answer after the request may have reached the provider: sent or not, none can say.
+    UNKNOWN = "unknown"  # retried as transient, or final (OUTBOX_UNKNOWN_OUTCOME=fail)
 
 
 # Past 2**2200 every positive float base (even the smallest subnormal, 2**-1074)

@@ -29,6 +29,7 @@ class AttemptOutcome(StrEnum):
     PERMANENT = "permanent"  # failed; retrying cannot help
     SENDER = "sender"  # the account cannot send: sending pauses, the attempt is refunded
     THROTTLED = "throttled"  # the provider's rate limit: pending again, the attempt refunded
+    UNKNOWN = "unknown"  # called, no answer: it may have been sent (OUTBOX_UNKNOWN_OUTCOME)
     EXPIRED = "expired"  # its expires_at passed before the call
     INTERRUPTED = "interrupted"  # the dispatcher stopped before the call ended
     LEASE_EXPIRED = "lease_expired"  # the reaper took the row back (written in SQL)

@@ -168,15 +168,33 @@ class JsonPost:
         )
 
 
+# Transport errors raised before any byte of the request was written: the provider never
+# saw the call, which is transient. Any other one (a write or read error or timeout, the
+# server closing without an answer) may come after the provider received the request.
+NOT_SENT_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+    httpx.ProxyError,
+)
+
+
 def transport_error(name: str, exc: httpx.HTTPError, timeout: float | None) -> ProviderError:
-    """No usable response: always transient (the request may or may not have arrived)."""
+    """No usable response. Not sent (a connection error before the request was written):
+    transient. A transport error after that (a write or read error or timeout, the server
+    closing without an answer): unknown, since the provider may have received the request
+    and acted on it. Any other error came after an HTTP answer (a body that does not
+    decode, too many redirects): transient."""
     if isinstance(exc, httpx.TimeoutException):
         after = f" after {timeout:g}s" if timeout is not None else ""
         reason = f"{name}: timeout{after} ({type(exc).__name__})"
     else:
         detail = f": {exc}" if str(exc) else ""
         reason = f"{name}: {type(exc).__name__}{detail}"
-    return ProviderError(ErrorKind.TRANSIENT, reason)
+    maybe_sent = isinstance(exc, httpx.TransportError) and not isinstance(exc, NOT_SENT_ERRORS)
+    return ProviderError(ErrorKind.UNKNOWN if maybe_sent else ErrorKind.TRANSIENT, reason)
 
 
 def check_url(url: str, setting: str) -> None:

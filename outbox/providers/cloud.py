@@ -3,7 +3,9 @@
 `POST {base}/{version}/{phone_number_id}/messages` with a bearer token. The Cloud
 API has no idempotency key; `Idempotency-Key` is still sent (harmless, and useful to
 a proxy in front of it), and the task id travels in `biz_opaque_callback_data` so
-status webhooks can be matched to the row.
+status webhooks can be matched to the row. Without that key a call that got no answer
+after its request was written may have been sent: its outcome is `unknown`
+(`base.transport_error`), retried or final per OUTBOX_UNKNOWN_OUTCOME.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ writes, one error class at a time, with the clock and the randomness given."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,7 +13,7 @@ from outbox.providers.base import ProviderError
 from outbox.retry import RETRY_AFTER_MAX, ErrorKind
 from outbox.states import AttemptOutcome, MessageStatus
 from outbox.store import Completion
-from tests.unit.offline import claimed
+from tests.unit.offline import claimed, offline_settings
 
 STARTED = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 FINISHED = STARTED + timedelta(milliseconds=250)
@@ -77,6 +78,64 @@ def test_a_transient_failure_on_the_last_attempt_is_final() -> None:
     done = outcome_of(4, answered(ProviderError(ErrorKind.TRANSIENT, "503 from provider")))
     assert (done.status, done.outcome) == (MessageStatus.ERROR, AttemptOutcome.TRANSIENT)
     assert (done.next_attempt_at, done.refund, done.error) == (None, 0, "503 from provider")
+
+
+UNKNOWN = ProviderError(ErrorKind.UNKNOWN, "cloud: timeout after 10s (ReadTimeout)")
+
+
+@pytest.mark.parametrize(("attempt", "delay"), [(1, 2.0), (2, 4.0), (3, 8.0)])
+def test_an_unknown_outcome_is_retried_after_the_backoff_by_default(
+    attempt: int, delay: float
+) -> None:
+    # It may have been sent: the attempt is spent, recorded `unknown`, never refunded.
+    done = outcome_of(attempt, answered(UNKNOWN))
+    assert (done.status, done.outcome) == (MessageStatus.PENDING, AttemptOutcome.UNKNOWN)
+    assert done.next_attempt_at == FINISHED + timedelta(seconds=delay)
+    assert (done.error, done.refund, done.latency_ms) == (
+        "cloud: timeout after 10s (ReadTimeout)",
+        0,
+        250.0,
+    )
+
+
+def test_an_unknown_outcome_on_the_last_attempt_is_final() -> None:
+    done = outcome_of(4, answered(UNKNOWN))
+    assert (done.status, done.outcome) == (MessageStatus.ERROR, AttemptOutcome.UNKNOWN)
+    assert (done.next_attempt_at, done.refund, done.error) == (
+        None,
+        0,
+        "cloud: timeout after 10s (ReadTimeout)",
+    )
+
+
+@pytest.mark.parametrize("attempt", [1, 4])
+def test_an_unknown_outcome_with_fail_is_final_at_once(attempt: int) -> None:
+    policy = dataclasses.replace(POLICY, unknown_outcome="fail")
+    done = outcome_of(attempt, answered(UNKNOWN), policy)
+    assert (done.status, done.outcome) == (MessageStatus.ERROR, AttemptOutcome.UNKNOWN)
+    assert (done.next_attempt_at, done.refund, done.error) == (
+        None,
+        0,
+        "unknown outcome: cloud: timeout after 10s (ReadTimeout)",
+    )
+
+
+def test_fail_leaves_a_transient_failure_retried() -> None:
+    # Only an unknown outcome is final: a call known not sent is retried as ever.
+    policy = dataclasses.replace(POLICY, unknown_outcome="fail")
+    failure = ProviderError(ErrorKind.TRANSIENT, "cloud: ConnectError: refused")
+    done = outcome_of(1, answered(failure), policy)
+    assert (done.status, done.outcome) == (MessageStatus.PENDING, AttemptOutcome.TRANSIENT)
+    assert (done.error, done.next_attempt_at) == (
+        "cloud: ConnectError: refused",
+        FINISHED + timedelta(seconds=2.0),
+    )
+
+
+def test_the_policy_takes_unknown_outcome_from_the_settings() -> None:
+    assert RetryPolicy.from_settings(offline_settings()).unknown_outcome == "retry"
+    fail = offline_settings(unknown_outcome="fail")
+    assert RetryPolicy.from_settings(fail).unknown_outcome == "fail"
 
 
 @pytest.mark.parametrize("attempt", [1, 4])
