@@ -370,15 +370,15 @@ def test_cloud_500_without_a_body_is_transient(server: ScriptedServer) -> None:
     assert error.reason == "cloud http 500"
 
 
-def test_cloud_timeout_is_transient(server: ScriptedServer) -> None:
+def test_cloud_timeout_is_unknown(server: ScriptedServer) -> None:
     server.script(Reply(200, {"messages": [{"id": "wamid.late"}]}, hang=True))
 
     error = send_error(cloud_settings(server.url), timeout=0.3)
 
-    assert error.kind is ErrorKind.TRANSIENT
+    assert error.kind is ErrorKind.UNKNOWN
     assert error.http_status is None
     assert "timeout" in error.reason
-    assert len(server.requests) == 1  # it reached the provider, which never answered
+    assert len(server.requests) == 1  # it reached the provider, which never answered: unknown
 
 
 def test_connection_refused_is_transient() -> None:
@@ -546,12 +546,12 @@ def test_http_plain_4xx_is_permanent(server: ScriptedServer) -> None:
     assert (error.kind, error.code, error.reason) == (ErrorKind.PERMANENT, None, "http 422")
 
 
-def test_http_timeout_is_transient(server: ScriptedServer) -> None:
+def test_http_timeout_is_unknown(server: ScriptedServer) -> None:
     server.script(Reply(200, hang=True))
 
     error = send_error(http_settings(server.url), timeout=0.3)
 
-    assert error.kind is ErrorKind.TRANSIENT
+    assert error.kind is ErrorKind.UNKNOWN
     assert "timeout" in error.reason
 
 
