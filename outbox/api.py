@@ -43,6 +43,7 @@ from outbox.services import SERVICES, Services, authenticate, require_admin, ser
 from outbox.settings import Settings
 from outbox.states import LIVE_STATUSES, DeliveryState, MessageStatus
 from outbox.store import Conflict, Inserted, ListedRow, MessageRow, NewMessage, Store
+from outbox.store.messages import ACCEPTED, DELIVERIES, DELIVERY_STATES
 
 log = get_logger("outbox.api")
 
@@ -55,7 +56,16 @@ LIST_LIMIT_MAX = 500
 LIST_LIMIT_DEFAULT = 50
 STATUSES = tuple(MessageStatus)
 CLIENT_CLOSED = 499  # the request log's status for a client that left mid-request
-LIST_PARAMETERS = ("status", "limit", "after", "client_message_id", "sender", "priority")
+LIST_PARAMETERS = (
+    "status",
+    "limit",
+    "after",
+    "client_message_id",
+    "sender",
+    "priority",
+    "delivery",
+)
+_DELIVERY_NAMES = {value: name for name, value in DELIVERY_STATES.items()}
 _SENDER = re.compile(models.SENDER_PATTERN.removeprefix("^").removesuffix("$"))
 # The admin summary: where its counts stop (index-only counts of pending, in-flight and
 # errored rows; sent and cancelled rows, read from the heap: see the admin_summary
@@ -241,6 +251,26 @@ def listed_message(row: ListedRow) -> dict[str, Any]:
         "priority": row.priority,
         "ordered": row.ordered,
         "waiting_for": row.waiting_for,
+        "delivery": _delivery(row),
+    }
+
+
+def _delivery(row: ListedRow) -> dict[str, Any] | None:
+    """Its receipts; None before the provider accepted it (not sent, no receipt, and no
+    `sent` status from the provider)."""
+    if (
+        row.delivery_state is None
+        and row.status != MessageStatus.SENT
+        and row.provider_sent_at is None
+    ):
+        return None
+    return {
+        "state": ACCEPTED if row.delivery_state is None else _DELIVERY_NAMES[row.delivery_state],
+        "provider_sent_at": models.iso_utc(row.provider_sent_at),
+        "delivered_at": models.iso_utc(row.delivered_at),
+        "read_at": models.iso_utc(row.read_at),
+        "failed_at": models.iso_utc(row.failed_at),
+        "error": row.delivery_error,
     }
 
 
@@ -360,6 +390,9 @@ async def list_messages(request: Request) -> Response:
     priority = params.get("priority")
     if priority is not None and priority not in models.PRIORITIES:
         raise _query_error("priority", "must be one of " + ", ".join(models.PRIORITIES))
+    delivery = params.get("delivery")
+    if delivery is not None and delivery not in DELIVERIES:
+        raise _query_error("delivery", "must be one of " + ", ".join(DELIVERIES))
     after = None
     if "after" in params:
         try:
@@ -373,6 +406,7 @@ async def list_messages(request: Request) -> Response:
         client_message_id=client_message_id,
         sender=sender,
         priority=priority,
+        delivery=delivery,
         after=after,
         limit=limit,
     )

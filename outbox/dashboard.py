@@ -1,8 +1,10 @@
 """The admin dashboard: one static page (HTML, CSS, JS shipped in outbox/static/).
 
 The page holds no data: it asks for an admin token, then reads
-`GET /api/v1/admin/summary`, `GET /api/v1/whatsapp/senders` and the WebSocket feed with
-it, like any other client, and pauses or resumes senders through the admin routes.
+`GET /api/v1/admin/summary` (with the delivery funnel), `GET /api/v1/whatsapp/senders`,
+the newest messages with their delivery (`GET /api/v1/whatsapp/messages`, `?delivery=`)
+and the WebSocket feed with it, like any other client, and pauses or resumes senders
+through the admin routes.
 """
 
 from __future__ import annotations

@@ -401,6 +401,43 @@ class WaitingFor(TypedDict):
     ]
 
 
+# A message's delivery: `accepted` (sent, no receipt yet), then as the provider's receipts
+# tell (outbox/store/messages.py: DELIVERIES).
+DeliveryName = Literal["accepted", "delivered", "read", "failed"]
+
+
+class DeliveryError(TypedDict):
+    """Why the provider could not deliver the message, as it said (Meta's error object:
+    its code, title and details; a gateway's code and message)."""
+
+    code: NotRequired[int | str | None]
+    title: NotRequired[str | None]
+    details: NotRequired[str | None]
+
+
+class Delivery(BaseModel):
+    """What the provider reported of a message it accepted (its delivery receipts)."""
+
+    state: DeliveryName = Field(
+        description="accepted: the provider took the message, no receipt yet; delivered: it"
+        " reached the phone; read: the recipient read it; failed: the provider could not"
+        " deliver it (`error` says why; the message stays `sent`). It only climbs: a late"
+        " delivered after read stays read, a delivered or read after failed wins"
+    )
+    provider_sent_at: str | None = Field(
+        description="When the provider says it sent the message (its `sent` status)"
+    )
+    delivered_at: str | None = Field(description="The provider's time of its delivered receipt")
+    read_at: str | None = Field(description="The provider's time of its read receipt")
+    failed_at: str | None = Field(
+        description="The provider's time of its failed receipt (kept when a later delivered"
+        " or read wins)"
+    )
+    error: DeliveryError | None = Field(
+        description="With failed_at: the reason the provider gave; null otherwise"
+    )
+
+
 class ListedMessage(BaseModel):
     """A message as the list shows it: its attempts are in GET …/messages/{task_id}."""
 
@@ -431,6 +468,9 @@ class ListedMessage(BaseModel):
     waiting_for: WaitingFor | None = Field(
         description="Why a pending message is not being sent yet; null when it is not"
         " pending, or is due and waits only for a dispatcher"
+    )
+    delivery: Delivery | None = Field(
+        description="Its delivery receipts; null before the provider accepted the message"
     )
 
 
@@ -519,6 +559,36 @@ class WaitingRow(BaseModel):
     sender: str
 
 
+class FunnelRow(BaseModel):
+    """One sender's messages the provider accepted in the funnel's window (the view
+    outbox.delivery_funnel's columns, over the whole window)."""
+
+    sender: str
+    accepted: int = Field(description="Messages sent (the provider accepted them)")
+    delivered: int = Field(description="Of those, delivered (read ones included)")
+    read: int
+    failed: int = Field(description="Of those, failed after acceptance (no later delivered)")
+    median_seconds_to_delivered: float | None = Field(
+        description="From acceptance to the delivered receipt (the provider's clock against"
+        " ours); null without one"
+    )
+    median_seconds_to_read: float | None = Field(
+        description="From acceptance to the read receipt; null without one"
+    )
+
+
+class DeliveryFunnel(BaseModel):
+    since: str = Field(
+        description="The window's start: the hour 23 hours before this one, or, when"
+        " `capped`, the acceptance of the oldest message read"
+    )
+    capped: bool = Field(
+        description="The window held more than `cap` accepted messages: the newest `cap` were read"
+    )
+    cap: int
+    senders: list[FunnelRow] = Field(description="Per sender with messages in the window")
+
+
 class AdminSummary(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -528,6 +598,9 @@ class AdminSummary(BaseModel):
     provider_latency: list[LatencyMinute] = Field(description="Minutes with provider calls")
     recent_failures: list[FailureRow] = Field(description="Latest final failures, newest first")
     waiting: list[WaitingRow] = Field(description="Pending messages, next due first")
+    delivery_funnel: DeliveryFunnel = Field(
+        description="Delivery receipts per sender over the last 24 hours"
+    )
 
 
 def iso_utc(value: datetime | None) -> str | None:

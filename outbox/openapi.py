@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
@@ -318,6 +318,13 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                     "name": "priority",
                     "in": "query",
                     "schema": {"type": "string", "enum": list(models.PRIORITIES)},
+                },
+                {
+                    "name": "delivery",
+                    "in": "query",
+                    "description": "Messages in this delivery state (their `delivery.state`):"
+                    " accepted (sent, no receipt yet), delivered, read or failed",
+                    "schema": {"type": "string", "enum": list(get_args(models.DeliveryName))},
                 },
                 {
                     "name": "limit",

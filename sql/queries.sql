@@ -75,6 +75,9 @@ SELECT COALESCE(max(version), 0) FROM outbox.schema_migrations;
 -- Keyset pagination, newest first (ids are UUIDv7, so id order is creation order).
 -- Run unprepared so the planner folds away the filters that are NULL. No index has the
 -- sender: its filter is applied on top of the plan the other filters choose.
+-- ?delivery=: %(delivery_state)s, the column's value of delivered, read or failed (the
+-- partial indexes messages_user_delivery and messages_delivery hold exactly the rows with
+-- a receipt); %(accepted)s: sent without a receipt yet, read from the sent range.
 SELECT *
 FROM outbox.listed_message
 WHERE (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text)
@@ -82,6 +85,8 @@ WHERE (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text)
   AND (%(client_message_id)s::text IS NULL OR client_message_id = %(client_message_id)s::text)
   AND (%(sender)s::text IS NULL OR sender = %(sender)s::text)
   AND (%(priority)s::text IS NULL OR priority = %(priority)s::text)
+  AND (%(delivery_state)s::smallint IS NULL OR delivery_state = %(delivery_state)s::smallint)
+  AND (NOT %(accepted)s::boolean OR (status = 'sent' AND delivery_state IS NULL))
   AND (%(after)s::uuid IS NULL OR id < %(after)s::uuid)
 ORDER BY id DESC
 LIMIT %(limit)s;
@@ -576,6 +581,11 @@ SELECT COALESCE(
 -- in-flight ones read by lease keep `due_now` exact below the cap. Sent and cancelled
 -- rows share one index that lacks their status, so they are read together, oldest
 -- finished first, at most %(done_cap)s + 1 rows: past that, both counts are lower bounds.
+-- The delivery funnel: the figures of the view outbox.delivery_funnel per sender over its
+-- last 24 hours (the hour 23 hours before this one, on), read here from the sent rows of
+-- that window in messages_done_finished, newest first, at most %(done_cap)s of them (the
+-- view, filtered on `hour`, would read every sent row: its hour is computed), and with
+-- the medians of the whole window, which its hourly ones cannot give.
 WITH RECURSIVE heads AS (
     (SELECT sender, next_attempt_at AS head
      FROM outbox.messages
@@ -624,6 +634,16 @@ WITH RECURSIVE heads AS (
     FROM (VALUES ('sent'), ('cancelled')) AS s(status)
     LEFT JOIN done d ON d.status = s.status
     GROUP BY s.status
+), window_start AS (
+    SELECT date_trunc('hour', now()) - interval '23 hours' AS since
+), accepted AS (
+    SELECT m.sender, m.finished_at, m.delivery_state, m.delivered_at, m.read_at
+    FROM outbox.messages m
+    WHERE m.status = 'sent' AND m.finished_at >= (SELECT since FROM window_start)
+    ORDER BY m.finished_at DESC
+    LIMIT %(done_cap)s + 1
+), funnel AS (
+    SELECT * FROM accepted ORDER BY finished_at DESC LIMIT %(done_cap)s
 )
 SELECT json_build_object(
     'generated_at', outbox.wire_time(now()),
@@ -666,7 +686,35 @@ SELECT json_build_object(
                   ORDER BY m.sender, m.next_attempt_at
                   LIMIT %(rows)s) w
               ORDER BY w.next_attempt_at
-              LIMIT %(rows)s) w)
+              LIMIT %(rows)s) w),
+    'delivery_funnel', (
+        SELECT json_build_object(
+                   'since', outbox.wire_time(CASE WHEN c.capped THEN c.oldest ELSE w.since END),
+                   'capped', c.capped,
+                   'cap', %(done_cap)s,
+                   'senders', (
+                       SELECT COALESCE(json_agg(json_build_object(
+                                  'sender', sender, 'accepted', accepted,
+                                  'delivered', delivered, 'read', read, 'failed', failed,
+                                  'median_seconds_to_delivered', median_seconds_to_delivered,
+                                  'median_seconds_to_read', median_seconds_to_read)
+                                  ORDER BY sender), '[]')
+                       FROM (SELECT f.sender,
+                                    count(*) AS accepted,
+                                    count(f.delivered_at) AS delivered,
+                                    count(f.read_at) AS read,
+                                    count(*) FILTER (WHERE f.delivery_state = 1) AS failed,
+                                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(
+                                        epoch FROM f.delivered_at - f.finished_at))
+                                        AS median_seconds_to_delivered,
+                                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(
+                                        epoch FROM f.read_at - f.finished_at))
+                                        AS median_seconds_to_read
+                             FROM funnel f
+                             GROUP BY f.sender) s))
+        FROM window_start w,
+             (SELECT (SELECT count(*) FROM accepted) > %(done_cap)s AS capped,
+                     (SELECT min(finished_at) FROM funnel) AS oldest) c)
 )::text;
 
 -- name: retry_message

@@ -1,6 +1,7 @@
-// The outbox dashboard: figures from GET /api/v1/admin/summary and the senders from
-// GET /api/v1/whatsapp/senders (both polled), a live tail of the WebSocket feed, retry,
-// cancel, pause and resume buttons. No build step, no library.
+// The outbox dashboard: figures from GET /api/v1/admin/summary (the delivery funnel
+// among them), the senders from GET /api/v1/whatsapp/senders and the newest messages with
+// their delivery from GET /api/v1/whatsapp/messages (all polled), a live tail of the
+// WebSocket feed, retry, cancel, pause and resume buttons. No build step, no library.
 // Every string from the server reaches the page as a text node or an attribute value
 // set through the DOM, never parsed as markup.
 "use strict";
@@ -14,7 +15,10 @@
   const BACKOFF_MAX_MS = 30000;
   const STABLE_MS = 5000; // a socket open this long resets the backoff
   const STATUSES = ["pending", "in_flight", "sent", "error", "cancelled"];
-  const BADGES = new Set(["queued", "failed", "retrying", ...STATUSES]);
+  const DELIVERIES = ["accepted", "delivered", "read", "failed"];
+  const BADGES = new Set(["queued", "failed", "retrying", ...STATUSES, ...DELIVERIES]);
+  const MESSAGES = "/api/v1/whatsapp/messages";
+  const MESSAGE_ROWS = 20;
   const SVG_NS = "http://www.w3.org/2000/svg";
   const SENDERS = "/api/v1/whatsapp/senders";
 
@@ -64,6 +68,23 @@
 
   function number(n) {
     return typeof n === "number" ? n.toLocaleString() : "–";
+  }
+
+  // A span of seconds, as a person reads it.
+  function duration(seconds) {
+    if (typeof seconds !== "number") return "–";
+    if (seconds < 60) return `${seconds.toFixed(1)} s`;
+    if (seconds < 3600) return `${(seconds / 60).toFixed(1)} min`;
+    return `${(seconds / 3600).toFixed(1)} h`;
+  }
+
+  // A provider's error: a string, or an object such as Meta's {code, title, details}.
+  function errorText(error) {
+    if (error === null || error === undefined) return "";
+    if (typeof error !== "object") return String(error);
+    const parts = [error.code, error.title ?? error.message, error.details].filter(
+      (part) => part !== null && part !== undefined && part !== "");
+    return parts.length ? parts.join(" · ") : JSON.stringify(error);
   }
 
   function notice(text, bad) {
@@ -123,7 +144,7 @@
     clearTimeout(soonTimer);
     soonTimer = null;
     if (!running) return;
-    await Promise.all([refreshSummary(), refreshSenders()]);
+    await Promise.all([refreshSummary(), refreshSenders(), refreshMessages()]);
     if (running) pollTimer = setTimeout(refresh, POLL_MS);
   }
 
@@ -153,6 +174,23 @@
     }
   }
 
+  async function refreshMessages() {
+    const problem = $("messages-error");
+    const state = $("delivery-filter").value;
+    let path = `${MESSAGES}?limit=${MESSAGE_ROWS}`;
+    if (state) path += `&delivery=${encodeURIComponent(state)}`;
+    try {
+      const answer = await api("GET", path);
+      if (!running || $("delivery-filter").value !== state) return;
+      renderMessages(answer.messages || []);
+      problem.hidden = true;
+    } catch (error) {
+      if (error instanceof AuthProblem) return;
+      problem.textContent = `messages unavailable: ${error.message}`;
+      problem.hidden = false;
+    }
+  }
+
   function refreshSoon() {
     if (soonTimer === null && running) soonTimer = setTimeout(refresh, EVENT_REFRESH_MS);
   }
@@ -163,6 +201,7 @@
     renderLatency(summary.provider_latency || []);
     renderFailures(summary.recent_failures || []);
     renderWaiting(summary.waiting || []);
+    renderFunnel(summary.delivery_funnel || null);
   }
 
   function renderCounts(counts) {
@@ -431,6 +470,66 @@
     $("waiting-empty").hidden = rows.length > 0;
   }
 
+  // Delivery --------------------------------------------------------------------------
+
+  const DELIVERY_MARKS = { accepted: "✓", delivered: "✓✓", read: "✓✓", failed: "✗" };
+
+  // A message's delivery as a small badge ("✓✓ read"), its times and error in the title;
+  // nothing before the provider accepted it.
+  function deliveryBadge(delivery) {
+    if (!delivery) return el("span", { class: "muted" }, "–");
+    const state = DELIVERIES.includes(delivery.state) ? delivery.state : "";
+    const lines = [];
+    if (delivery.provider_sent_at) lines.push(`sent by the provider ${time(delivery.provider_sent_at)}`);
+    if (delivery.delivered_at) lines.push(`delivered ${time(delivery.delivered_at)}`);
+    if (delivery.read_at) lines.push(`read ${time(delivery.read_at)}`);
+    if (delivery.failed_at) lines.push(`failed ${time(delivery.failed_at)}`);
+    if (delivery.error) lines.push(errorText(delivery.error));
+    const attrs = { class: `badge delivery ${state}`, "data-delivery": delivery.state ?? "" };
+    if (lines.length) attrs.title = lines.join("\n");
+    return el("span", attrs, `${DELIVERY_MARKS[state] ?? ""} ${delivery.state ?? ""}`.trim());
+  }
+
+  function renderMessages(rows) {
+    $("messages").tBodies[0].replaceChildren(
+      ...rows.map((row) =>
+        el("tr", { "data-task-id": row.task_id },
+          el("td", {}, time(row.created_at)),
+          el("td", { class: "id" }, row.task_id),
+          el("td", {}, row.to),
+          el("td", {}, row.sender),
+          el("td", {}, badge(row.status)),
+          el("td", { class: "delivery-cell" }, deliveryBadge(row.delivery)))),
+    );
+    $("messages-empty").hidden = rows.length > 0;
+  }
+
+  const count = (n) => el("span", { class: "count" }, number(n));
+
+  function share(part, whole) {
+    if (!whole) return null;
+    return el("span", { class: "share" }, `${Math.round((part / whole) * 100)} %`);
+  }
+
+  function renderFunnel(funnel) {
+    const rows = (funnel && funnel.senders) || [];
+    $("funnel").tBodies[0].replaceChildren(
+      ...rows.map((row) =>
+        el("tr", { "data-sender": row.sender },
+          el("td", { class: "id" }, row.sender),
+          el("td", { class: "number", "data-key": "accepted" }, count(row.accepted)),
+          el("td", { class: "number", "data-key": "delivered" }, count(row.delivered), share(row.delivered, row.accepted)),
+          el("td", { class: "number", "data-key": "read" }, count(row.read), share(row.read, row.accepted)),
+          el("td", { class: "number", "data-key": "failed" }, count(row.failed), share(row.failed, row.accepted)),
+          el("td", { class: "number", "data-key": "to_delivered" }, duration(row.median_seconds_to_delivered)),
+          el("td", { class: "number", "data-key": "to_read" }, duration(row.median_seconds_to_read)))),
+    );
+    $("funnel-empty").hidden = rows.length > 0;
+    $("funnel-window").textContent = funnel && funnel.capped
+      ? `per sender, the newest ${number(funnel.cap)} accepted, since ${new Date(funnel.since).toLocaleString()}`
+      : "last 24 hours, per sender";
+  }
+
   async function lookup(event) {
     event.preventDefault();
     const id = $("lookup-input").value.trim();
@@ -443,7 +542,10 @@
       if (view.status === "pending") actions.push(cancelButton(view.task_id));
       result.replaceChildren(
         el("p", {}, el("span", { class: "id" }, view.task_id), " ", badge(view.status),
-          ` to ${view.to}, ${view.type}, attempts ${view.attempts}/${view.max_attempts}`,
+          ` to ${view.to}, ${view.type}, attempts ${view.attempts}/${view.max_attempts} `,
+          el("span", { class: "delivery-cell" }, deliveryBadge(view.delivery)),
+          view.delivery && view.delivery.error
+            ? el("span", { class: "error" }, ` — ${errorText(view.delivery.error)}`) : null,
           view.last_error ? el("span", { class: "error" }, ` — ${view.last_error}`) : null,
           " ", ...actions),
         el("ol", {}, ...view.history.map((a) =>
@@ -476,7 +578,7 @@
         el("span", { class: "id" }, data.message_id ?? data.sender ?? ""),
         data.message_id == null && data.reason ? el("span", {}, data.reason) : null,
         data.attempt !== undefined && data.attempt !== null ? el("span", {}, `attempt ${data.attempt}`) : null,
-        data.error ? el("span", { class: "error" }, data.error) : null),
+        data.error ? el("span", { class: "error" }, errorText(data.error)) : null),
     );
     while (tail.children.length > TAIL_MAX) tail.lastElementChild.remove();
   }
@@ -566,6 +668,11 @@
     });
     $("forget").addEventListener("click", () => askForToken(""));
     $("lookup-form").addEventListener("submit", lookup);
+    $("messages-form").addEventListener("submit", (event) => event.preventDefault());
+    $("delivery-filter").addEventListener("change", () => {
+      $("messages").tBodies[0].replaceChildren();
+      refreshMessages();
+    });
     if (token) start();
     else askForToken("");
   });

@@ -18,6 +18,12 @@ from outbox.states import MessageStatus
 from outbox.store.database import QUERIES, Database, dataclass_row
 
 CLIENT_MESSAGE_ID_INDEX = "messages_client_message_id"  # unique (user_id, client_message_id)
+# A message's delivery as the API names it: the receipt states by their column's value
+# (018_delivery_receipts.sql, outbox.delivery_name), and `accepted`, a sent message with
+# no receipt yet.
+DELIVERY_STATES: dict[str, int] = {"failed": 1, "delivered": 2, "read": 3}
+ACCEPTED = "accepted"
+DELIVERIES = (ACCEPTED, "delivered", "read", "failed")
 # A batch goes to PostgreSQL in statements of this many rows, one transaction, sent in a
 # pipeline: PostgreSQL runs each while the next one's JSON is built and sent.
 BATCH_STATEMENT_ROWS = 250
@@ -284,13 +290,18 @@ class Messages:
         after: uuid.UUID | None,
         limit: int,
         priority: str | None = None,
+        delivery: str | None = None,
     ) -> list[ListedRow]:
+        """A page of messages, newest first; `delivery` one of DELIVERIES (None: any)."""
         params = {
             "user_id": user_id,
             "status": status,
             "client_message_id": client_message_id,
             "sender": sender,
             "priority": priority,  # high | normal | low
+            # The column's value (its index serves the filter), or sent without a receipt.
+            "delivery_state": DELIVERY_STATES.get(delivery) if delivery else None,
+            "accepted": delivery == ACCEPTED,
             "after": after,
             "limit": limit,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -335,4 +336,133 @@ def test_senders_panel_shows_each_sender_and_pauses_and_resumes_one(
 
         never_shown(page.content(), HTTP_SECRET)
         page.close()
+    assert problems == [], problems
+
+
+def test_dashboard_shows_each_messages_delivery_and_the_funnel(
+    browser: Any,
+    api: ServerThread,
+    client: httpx.Client,
+    auth: Callable[..., dict[str, str]],
+    token: Callable[..., str],
+    sql_conn: psycopg.Connection,
+    tmp_path: Path,
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    # Four messages the provider accepted (as a dispatcher's completion leaves them) and
+    # one still pending; then receipts, recorded as the webhooks record them.
+    to = [f"55119000000{n:02d}" for n in range(5)]
+    read, delivered, failed, accepted, pending = (send(client, auth(), "hi", to=t) for t in to)
+    sql_conn.execute(
+        """UPDATE outbox.messages
+           SET status = 'sent', attempts = 1, updated_at = now(),
+               finished_at = now() - interval '1 minute', provider_message_id = 'wamid.' || id
+           WHERE id = ANY(%s::uuid[])""",
+        [[read, delivered, failed, accepted]],
+    )
+    row = sql_conn.execute(
+        "SELECT extract(epoch FROM now() - interval '1 minute')::float8"
+    ).fetchone()
+    assert row is not None
+    finished = row[0]
+    error = {"code": 131026, "title": "Message undeliverable", "details": "<b>not on WhatsApp</b>"}
+
+    def record(*receipts: dict[str, Any]) -> None:
+        items = [{"n": n, **receipt} for n, receipt in enumerate(receipts)]
+        sql_conn.execute(
+            "SELECT outbox.record_receipts(%s::jsonb, NULL)", [json.dumps(items)]
+        ).fetchall()
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on(
+        "console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None
+    )
+    page.goto(f"{api.url}/dashboard")
+    page.fill("#token-input", token("ops", admin=True))
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#feed-state")).to_have_attribute("data-state", "live")
+
+    def delivery_of(task_id: str) -> Any:
+        return page.locator(f'#messages tr[data-task-id="{task_id}"] .delivery-cell')
+
+    # Before any receipt: accepted ones say so, the pending one shows none.
+    expect(delivery_of(accepted)).to_have_text("✓ accepted")
+    expect(delivery_of(read)).to_have_text("✓ accepted")
+    expect(delivery_of(pending)).to_have_text("–")
+
+    # Receipts arrive (4 s to delivered, 30 s to read; one failed): the table follows,
+    # the live tail hears the message_status events.
+    record(
+        {"task_id": read, "status": "delivered", "at": finished + 4},
+        {"id": f"wamid.{delivered}", "status": "delivered", "at": finished + 6},
+        {"task_id": failed, "status": "failed", "at": finished + 2, "error": error},
+    )
+    record({"task_id": read, "status": "read", "at": finished + 30})
+    expect(delivery_of(read)).to_have_text("✓✓ read")
+    expect(delivery_of(read).locator(".badge.read")).to_have_attribute(
+        "title", re.compile("delivered .*\nread ")
+    )
+    expect(delivery_of(delivered)).to_have_text("✓✓ delivered")
+    expect(delivery_of(failed)).to_have_text("✗ failed")
+    expect(delivery_of(failed).locator(".badge")).to_have_attribute(
+        "title", re.compile("131026 · Message undeliverable · <b>not on WhatsApp</b>")
+    )
+    expect(delivery_of(accepted)).to_have_text("✓ accepted")
+    status_events = page.locator(f'#tail li[data-message-id="{read}"]').filter(
+        has_text="message_status"
+    )
+    expect(status_events.locator(".badge.read")).to_have_count(1)
+    expect(status_events.locator(".badge.delivered")).to_have_count(1)
+    expect(
+        page.locator(f'#tail li[data-message-id="{failed}"]').filter(has_text="message_status")
+    ).to_contain_text("131026 · Message undeliverable")
+    # Read looks unlike delivered.
+    read_color = delivery_of(read).locator(".badge").evaluate("b => getComputedStyle(b).color")
+    delivered_color = (
+        delivery_of(delivered).locator(".badge").evaluate("b => getComputedStyle(b).color")
+    )
+    assert read_color != delivered_color
+
+    # The funnel of the last 24 hours: 4 accepted, 2 delivered (the read one too), 1 read,
+    # 1 failed; medians 5 s to delivered (4 and 6), 30 s to read.
+    funnel = page.locator('#funnel tr[data-sender="default"]')
+
+    def cell(key: str) -> Any:
+        return funnel.locator(f'td[data-key="{key}"]')
+
+    expected = {"accepted": ("4", None), "delivered": ("2", "50 %"), "read": ("1", "25 %")}
+    expected["failed"] = ("1", "25 %")
+    for key, (count, share) in expected.items():
+        expect(cell(key).locator(".count")).to_have_text(count)
+        if share is not None:
+            expect(cell(key).locator(".share")).to_have_text(share)
+    expect(cell("to_delivered")).to_have_text("5.0 s")
+    expect(cell("to_read")).to_have_text("30.0 s")
+    expect(page.locator("#funnel-empty")).to_be_hidden()
+
+    # The filter shows one state only (?delivery=).
+    page.select_option("#delivery-filter", "read")
+    rows = page.locator("#messages tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows).to_have_attribute("data-task-id", read)
+    page.select_option("#delivery-filter", "accepted")
+    expect(rows).to_have_count(1)
+    expect(rows).to_have_attribute("data-task-id", accepted)
+    page.select_option("#delivery-filter", "")
+    expect(rows).to_have_count(5)
+    screenshot = tmp_path / "delivery.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"dashboard screenshot: {screenshot}")
+
+    # Looking one up shows its delivery and the provider's reason, as text.
+    page.fill("#lookup-input", failed)
+    page.click("#lookup-form button[type=submit]")
+    expect(page.locator("#lookup-result")).to_contain_text("✗ failed")
+    expect(page.locator("#lookup-result")).to_contain_text("<b>not on WhatsApp</b>")
+    assert page.locator("#lookup-result b, #messages b, #tail b").count() == 0
+    page.close()
     assert problems == [], problems

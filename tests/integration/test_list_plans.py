@@ -1,6 +1,8 @@
 """GET /messages reads an index range in id order for every filter combination a user or
 an admin can send (migration 008): what one listing reads does not grow with the rows the
-table holds of other users and other statuses, such as a long history of sent messages."""
+table holds of other users and other statuses, such as a long history of sent messages.
+`?delivery=` too (migration 018): delivered, read and failed read the partial indexes of
+the messages with a receipt, accepted the sent range."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import psycopg
 
 from outbox.store import QUERIES
+from outbox.store.messages import DELIVERIES, DELIVERY_STATES
 
 LIMIT = 20
 LIVE = 10_000  # the recent rows, every status
@@ -20,11 +23,13 @@ SOME_HISTORY = 15_000  # of which the newest are there at the first look
 def fill(conn: psycopg.Connection, first: int, last: int, *, history: bool) -> None:
     """Rows first..last, ids in that order. A user `big` has most of them, 100 others the
     rest; half have a client_message_id, and 40 users sent one each under `shared`.
-    Recent rows are mostly sent, some pending, in flight, errored, a few cancelled."""
+    Recent rows are mostly sent, some pending, in flight, errored, a few cancelled. Of the
+    sent ones, a third were delivered, a seventh read, a few failed, the rest have no
+    receipt (accepted); a few in flight already have one (it came before the completion)."""
     conn.execute(
         """INSERT INTO outbox.messages
                (id, user_id, client_message_id, "to", type, payload, request_hash,
-                max_attempts, status, locked_until, finished_at)
+                max_attempts, status, locked_until, finished_at, delivery_state)
            SELECT (lpad(to_hex(1700000000000 + n), 12, '0') || '7000' || '8'
                    || lpad(to_hex(n), 15, '0'))::uuid,
                   CASE WHEN n %% 5 = 0 THEN 'user-' || (n / 5) %% 100 ELSE 'big' END,
@@ -33,7 +38,11 @@ def fill(conn: psycopg.Connection, first: int, last: int, *, history: bool) -> N
                        WHEN n %% 2 = 0 THEN 'c-' || n END,
                   '5511999999999', 'text', '{}'::jsonb, '\\x00'::bytea, 4, s,
                   CASE WHEN s = 'in_flight' THEN now() + interval '1 minute' END,
-                  CASE WHEN s IN ('sent', 'error', 'cancelled') THEN now() END
+                  CASE WHEN s IN ('sent', 'error', 'cancelled') THEN now() END,
+                  CASE WHEN s = 'sent' AND n %% 3 = 0 THEN 2
+                       WHEN s = 'sent' AND n %% 7 = 1 THEN 3
+                       WHEN s = 'sent' AND n %% 13 = 2 THEN 1
+                       WHEN s = 'in_flight' AND n %% 2 = 0 THEN 2 END::smallint
            FROM (SELECT n, CASE WHEN %(history)s THEN 'sent'
                                 WHEN n %% 997 = 1 THEN 'cancelled'
                                 WHEN n %% 101 = 2 THEN 'error'
@@ -75,6 +84,8 @@ def every_combination(after: Any) -> list[dict[str, Any]]:
             "client_message_id": c,
             "sender": d,
             "priority": None,
+            "delivery_state": None,
+            "accepted": False,
             "after": a,
             "limit": LIMIT,
         }
@@ -84,13 +95,34 @@ def every_combination(after: Any) -> list[dict[str, Any]]:
     ]
 
 
+def delivery_combinations(after: Any) -> list[dict[str, Any]]:
+    """?delivery= alone and beside a status, for a user and an admin, as the store's
+    listing passes it (the column's value, or `accepted`)."""
+    owners = ["big", "user-7", None]
+    statuses = [None, "pending", "in_flight", "sent", "error"]
+    return [
+        {
+            "user_id": o,
+            "status": s,
+            "client_message_id": None,
+            "sender": None,
+            "priority": None,
+            "delivery_state": DELIVERY_STATES.get(v),
+            "accepted": v == "accepted",
+            "after": a,
+            "limit": LIMIT,
+        }
+        for o, v, s, a in itertools.product(owners, DELIVERIES, statuses, [None, after])
+    ]
+
+
 def test_no_listing_reads_more_when_the_history_grows(sql_conn: psycopg.Connection) -> None:
     fill(sql_conn, HISTORY + 1, HISTORY + LIVE, history=False)
     middle = sql_conn.execute(
         "SELECT id FROM outbox.messages ORDER BY id OFFSET %s LIMIT 1", [LIVE // 2]
     ).fetchone()
     assert middle is not None
-    combinations = every_combination(middle[0])
+    combinations = every_combination(middle[0]) + delivery_combinations(middle[0])
     fill(sql_conn, HISTORY - SOME_HISTORY + 1, HISTORY, history=True)
     before = [pages_read(sql_conn, params)[0] for params in combinations]
 
@@ -113,3 +145,12 @@ def test_no_listing_reads_more_when_the_history_grows(sql_conn: psycopg.Connecti
         if pages > bound:
             failures.append(f"{pages_then} → {pages} pages for {params}:\n{plan}")
     assert not failures, f"{len(failures)} combinations read more:\n" + "\n\n".join(failures[:4])
+
+    # Delivered, read and failed are read from the partial indexes of the messages with a
+    # receipt (the filter is on the column, not on its name), newest first.
+    for state in DELIVERY_STATES.values():
+        for owner, index in (("big", "messages_user_delivery"), (None, "messages_delivery")):
+            params = {**delivery_combinations(None)[0], "user_id": owner}
+            params.update(delivery_state=state, accepted=False)
+            plan = pages_read(sql_conn, params)[1]
+            assert f"Index Scan Backward using {index} " in plan, plan
