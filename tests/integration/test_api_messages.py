@@ -277,9 +277,14 @@ def _literal(value: Any) -> str:
         # Nor the priority: its filter too is applied on top.
         {"user_id": "'user-7'", "status": "NULL", "client_message_id": "NULL",
          "sender": "NULL", "priority": "'high'", "after": "NULL"},
+        # ?delivery=: delivered, read and failed by the column's value (018).
+        {"user_id": "'user-7'", "status": "NULL", "client_message_id": "NULL",
+         "sender": "NULL", "delivery_state": "2", "after": "NULL"},
+        {"user_id": "NULL", "status": "NULL", "client_message_id": "NULL",
+         "sender": "NULL", "delivery_state": "3", "after": "NULL"},
     ],
     ids=["user", "user-status-after", "admin", "client-message-id", "user-sender", "admin-sender",
-         "user-priority"],
+         "user-priority", "user-delivery", "admin-delivery"],
 )  # fmt: skip
 def test_the_list_query_is_served_by_an_index(
     sql_conn: psycopg.Connection, params: dict[str, str]
@@ -296,6 +301,8 @@ def test_the_list_query_is_served_by_an_index(
     literal = {key: psycopg.sql.SQL(value) for key, value in params.items()}
     literal["limit"] = psycopg.sql.SQL("50")
     literal.setdefault("priority", psycopg.sql.SQL("NULL"))
+    literal.setdefault("delivery_state", psycopg.sql.SQL("NULL"))
+    literal.setdefault("accepted", psycopg.sql.SQL("false"))
     statement = psycopg.sql.SQL(query.replace("%(", "{").replace(")s", "}")).format(**literal)
     plan = "\n".join(
         row[0] for row in sql_conn.execute(psycopg.sql.SQL("EXPLAIN ") + statement).fetchall()
