@@ -243,6 +243,29 @@ $$;
 
 
 --
+-- Name: delivery_funnel_since(timestamp with time zone); Type: FUNCTION; Schema: outbox; Owner: -
+--
+
+CREATE FUNCTION outbox.delivery_funnel_since(p_since timestamp with time zone) RETURNS TABLE(sender text, hour timestamp with time zone, accepted bigint, delivered bigint, read bigint, failed bigint, median_seconds_to_delivered double precision, median_seconds_to_read double precision)
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT m.sender,
+           date_trunc('hour', m.finished_at),
+           count(*),
+           count(m.delivered_at),
+           count(m.read_at),
+           count(*) FILTER (WHERE m.delivery_state = 1),
+           percentile_cont(0.5) WITHIN GROUP (
+               ORDER BY extract(epoch FROM m.delivered_at - m.finished_at)),
+           percentile_cont(0.5) WITHIN GROUP (
+               ORDER BY extract(epoch FROM m.read_at - m.finished_at))
+    FROM outbox.messages m
+    WHERE m.status = 'sent' AND m.finished_at >= p_since
+    GROUP BY 1, 2
+$$;
+
+
+--
 -- Name: delivery_name(smallint); Type: FUNCTION; Schema: outbox; Owner: -
 --
 
@@ -1449,17 +1472,15 @@ ALTER TABLE outbox.attempts ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 --
 
 CREATE VIEW outbox.delivery_funnel AS
- SELECT m.sender,
-    date_trunc('hour'::text, m.finished_at) AS hour,
-    count(*) AS accepted,
-    count(m.delivered_at) AS delivered,
-    count(m.read_at) AS read,
-    count(*) FILTER (WHERE (m.delivery_state = 1)) AS failed,
-    percentile_cont((0.5)::double precision) WITHIN GROUP (ORDER BY ((EXTRACT(epoch FROM (m.delivered_at - m.finished_at)))::double precision)) AS median_seconds_to_delivered,
-    percentile_cont((0.5)::double precision) WITHIN GROUP (ORDER BY ((EXTRACT(epoch FROM (m.read_at - m.finished_at)))::double precision)) AS median_seconds_to_read
-   FROM outbox.messages m
-  WHERE (m.status = 'sent'::text)
-  GROUP BY m.sender, (date_trunc('hour'::text, m.finished_at));
+ SELECT delivery_funnel_since.sender,
+    delivery_funnel_since.hour,
+    delivery_funnel_since.accepted,
+    delivery_funnel_since.delivered,
+    delivery_funnel_since.read,
+    delivery_funnel_since.failed,
+    delivery_funnel_since.median_seconds_to_delivered,
+    delivery_funnel_since.median_seconds_to_read
+   FROM outbox.delivery_funnel_since('-infinity'::timestamp with time zone) delivery_funnel_since(sender, hour, accepted, delivered, read, failed, median_seconds_to_delivered, median_seconds_to_read);
 
 
 --
