@@ -150,15 +150,17 @@ def test_status_shows_each_sender_default_first_with_its_state_and_live_messages
         "SELECT outbox.pause_sender('gw', %s, 'E190', now() + interval '1 hour', false)",
         [reason],
     )
-    # bulk was throttled (down to 1/s, climbing back by a tenth of its limit a second:
-    # 49 s to its limit, however slowly the CLI starts); gw, unlimited, learned 30/s.
+    # bulk was throttled to 30/s and gw, unlimited, learned 30/s and was throttled to 20/s;
+    # each climbs back from its decrease's time, set ahead so that the rates shown do
+    # not depend on how long the CLI takes to start.
     sql_conn.execute(
-        """UPDATE outbox.sender_state SET decreased_rate = 1, decreased_at = now()
-           WHERE id = 'bulk'"""
+        """UPDATE outbox.sender_state
+           SET decreased_rate = 30, decreased_at = now() + interval '1 hour' WHERE id = 'bulk'"""
     )
     sql_conn.execute(
         """UPDATE outbox.sender_state
-           SET learned_limit = 30, decreased_rate = 1, decreased_at = now() WHERE id = 'gw'"""
+           SET learned_limit = 30, decreased_rate = 20, decreased_at = now() + interval '1 hour'
+           WHERE id = 'gw'"""
     )
     add_message(sql_conn, "pending")
     add_message(sql_conn, "sent", finished_ago="1 minute")
@@ -184,7 +186,7 @@ def test_status_shows_each_sender_default_first_with_its_state_and_live_messages
         {"id": "gw", "provider": "http", "source": "api", "state": "paused",
          "rate_limit": None, "pending": 2, "in_flight": 1},
     ]  # fmt: skip
-    assert 1 <= bulk_rate < 50 and 1 <= gw_rate < 30
+    assert (bulk_rate, gw_rate) == (30, 20)
     assert paused["reason"] == reason and paused["code"] == "E190"
     assert paused["manual"] is False and paused["until"] and paused["since"]
     never_shown(result.stdout, HTTP_SECRET, KEY)
@@ -203,8 +205,8 @@ def test_status_shows_each_sender_default_first_with_its_state_and_live_messages
     assert lines[1].split() == ["default", "fake", "active", "unlimited", "unlimited", "1", "0"]
     bulk = lines[2].split()
     assert bulk[:4] + bulk[-2:] == ["bulk", "fake", "active", "50/s", "0", "0"]
-    assert 25 <= float(bulk[4].removesuffix("/s")) < 50
+    assert float(bulk[4].removesuffix("/s")) == 30
     gw_line = lines[3].split()
     assert lines[3].startswith("gw ") and gw_line[-5] == "unlimited"
-    assert gw_line[-3:] == ["learned", "2", "1"] and 15 <= float(gw_line[-4][:-2]) < 30
+    assert gw_line[-3:] == ["learned", "2", "1"] and float(gw_line[-4][:-2]) == 20
     assert "paused until " in lines[3] and ": token expired  [2J(190) [E190]" in lines[3]
