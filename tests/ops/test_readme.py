@@ -38,3 +38,24 @@ def test_the_check_reads_the_table() -> None:
     rows = production_settings_rows()
     assert rows["OUTBOX_DB_PGBOUNCER"][0] == "false"
     assert rows["OUTBOX_PORT"][0] == "8001"
+
+
+def test_the_readme_points_only_at_what_a_user_of_the_repository_has() -> None:
+    """A newcomer's only guide: no design notes, harness protocols or issue numbers they
+    cannot see, and every file it links to is in the repository."""
+    text = README.read_text()
+    for name in ("DESIGN.md", "PROTOCOL.md", "../shared", "peers/RESULTS.md"):
+        assert name not in text, f"README points at {name}, which a user does not have"
+    issue = re.search(r"\bissues? #?\d+\b|(?<![\w/#])#\d+\b", text, re.IGNORECASE)
+    assert issue is None, f"README names an issue: {issue.group() if issue else ''!r}"
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert "bench/README.md" in local  # the benchmark history lives there
+    for link in local:
+        assert (README.parent / link).exists(), f"README links to {link}, not in the repository"
+
+
+def test_the_readme_gives_the_embedded_database_url() -> None:
+    text = README.read_text()
+    assert "postgresql://postgres:@/postgres?host=" in text
+    assert "outbox status" in text and "find the dev database" in text
