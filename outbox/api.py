@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from outbox import dashboard, db, models, senders_api
+from outbox import dashboard, db, models, senders_api, webhooks
 from outbox.auth import Principal, TokenVerifier
 from outbox.body import BodyReader
 from outbox.cancellation import cancel_and_wait
@@ -461,6 +461,7 @@ ROUTES = [
     Route("/api/v1/whatsapp/messages/{task_id}/retry", retry_message, methods=["POST"]),
     Route("/api/v1/admin/summary", admin_summary, methods=["GET"]),
     *senders_api.ROUTES,
+    *webhooks.ROUTES,
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
@@ -546,7 +547,8 @@ def create_app(
         store = Store(pool, statement_timeout=settings.api_statement_timeout)
         queue_gauges = QueueGauges(store, settings.metrics_cache)
         api_metrics.registry.register(queue_gauges)
-        senders = SenderDirectory(settings, store)
+        # Decrypted: the webhooks check signatures with the senders' secrets.
+        senders = SenderDirectory(settings, store, decrypt=True)
         feed = Feed(settings, store, verifier, api_metrics, senders=senders)
         services = Services(
             settings=settings,

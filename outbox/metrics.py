@@ -40,6 +40,8 @@ PROVIDER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 CLAIM_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 REFRESH_TIMEOUT = 2.0  # a scrape gets the last figures rather than wait on a slow database
 QUEUE_STATUSES = tuple(MessageStatus)
+RECEIPT_SOURCES = ("whatsapp", "http")
+RECEIPT_OUTCOMES = ("recorded", "unknown", "ignored")
 
 
 class ApiMetrics:
@@ -82,6 +84,21 @@ class ApiMetrics:
             "WebSocket clients closed with 1013 because their queue of events was full.",
             registry=registry,
         )
+        receipts = Counter(
+            "outbox_receipts_total",
+            "Delivery receipts posted to the webhooks (outbox/webhooks.py), by source "
+            "(whatsapp: Meta's, http: a gateway's) and outcome: recorded (matched a message "
+            "here; duplicates too), unknown (no message here has that id), ignored (a Meta "
+            "status of another kind, an inbound message, another field, a part of no known "
+            "shape).",
+            ["source", "outcome"],
+            registry=registry,
+        )
+        self._receipts = {
+            (source, outcome): receipts.labels(source, outcome)
+            for source in RECEIPT_SOURCES
+            for outcome in RECEIPT_OUTCOMES
+        }
         self._requests: dict[tuple[str, str, int], Any] = {}
 
     def _accepted_child(self, endpoint: str, sender: str) -> Any:
@@ -94,6 +111,12 @@ class ApiMetrics:
     def accepted(self, endpoint: str, sender: str, count: int = 1) -> None:
         """`count` messages of `sender` answered 202 by `endpoint` (single or batch)."""
         self._accepted_child(endpoint, sender).inc(count)
+
+    def receipts(self, source: str, *, recorded: int, unknown: int, ignored: int) -> None:
+        """One webhook POST's receipts (source: whatsapp or http)."""
+        for outcome, count in (("recorded", recorded), ("unknown", unknown), ("ignored", ignored)):
+            if count:
+                self._receipts[(source, outcome)].inc(count)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         if method not in _METHODS:

@@ -177,6 +177,125 @@ def _sender_paths(max_body_bytes: int) -> dict[str, Any]:
     }
 
 
+def _webhook_paths() -> dict[str, Any]:
+    """The providers' receipt webhooks (outbox/webhooks.py): no JWT, a signature instead.
+    Their bodies are the providers' (Meta's, a gateway's), described in words."""
+    from outbox.webhooks import (
+        GATEWAY_SIGNATURE_HEADER,
+        HUB_SIGNATURE_HEADER,
+        MAX_GATEWAY_STATUSES,
+        MAX_SIGNATURE_AGE,
+    )
+
+    def query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": True, "schema": schema}
+
+    def header(name: str, pattern: str, description: str) -> dict[str, Any]:
+        schema = {"type": "string", "pattern": pattern}
+        return {
+            "name": name,
+            "in": "header",
+            "required": True,
+            "description": description,
+            "schema": schema,
+        }
+
+    counts = {
+        "type": "object",
+        "properties": {
+            "recorded": {"type": "integer", "minimum": 0},
+            "unknown": {"type": "integer", "minimum": 0},
+            "ignored": {"type": "integer", "minimum": 0},
+        },
+        "required": ["recorded", "unknown", "ignored"],
+    }
+    acknowledged = _json(
+        counts,
+        "Acknowledged, its receipts recorded in one transaction: recorded (matched a message"
+        " here), unknown (no message here has that id), ignored (not a receipt)",
+    )
+    too_large = _json(
+        _ref("ErrorResponse"), "Body larger than OUTBOX_WEBHOOK_MAX_BYTES (1 MiB by default)"
+    )
+    unsigned = _json(
+        _ref("ErrorResponse"), "Signature missing, malformed or not by a known secret: nothing"
+    )
+    return {
+        "/webhooks/whatsapp": {
+            "get": {
+                "summary": "Meta's webhook verification handshake",
+                "description": "hub.mode=subscribe and hub.verify_token equal to"
+                " OUTBOX_CLOUD_VERIFY_TOKEN (set and not empty): 200 with hub.challenge as the"
+                " plain-text body; anything else: 403",
+                "security": [],
+                "parameters": [
+                    query("hub.mode", {"type": "string", "enum": ["subscribe"]}),
+                    query("hub.verify_token", {"type": "string"}),
+                    query("hub.challenge", {"type": "string"}),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "hub.challenge, as given",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "403": _json(_ref("ErrorResponse"), "Not subscribe, or not the verify token"),
+                },
+            },
+            "post": {
+                "summary": "Meta's status notifications (delivered, read, failed, sent)",
+                "description": "The Cloud API's webhook body (entry[].changes[].value.statuses[]),"
+                " signed with the Meta app's secret: OUTBOX_CLOUD_APP_SECRET (any sender's"
+                " messages) or a cloud sender's app_secret (that sender's messages). A status"
+                " names its message by biz_opaque_callback_data (the task id) or by id (the"
+                " wamid). Other statuses, inbound messages and other fields are acknowledged and"
+                " ignored.",
+                "security": [],
+                "parameters": [
+                    header(
+                        HUB_SIGNATURE_HEADER,
+                        "^sha256=[0-9a-fA-F]{64}$",
+                        "sha256=<hex HMAC-SHA256 of the raw body, keyed by the app secret>",
+                    )
+                ],
+                "responses": {
+                    "200": acknowledged,
+                    **_errors(400),
+                    "401": unsigned,
+                    "413": too_large,
+                    **_errors(503),
+                },
+            },
+        },
+        "/webhooks/http": {
+            "post": {
+                "summary": "Receipts from a self-hosted gateway (an http sender)",
+                "description": 'JSON {"sender": "<id>", "statuses": [{"task_id" or "id": "…",'
+                ' "status": "delivered"|"read"|"failed", "timestamp": <unix seconds>,'
+                ' "error": null | {"code": <integer or string>, "message": "…"}}]}, no other'
+                f" field (422), at most {MAX_GATEWAY_STATUSES} statuses, signed with that"
+                " sender's secret; the statuses are matched among that sender's messages only.",
+                "security": [],
+                "parameters": [
+                    header(
+                        GATEWAY_SIGNATURE_HEADER,
+                        "^t=[0-9]+,v1=[0-9a-fA-F]{64}$",
+                        't=<unix seconds>,v1=<hex HMAC-SHA256 of t + "." + the raw body, keyed'
+                        f" by the sender's secret>; t more than {MAX_SIGNATURE_AGE} s from now:"
+                        " 401",
+                    )
+                ],
+                "responses": {
+                    "200": acknowledged,
+                    **_errors(400),
+                    "401": unsigned,
+                    "413": too_large,
+                    **_errors(422, 503),
+                },
+            }
+        },
+    }
+
+
 @functools.cache
 def openapi_document(max_body_bytes: int) -> dict[str, Any]:
     """The document for a server whose body limit is `max_body_bytes`
@@ -354,6 +473,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         "/api/v1/whatsapp/messages/{task_id}/retry": retry_path,
         "/api/v1/admin/summary": summary_path,
         **_sender_paths(max_body_bytes),
+        **_webhook_paths(),
         "/dashboard": {
             "get": {
                 "summary": "The admin dashboard (an HTML page; it asks for an admin token)",

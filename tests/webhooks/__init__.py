@@ -1,0 +1,1 @@
+"""The receipt webhooks (outbox/webhooks.py) on a real server and database."""
