@@ -50,6 +50,12 @@ class Config:
     otp_dispatchers: int
     otp_provider: str  # otp's sender: http (calls timed at the provider server) or fake
     limited_provider: str  # the limited senders' provider: fake, or http (the provider server)
+    receipts_n: int  # receipts: sent messages whose statuses are POSTed (two passes)
+    receipts_batch: int  # statuses per webhook POST
+    receipts_clients: int  # concurrent webhook clients
+    receipts_seconds: float  # the ingestion window
+    receipts_rate: float  # single `read` POSTs per second, timed to their event on a feed
+    receipts_latency_seconds: float
     sender_burst: float  # OUTBOX_SENDER_BURST as the processes get it (passed through)
     run_timeout: float
     budget_s: float
@@ -103,6 +109,17 @@ class Config:
             otp_dispatchers=_env_int("BENCH_OTP_DISPATCHERS", 2),
             otp_provider=os.environ.get("BENCH_OTP_PROVIDER") or "http",
             limited_provider=os.environ.get("BENCH_LIMITED_PROVIDER") or "fake",
+            # receipts: signed POSTs of receipts_batch statuses from receipts_clients
+            # clients for receipts_seconds over receipts_n sent messages (delivered, then
+            # read: each status a change; 16,000-18,500 statuses/s on the 2-core VM:
+            # 150,000 rows last the 10 s); then single `read`s at receipts_rate/s for
+            # receipts_latency_seconds, timed to their `message_status` on a feed.
+            receipts_n=_env_int("BENCH_RECEIPTS_N", 60_000 if quick else 150_000),
+            receipts_batch=_env_int("BENCH_RECEIPTS_BATCH", 100),
+            receipts_clients=_env_int("BENCH_RECEIPTS_CLIENTS", 4),
+            receipts_seconds=_env_float("BENCH_RECEIPTS_SECONDS", 5 if quick else 10),
+            receipts_rate=_env_float("BENCH_RECEIPTS_RATE", 50),
+            receipts_latency_seconds=_env_float("BENCH_RECEIPTS_LATENCY_SECONDS", 5),
             sender_burst=float(parse_duration(os.environ.get("OUTBOX_SENDER_BURST") or 0.2)),
             run_timeout=_env_float("BENCH_RUN_TIMEOUT", 180),
             budget_s=_env_float("BENCH_BUDGET_S", 840),

@@ -332,6 +332,22 @@ ROWS: tuple[Spec, ...] = (
         note="p50 {med[otp_start_p50]:.1f} ms",
     ),
     Spec(
+        "receipts: webhook ingestion, {receipts_clients} clients, POSTs of {receipts_batch}",
+        "statuses/s",
+        "receipts_ingest",
+        note="{med[receipts_posts]:,.0f} POSTs/s; 1 serve",
+        cpu=GEN,
+    ),
+    Spec("receipts: webhook POST latency p50", "ms", "receipts_post_p50"),
+    Spec("receipts: webhook POST latency p99", "ms", "receipts_post_p99"),
+    Spec(
+        "receipts: POST → message_status on a feed at {receipts_rate:g}/s, p50",
+        "ms",
+        "receipts_event_p50",
+        note="one `read` per POST",
+    ),
+    Spec("receipts: POST → message_status on a feed, p99", "ms", "receipts_event_p99"),
+    Spec(
         "cost growth: M2 1 disp. + {old_rows} old rows",
         "msg/s",
         "growth",

@@ -11,10 +11,14 @@ sender at 500/s), BENCH_CPU_N, BENCH_CPU_RATE, BENCH_CPU_SECONDS, BENCH_CPU_DISP
 (limited_cpu: 10,000 due rows from one sender at 20/s, 1 dispatcher, 20 s),
 BENCH_OTP_CAMPAIGN, BENCH_OTP_LIMIT, BENCH_OTP_RATE, BENCH_OTP_SECONDS,
 BENCH_OTP_DISPATCHERS (otp: `high` POSTs at 10/s for 10 s while a 10,000-row `low`
-campaign drains through one sender at 500/s, 2 dispatchers), BENCH_GROWTH_SENT,
+campaign drains through one sender at 500/s, 2 dispatchers), BENCH_RECEIPTS_N,
+BENCH_RECEIPTS_BATCH, BENCH_RECEIPTS_CLIENTS, BENCH_RECEIPTS_SECONDS, BENCH_RECEIPTS_RATE,
+BENCH_RECEIPTS_LATENCY_SECONDS (receipts: signed status webhooks of 100 statuses from 4
+clients for 10 s over 150,000 sent messages into one serve, then single `read`s at 50/s
+for 5 s timed to their event on a feed), BENCH_GROWTH_SENT,
 BENCH_GROWTH_ERROR, BENCH_FLOOR_SECONDS, BENCH_BUDGET_S (default 840), BENCH_KEEP_DB=1,
 BENCH_ONLY=floor,m1,m2_1p,m2_senders,m2_users,m2_conversation,m2_2p,m3,m4,m4_floor,
-m2_limited,limited_cpu,otp,growth,ws (a subset of the steps; m1 includes M1's stack floor,
+m2_limited,limited_cpu,otp,receipts,growth,ws (a subset of the steps; m1 includes M1's stack floor,
 bench/bare_app.py; m2_senders and m2_users are judged against m2_1p of the same run),
 BENCH_WS_CLIENTS (the `ws` step's idle feeds).
 OUTBOX_* variables that the bench does not set itself (e.g. OUTBOX_DB_POOL_SIZE,
@@ -37,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import drain, feeds, ingest, latency, limits, otp
+from bench import drain, feeds, ingest, latency, limits, otp, receipts
 from bench.common import BENCH_DIR, ROOT, payload_bytes, stop_all
 from bench.config import Config
 from bench.harness import Harness
@@ -69,6 +73,7 @@ def steps(cfg: Config) -> list[Step]:
         Step("m2_limited", limits.m2_limited, cfg.reps),
         Step("limited_cpu", limits.limited_cpu, 1),
         Step("otp", otp.otp, cfg.reps),
+        Step("receipts", receipts.receipts, cfg.reps),
         Step("growth", drain.growth, 1, need=90 if cfg.growth_sent >= 500_000 else 0),
         Step("ws", feeds.ws, 1, need=60),
     ]
