@@ -171,25 +171,30 @@ DECLARE
     eventful uuid[];
     senders_news boolean;
 BEGIN
-    WITH outcome AS (
+    WITH outcome AS MATERIALIZED (
         SELECT *
         FROM json_to_recordset(p_outcomes)
             AS o(id uuid, attempt int, status text, next_attempt_at timestamptz, error text,
                  provider_message_id text, refund int, outcome text, started_at timestamptz,
                  finished_at timestamptz, latency_ms float8)
+        ORDER BY id
     ),
     updated AS (
         UPDATE outbox.messages m
-        SET status = o.status,
+        SET status = CASE WHEN m.delivery_state IS NOT NULL OR m.provider_sent_at IS NOT NULL
+                          THEN 'sent' ELSE o.status END,
             attempts = m.attempts - o.refund,
             throttles = m.throttles + CASE WHEN o.outcome = 'throttled' THEN 1 ELSE 0 END,
             next_attempt_at = COALESCE(o.next_attempt_at, m.next_attempt_at),
-            last_error = COALESCE(o.error, m.last_error),
+            last_error = CASE WHEN m.delivery_state IS NOT NULL OR m.provider_sent_at IS NOT NULL
+                              THEN NULL ELSE COALESCE(o.error, m.last_error) END,
             provider_message_id = COALESCE(o.provider_message_id, m.provider_message_id),
             locked_by = NULL,
             locked_until = NULL,
             updated_at = now(),
-            finished_at = CASE WHEN o.status IN ('sent', 'error') THEN now() END
+            finished_at = CASE WHEN o.status IN ('sent', 'error')
+                                 OR m.delivery_state IS NOT NULL
+                                 OR m.provider_sent_at IS NOT NULL THEN now() END
         FROM outcome o
         WHERE m.id = o.id
           AND m.status = 'in_flight'
@@ -855,7 +860,7 @@ BEGIN
                COALESCE(c.failed_at, w.failed_at) AS failed_at,
                CASE WHEN c.failed_at IS NULL THEN w.error END AS error,
                w.provider_id,
-               c.status IN ('pending', 'error') AS proves_sent
+               c.status IN ('pending', 'error', 'cancelled') AS proves_sent
         FROM current c JOIN news w ON w.message_id = c.id
     ), updated AS (
         UPDATE outbox.messages m
@@ -1417,7 +1422,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT false AS receipt
             UNION ALL
-            SELECT true WHERE m.delivery_state IS NOT NULL AND m.status IN ('sent', 'error')
+            SELECT true WHERE m.delivery_state IS NOT NULL AND m.status = 'sent'
         ) k
         ORDER BY t.n, k.receipt
         RETURNING id
