@@ -22,7 +22,14 @@ from typing import Any, Literal
 from outbox.completer import Completer
 from outbox.log import get_logger, mask_phone
 from outbox.metrics import DispatchMetrics
-from outbox.providers.base import OutgoingMessage, Provider, ProviderError, clean_text
+from outbox.providers.base import (
+    CALL_PROGRESS,
+    CallProgress,
+    OutgoingMessage,
+    Provider,
+    ProviderError,
+    clean_text,
+)
 from outbox.retry import RETRY_AFTER_MAX, ErrorKind, retry_delay
 from outbox.sender_providers import SenderLeftOut, SenderProvider, SenderProviders, UnknownSender
 from outbox.settings import Settings
@@ -327,6 +334,8 @@ class Executor:
         self._schedule_recording()
         clock = time.perf_counter()
         self.calls_in_flight += 1
+        progress = CallProgress()
+        CALL_PROGRESS.set(progress)  # this attempt's own task: its context alone
         try:
             async with asyncio.timeout(budget):
                 provider_id = await provider.send(
@@ -343,11 +352,14 @@ class Executor:
             failure = None
         except ProviderError as exc:
             provider_id, failure = None, exc
-        except TimeoutError:  # the request may have reached the provider: none can say
+        except TimeoutError:
+            # Once the request began to be written the provider may have it: none can
+            # say. Before (connecting, waiting for a pooled connection), nothing was sent.
             provider_id = None
             failure = ProviderError(
-                ErrorKind.UNKNOWN,
-                f"{provider.name}: no answer within {budget:.3g}s",
+                ErrorKind.UNKNOWN if progress.request_started else ErrorKind.TRANSIENT,
+                f"{provider.name}: no answer within {budget:.3g}s"
+                + ("" if progress.request_started else " (request not sent)"),
             )
         except asyncio.CancelledError:
             # Shutdown grace ran out: hand the row back rather than leave it in flight.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -97,6 +98,30 @@ class ProviderResponse:
         return 200 <= self.status_code < 300
 
 
+class CallProgress:
+    """How far the call running in this task got: whether it began writing its request.
+    The executor's deadline cuts a call short from outside: begun, its outcome is unknown
+    (the provider may have it); not begun (still connecting, or waiting for a pooled
+    connection), nothing was sent."""
+
+    __slots__ = ("request_started",)
+
+    def __init__(self) -> None:
+        self.request_started = False
+
+
+# The current attempt's progress, set by the executor in each attempt's own task.
+CALL_PROGRESS: ContextVar[CallProgress | None] = ContextVar("outbox_call_progress", default=None)
+
+
+async def _trace(event: str, info: Mapping[str, Any]) -> None:
+    """httpcore's trace hook: notes the moment a request's head starts to be written."""
+    if event.endswith(".send_request_headers.started"):
+        progress = CALL_PROGRESS.get()
+        if progress is not None:
+            progress.request_started = True
+
+
 class JsonPost:
     """POSTs JSON bodies to one URL with the client's settings, by `client.send`.
 
@@ -125,7 +150,10 @@ class JsonPost:
         self.max_response_bytes = max_response_bytes
         # httpx.Headers keys are lower case: the call's names are lowered to match.
         self._headers = {**client.headers, "content-type": "application/json"}
-        self._extensions: dict[str, Any] = {"timeout": client.timeout.as_dict()}
+        self._extensions: dict[str, Any] = {
+            "timeout": client.timeout.as_dict(),
+            "trace": _trace,  # CallProgress: whether a call cut short had begun sending
+        }
 
     async def __call__(self, body: bytes, headers: dict[str, str]) -> ProviderResponse:
         merged = self._headers | {name.lower(): value for name, value in headers.items()}

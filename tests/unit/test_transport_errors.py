@@ -6,13 +6,14 @@ providers (httpx's own MockTransport raising it), and the executor's own deadlin
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import httpx
 import pytest
 
 from outbox.executor import Executor
-from outbox.providers.base import OutgoingMessage, ProviderError, transport_error
+from outbox.providers.base import CALL_PROGRESS, OutgoingMessage, ProviderError, transport_error
 from outbox.providers.cloud import CloudProvider
 from outbox.providers.http import HttpProvider
 from outbox.retry import ErrorKind
@@ -110,9 +111,21 @@ def test_both_http_providers_classify_each_class(cls: type[httpx.HTTPError], whi
 
 
 class SilentProvider:
-    """Never answers: only the executor's deadline ends its calls."""
+    """Writes its request (as httpx's trace hook notes it) and never answers: only the
+    executor's deadline ends its calls."""
 
     name = "silent"
+
+    async def send(self, message: OutgoingMessage) -> str | None:
+        progress = CALL_PROGRESS.get()
+        assert progress is not None  # the executor sets it for each attempt
+        progress.request_started = True
+        await asyncio.Event().wait()
+        return None
+
+
+class StuckConnecting(SilentProvider):
+    """Never gets as far as writing its request."""
 
     async def send(self, message: OutgoingMessage) -> str | None:
         await asyncio.Event().wait()
@@ -138,3 +151,78 @@ def test_the_calls_deadline_is_an_unknown_outcome(
     assert (done.status, done.outcome, done.refund) == (status, AttemptOutcome.UNKNOWN, 0)
     reason = "silent: no answer within 0.05s"
     assert done.error == (reason if unknown_outcome == "retry" else f"unknown outcome: {reason}")
+
+
+def test_the_calls_deadline_before_the_request_is_written_is_transient() -> None:
+    async def run() -> Executor:
+        executor = offline_executor(
+            StuckConnecting(), provider_timeout=0.05, unknown_outcome="fail"
+        )
+        await executor.attempt(claimed(1), time.monotonic() + 60)
+        await asyncio.sleep(0.05)
+        return executor
+
+    [done] = queued(asyncio.run(run()))
+    assert (done.status, done.outcome) == (MessageStatus.PENDING, AttemptOutcome.TRANSIENT)
+    assert done.error == "silent: no answer within 0.05s (request not sent)"
+
+
+def full_backlog() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket whose accept queue is full: a new connection's SYN is dropped,
+    so connecting to it hangs (what a firewall dropping packets looks like)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    clients = []
+    for _ in range(16):
+        client = socket.socket()
+        client.settimeout(0.2)
+        try:
+            client.connect(server.getsockname())
+        except TimeoutError:
+            client.close()
+            return server, clients
+        clients.append(client)
+    raise AssertionError("the accept queue never filled")
+
+
+@pytest.mark.parametrize("connects", [False, True], ids=["connect-hangs", "never-answers"])
+def test_the_deadline_on_a_real_call_knows_whether_the_request_went(connects: bool) -> None:
+    """Through httpx to a real socket, with the executor's deadline (0.3 s) well before
+    httpx's own timeouts (10 s): a connect that hangs sent nothing (transient, even with
+    OUTBOX_UNKNOWN_OUTCOME=fail); a request written to a server that never answers
+    (listening, never accepting) may have arrived (unknown)."""
+    if connects:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        held: list[socket.socket] = []
+    else:
+        server, held = full_backlog()
+    port = server.getsockname()[1]
+
+    async def run() -> Executor:
+        async with httpx.AsyncClient(timeout=10) as client:
+            provider = CloudProvider(
+                client,
+                base_url=f"http://127.0.0.1:{port}",
+                api_version="v21.0",
+                phone_number_id="123",
+                token="token",
+            )
+            executor = offline_executor(provider, provider_timeout=0.3, unknown_outcome="fail")
+            await executor.attempt(claimed(1), time.monotonic() + 60)
+            await asyncio.sleep(0.05)
+            return executor
+
+    try:
+        [done] = queued(asyncio.run(run()))
+    finally:
+        for sock in (server, *held):
+            sock.close()
+    if connects:
+        assert (done.status, done.outcome) == (MessageStatus.ERROR, AttemptOutcome.UNKNOWN)
+        assert done.error == "unknown outcome: cloud: no answer within 0.3s"
+    else:
+        assert (done.status, done.outcome) == (MessageStatus.PENDING, AttemptOutcome.TRANSIENT)
+        assert done.error == "cloud: no answer within 0.3s (request not sent)"
